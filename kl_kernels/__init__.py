@@ -1,0 +1,17 @@
+"""kl_kernels: the fused KL penalty pass of RLHF trainers (PPO, GRPO, RLOO).
+
+Public names only (SPEC.md); nothing is computed at import.
+"""
+from .aggregation import aggregate, kl_rewards
+from .api import KLPenaltyOutput, kl_penalty, token_logprobs
+from .controllers import AdaptiveKLController, FixedKLController
+from .diagnostics import Diagnosis, diagnose
+from .dispatch import BackendInfo, available_backends
+from .estimators import kl_from_logprobs
+
+__all__ = [
+    "AdaptiveKLController", "BackendInfo", "Diagnosis", "FixedKLController", "KLPenaltyOutput",
+    "aggregate", "available_backends", "diagnose", "kl_from_logprobs", "kl_penalty", "kl_rewards",
+    "token_logprobs",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""Public entry points of the fused pass: token_logprobs and kl_penalty (SPEC sections 1-2).
+
+Each validates its inputs before any work, picks a backend (dispatch.py), runs that backend's
+fused pass over the logits through one autograd Function (ops.py), and finishes with O(N)
+elementwise work shared by every backend: the estimator (estimators.py), the masks and the
+per-sequence sums.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from . import validation as check
+from .dispatch import select_backend
+from .estimators import estimate, parse_estimator
+from .ops import FusedKLFunction
+from .reference import compute_dtype
+
+
+class KLPenaltyOutput(NamedTuple):
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    kl: torch.Tensor
+    penalty: torch.Tensor
+    kl_sum: torch.Tensor
+    kl_mean: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [B, T, V] with a contiguous vocabulary dim, a view whenever strides allow."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if logits.dim() == 1:
+        return logits.view(1, 1, -1)
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    return logits.flatten(0, -3)
+
+
+def _temperature(temperature, labels_shape, device, dtype, validate, per_sequence=None):
+    """A float, or a contiguous [N] tensor of per-token temperatures in the compute dtype.
+
+    per_sequence: (number of sequences B, callable giving each token's sequence index) for the
+    packed layout, where a 1-D tensor of length B != N holds one temperature per sequence.
+    """
+    if isinstance(temperature, torch.Tensor):
+        check.real_mask(temperature, "temperature")
+        check.same_device(device, temperature=temperature)
+        n_tokens = 1
+        for size in labels_shape:
+            n_tokens *= size
+        if validate:
+            check.temperature_values(temperature)
+        if per_sequence is not None and temperature.dim() == 1 and temperature.numel() == per_sequence[0] != n_tokens:
+            return temperature.to(dtype)[per_sequence[1]()].contiguous()
+        try:
+            broadcast = torch.broadcast_shapes(temperature.shape, labels_shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != tuple(labels_shape):
+            raise ValueError(f"temperature must be a float or a tensor broadcastable to the labels' shape "
+                             f"{tuple(labels_shape)}, got shape {tuple(temperature.shape)}")
+        return temperature.to(dtype).expand(labels_shape).reshape(-1).contiguous()
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+    return check.temperature_float(temperature)
+
+
+def _check_logits_labels(logits, labels, validate):
+    check.floating(logits, "logits")
+    check.integer(labels, "labels")
+    check.shape(labels, logits.shape[:-1], "labels", "the logits' shape without the vocabulary dim")
+    check.same_device(logits.device, labels=labels)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
+
+
+def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   validate=True, inplace_backward=False, backend=None):
+    """Label log-probs z_y/T - lse(z/T) in float32 (float64 for float64 logits), optionally entropy."""
+    _check_logits_labels(logits, labels, validate)
+    ignore_index = check.ignore_index(ignore_index)
+    dtype = compute_dtype(logits.dtype)
+    temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
+    if validate:
+        check.label_values(labels, logits.shape[-1], ignore_index)
+    chosen = select_backend(backend, logits.device, (logits.dtype,))
+    logp, _, entropy, _ = FusedKLFunction.apply(
+        chosen.impl, _as_rows(logits), labels.reshape(-1).to(torch.int64), None, temp, ignore_index,
+        bool(return_entropy), False, bool(inplace_backward))
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def _sequence_sums(values, layout, offsets):
+    """Per-sequence sums, deterministic: a reduction over T (padded) or segment_reduce (packed)."""
+    if layout == "padded":
+        return values.sum(dim=-1)
+    return torch.segment_reduce(values, "sum", offsets=offsets, initial=0)
+
+
+def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
+               kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
+               ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, backend=None):
+    """The fused KL penalty pass; see SPEC.md section 2 for every field of the result."""
+    _check_logits_labels(logits, labels, validate)
+    if logits.dim() == 3:
+        layout = "padded"
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for the packed layout (logits [N, V]); got padded logits "
+                             f"of shape {tuple(logits.shape)}")
+    elif logits.dim() == 2:
+        layout = "packed"
+    else:
+        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+    device, vocab = logits.device, logits.shape[-1]
+    if (ref_logits is None) == (ref_logprobs is None):
+        raise ValueError("exactly one of ref_logits or ref_logprobs must be given, got "
+                         + ("both" if ref_logits is not None else "neither"))
+    if ref_logits is not None:
+        check.floating(ref_logits, "ref_logits")
+        check.shape(ref_logits, logits.shape, "ref_logits", "the logits' shape")
+    else:
+        check.tensor(ref_logprobs, "ref_logprobs")
+        if not ref_logprobs.is_floating_point():
+            raise TypeError(f"ref_logprobs must be a floating tensor, got dtype {ref_logprobs.dtype}")
+        check.shape(ref_logprobs, labels.shape, "ref_logprobs", "the labels' shape")
+    if mask is not None:
+        check.real_mask(mask, "mask")
+        check.shape(mask, labels.shape, "mask", "the labels' shape")
+    n_tokens = labels.numel()
+    if cu_seqlens is not None:
+        check.integer(cu_seqlens, "cu_seqlens")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens must be 1-D [B+1], got shape {tuple(cu_seqlens.shape)}")
+    check.same_device(device, ref_logits=ref_logits, ref_logprobs=ref_logprobs, mask=mask, cu_seqlens=cu_seqlens)
+    est = parse_estimator(estimator, log_ratio_clamp, kl_clamp)
+    if est.name == "full" and ref_logits is None:
+        raise ValueError("estimator 'full' needs ref_logits (the exact KL sums over the vocabulary); "
+                         "got ref_logprobs")
+    check.nonnegative_coef(kl_coef, "kl_coef", validate)
+    ignore_index = check.ignore_index(ignore_index)
+    dtype = compute_dtype(logits.dtype)
+
+    if layout == "padded":
+        n_seqs, offsets = logits.shape[0], None
+        per_sequence = None
+    elif cu_seqlens is None:
+        n_seqs, offsets = 1, torch.tensor([0, n_tokens], dtype=torch.int64, device=device)
+        per_sequence = None
+    else:
+        n_seqs = cu_seqlens.numel() - 1
+        if validate:
+            check.cu_seqlens_values(cu_seqlens, n_tokens)
+        # made monotone and in range even without validate: no kernel may read out of bounds
+        offsets = cu_seqlens.to(torch.int64).clamp(0, n_tokens).cummax(0).values
+        positions = lambda: torch.arange(n_tokens, device=device)  # noqa: E731
+        per_sequence = (n_seqs, lambda: torch.searchsorted(offsets[1:], positions(), right=True).clamp_(max=max(n_seqs - 1, 0)))
+    temp = _temperature(temperature, labels.shape, device, dtype, validate, per_sequence)
+    if validate:
+        check.label_values(labels, vocab, ignore_index)
+    dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
+    chosen = select_backend(backend, device, dtypes)
+
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
+        chosen.impl, _as_rows(logits), flat_labels, None if ref_logits is None else _as_rows(ref_logits),
+        temp, ignore_index, bool(return_entropy), est.name == "full", bool(inplace_backward))
+    labelled = flat_labels != ignore_index
+    if ref_logits is None:
+        given = ref_logprobs.detach().reshape(-1).to(dtype)
+        ref_logp = torch.where(labelled, given, torch.zeros((), dtype=dtype, device=device))
+    valid = labelled if mask is None else labelled & (mask.reshape(-1) != 0)
+    # select, never multiply: a masked row's NaN must not reach any sum
+    zero = torch.zeros((), dtype=dtype, device=device)
+    kl = torch.where(valid, estimate(est, logp, ref_logp, full_kl), zero)
+    shape = labels.shape
+    if layout == "padded":
+        kl_seq, valid_seq = kl.view(shape), valid.view(shape).to(dtype)
+    else:
+        kl_seq, valid_seq = kl, valid.to(dtype)
+    kl_sum = _sequence_sums(kl_seq, layout, offsets)
+    counts = _sequence_sums(valid_seq, layout, offsets)
+    kl_mean = torch.where(counts > 0, kl_sum / counts.clamp(min=1), zero)
+    coef = kl_coef.to(device=device, dtype=dtype) if isinstance(kl_coef, torch.Tensor) else float(kl_coef)
+    penalty = -coef * kl
+    return KLPenaltyOutput(
+        logp.view(shape), ref_logp.view(shape), kl.view(shape), penalty.view(shape), kl_sum, kl_mean,
+        entropy.view(shape) if return_entropy else None)

@@ -1,0 +1,110 @@
+"""Backend records and the choice between them (SPEC section 4).
+
+Each backend declares what it serves and, when it cannot serve some inputs, says why. The choice
+uses static facts only (device, dtype), never tensor values, so it costs no host sync.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+ENV_VAR = "KL_KERNELS_BACKEND"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BackendInfo(NamedTuple):
+    name: str
+    available: bool
+    reason: str | None
+
+
+def _load_reference():
+    return importlib.import_module("kl_kernels.reference"), None
+
+
+def _load_cpu():
+    try:
+        module = importlib.import_module("kl_kernels.cpu")
+    except ImportError as error:  # the C++ extension was not built or does not load
+        return None, f"the C++ extension kl_kernels._C is not available ({error})"
+    return module, module.unavailable_reason()
+
+
+def _load_triton():
+    return None, "the Triton kernels are not part of this version yet"
+
+
+def _load_cuda():
+    return None, "the CUDA C++ kernels are not part of this version yet"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]  # torch device types it serves; empty = any
+    dtypes: tuple[torch.dtype, ...]
+    loader: Callable
+
+    @functools.cached_property
+    def _loaded(self):
+        return self.loader()
+
+    @property
+    def impl(self):
+        return self._loaded[0]
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        return self._loaded[1]
+
+    def not_supported_reasons(self, device: torch.device, dtypes) -> list[str]:
+        reasons = []
+        if self.unavailable_reason is not None:
+            reasons.append(self.unavailable_reason)
+        if self.devices and device.type not in self.devices:
+            reasons.append(f"it runs on {'/'.join(self.devices)} tensors, got {device.type} tensors")
+        for dtype in dtypes:
+            if dtype not in self.dtypes:
+                reasons.append(f"it does not support dtype {dtype}")
+        return reasons
+
+
+BACKENDS = {
+    backend.name: backend
+    for backend in (
+        Backend("reference", (), _FLOATS, _load_reference),
+        Backend("cpu", ("cpu",), _FLOATS, _load_cpu),
+        Backend("triton", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_triton),
+        Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_cuda),
+    )
+}
+
+
+def available_backends() -> list[BackendInfo]:
+    """One BackendInfo per backend; reason says why one is unavailable (None when available)."""
+    return [BackendInfo(b.name, b.unavailable_reason is None, b.unavailable_reason) for b in BACKENDS.values()]
+
+
+def select_backend(backend: str | None, device: torch.device, dtypes) -> Backend:
+    """The named backend (argument, else KL_KERNELS_BACKEND) or the automatic choice."""
+    source = "backend"
+    if backend is None and os.environ.get(ENV_VAR):
+        backend, source = os.environ[ENV_VAR], ENV_VAR
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} or None; got {backend!r}")
+        chosen = BACKENDS[backend]
+        reasons = chosen.not_supported_reasons(device, dtypes)
+        if reasons:
+            raise RuntimeError(f"backend {backend!r} cannot serve these inputs: {'; '.join(reasons)}")
+        return chosen
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if not BACKENDS[name].not_supported_reasons(device, dtypes):
+            return BACKENDS[name]
+    return BACKENDS["reference"]

@@ -1,0 +1,35 @@
+"""Autograd around a backend's fused pass.
+
+A backend provides `fused_kl_fwd` / `fused_kl_bwd` (see reference.py for the contract). The
+forward saves only O(N) row statistics besides the inputs; the backward recomputes softmax from
+the saved log-sum-exp in one more pass over the logits.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class FusedKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl, logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full, inplace):
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = impl.fused_kl_fwd(
+            logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full)
+        ctx.impl, ctx.ignore_index, ctx.inplace = impl, ignore_index, inplace
+        ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
+        ctx.scalar_temperature = None if isinstance(temperature, torch.Tensor) else temperature
+        tensor_temperature = temperature if isinstance(temperature, torch.Tensor) else None
+        ctx.save_for_backward(logits, labels, ref_logits if need_full else None, tensor_temperature,
+                              lse, ref_lse if need_full else None, entropy, full_kl)
+        if ref_logp is not None:
+            ctx.mark_non_differentiable(ref_logp)
+        return logp, ref_logp, entropy, full_kl
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
+        logits, labels, ref_logits, tensor_temperature, lse, ref_lse, entropy, full_kl = ctx.saved_tensors
+        temperature = tensor_temperature if tensor_temperature is not None else ctx.scalar_temperature
+        if grad_logp is None and grad_entropy is None and grad_full is None:
+            return (None,) * 9
+        grad = ctx.impl.fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
+                                     temperature, ctx.ignore_index, lse, ref_lse, entropy, full_kl, ctx.inplace)
+        return None, grad, None, None, None, None, None, None, None

@@ -1,0 +1,144 @@
+"""Pure-PyTorch truth for the fused pass, chunked over rows.
+
+Every backend implements the same two functions on the same arguments:
+
+  fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full)
+      -> (logp, ref_logp, entropy, full_kl, lse, ref_lse)      each [N] or None
+  fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
+               ignore_index, lse, ref_lse, entropy, full_kl, inplace) -> grad_logits [B, T, V]
+
+logits / ref_logits are [B, T, V] with a contiguous vocabulary dim (any row strides, so
+`logits[:, :-1]` is read in place); labels are [N = B*T] int64; temperature is a float or an [N]
+tensor. Work happens one block of rows at a time (at most CHUNK_ELEMENTS values of [rows, V] in
+the compute dtype), so memory stays O(chunk) whatever N is.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per block
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flat(tensor: torch.Tensor) -> bool:
+    B, T, _ = tensor.shape
+    return B <= 1 or tensor.stride(0) == T * tensor.stride(1)
+
+
+def _row_blocks(*tensors: torch.Tensor | None):
+    """Yield (n0, n1, views): for each [B, T, V] tensor a [n1-n0, V] view of its rows, no copies.
+
+    All tensors walk the same blocks: flat over N when every one allows it, else one sequence at a
+    time (e.g. logits[:, :-1], whose batch rows are not evenly spaced).
+    """
+    present = [t for t in tensors if t is not None]
+    B, T, V = present[0].shape
+    chunk = max(1, CHUNK_ELEMENTS // max(V, 1))
+    if all(_flat(t) for t in present):
+        segments = [(0, B * T, [None if t is None else t.reshape(B * T, V) for t in tensors])]
+    else:
+        segments = [(b * T, (b + 1) * T, [None if t is None else t[b] for t in tensors]) for b in range(B)]
+    for start, stop, views in segments:
+        for n0 in range(start, stop, chunk):
+            n1 = min(n0 + chunk, stop)
+            yield n0, n1, [None if v is None else v[n0 - start:n1 - start] for v in views]
+
+
+def _scaled(rows: torch.Tensor, temperature, n0: int, n1: int, dtype: torch.dtype):
+    x = rows.to(dtype)
+    if isinstance(temperature, torch.Tensor):
+        return x / temperature[n0:n1].to(dtype).unsqueeze(-1)
+    return x / temperature if temperature != 1.0 else x
+
+
+def _p_times(p: torch.Tensor, values: torch.Tensor):
+    # p * values with 0 where p == 0: a -inf logit (a banned token) contributes nothing instead
+    # of 0 * -inf = NaN, while NaN in p (NaN logits) still propagates since NaN == 0 is False.
+    return torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device), p * values)
+
+
+def _label_logprob(log_probs: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor):
+    V = log_probs.shape[-1]
+    safe = torch.where(valid & ~bad, labels, torch.zeros_like(labels)).clamp_(0, max(V - 1, 0))
+    picked = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(bad, torch.full_like(picked, float("nan")), picked)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full):
+    B, T, V = logits.shape
+    N = B * T
+    dtype = compute_dtype(logits.dtype)
+    new = lambda: torch.empty(N, dtype=dtype, device=logits.device)  # noqa: E731
+    logp, lse = new(), new()
+    ref_logp = ref_lse = entropy = full_kl = None
+    if ref_logits is not None:
+        ref_logp, ref_lse = new(), new()
+    if need_entropy:
+        entropy = new()
+    if need_full:
+        full_kl = new()
+    for n0, n1, (rows, ref_rows) in _row_blocks(logits, ref_logits):
+        y = labels[n0:n1]
+        valid = y != ignore_index
+        bad = valid & ((y < 0) | (y >= V))  # only reachable with validate=False: NaN, never a crash
+        x = _scaled(rows, temperature, n0, n1, dtype)
+        row_lse = torch.logsumexp(x, dim=-1)
+        log_p = x - row_lse.unsqueeze(-1)
+        lse[n0:n1] = row_lse
+        logp[n0:n1] = _label_logprob(log_p, y, valid, bad)
+        p = torch.exp(log_p) if (need_entropy or need_full) else None
+        if need_entropy:
+            h = -_p_times(p, log_p).sum(-1)
+            entropy[n0:n1] = torch.where(valid, torch.where(bad, torch.nan, h), 0.0)
+        if ref_rows is not None:
+            xr = _scaled(ref_rows, temperature, n0, n1, dtype)
+            row_ref_lse = torch.logsumexp(xr, dim=-1)
+            log_q = xr - row_ref_lse.unsqueeze(-1)
+            ref_lse[n0:n1] = row_ref_lse
+            ref_logp[n0:n1] = _label_logprob(log_q, y, valid, bad)
+            if need_full:
+                kl = _p_times(p, log_p - log_q).sum(-1)
+                full_kl[n0:n1] = torch.where(valid, torch.where(bad, torch.nan, kl), 0.0)
+    return logp, ref_logp, entropy, full_kl, lse, ref_lse
+
+
+def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
+                 ignore_index, lse, ref_lse, entropy, full_kl, inplace):
+    """d logp/dz = (1[v=y] - p)/T;  dH/dz = -p (log p + H)/T;  dKL/dz = p (log p - log q - KL)/T."""
+    B, T, V = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    ref_logits = ref_logits if grad_full is not None else None
+    for n0, n1, (rows, out, ref_rows) in _row_blocks(logits, grad, ref_logits):
+        y = labels[n0:n1]
+        valid = (y != ignore_index)
+        x = _scaled(rows, temperature, n0, n1, dtype)
+        log_p = x - lse[n0:n1].unsqueeze(-1)
+        p = torch.exp(log_p)
+        g_logp = grad_logp[n0:n1].to(dtype) if grad_logp is not None else torch.zeros(n1 - n0, dtype=dtype, device=x.device)
+        g = -p * g_logp.unsqueeze(-1)
+        in_range = valid & (y >= 0) & (y < V)
+        idx = torch.where(in_range, y, torch.zeros_like(y)).clamp_(0, max(V - 1, 0)).unsqueeze(-1)
+        g.scatter_add_(-1, idx, torch.where(in_range, g_logp, 0.0).unsqueeze(-1))
+        any_grad = g_logp != 0
+        if grad_entropy is not None:
+            g_h = grad_entropy[n0:n1].to(dtype).unsqueeze(-1)
+            g = g - g_h * _p_times(p, log_p + entropy[n0:n1].unsqueeze(-1))
+            any_grad = any_grad | (g_h.squeeze(-1) != 0)
+        if ref_rows is not None:
+            log_q = _scaled(ref_rows, temperature, n0, n1, dtype) - ref_lse[n0:n1].unsqueeze(-1)
+            g_f = grad_full[n0:n1].to(dtype).unsqueeze(-1)
+            g = g + g_f * _p_times(p, log_p - log_q - full_kl[n0:n1].unsqueeze(-1))
+            any_grad = any_grad | (g_f.squeeze(-1) != 0)
+        if isinstance(temperature, torch.Tensor):
+            g = g / temperature[n0:n1].to(dtype).unsqueeze(-1)
+        elif temperature != 1.0:
+            g = g / temperature
+        # Rows nothing flows back from (ignored, masked) get an exact 0 even if their logits are NaN
+        keep = (valid & any_grad).unsqueeze(-1)
+        out.copy_(torch.where(keep, g, torch.zeros((), dtype=dtype, device=g.device)))
+    return grad

@@ -1,0 +1,101 @@
+"""Input checks shared by the public functions (SPEC section 5).
+
+Shape, dtype and device checks always run; checks that read tensor values (and so sync with the
+device) run only when the caller passes validate=True. Every message names the argument, what was
+expected and what came.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(value, arg: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(value, arg: str) -> torch.Tensor:
+    tensor(value, arg)
+    if value.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{arg} must be float16, bfloat16, float32 or float64, got dtype {value.dtype}")
+    return value
+
+
+def integer(value, arg: str) -> torch.Tensor:
+    tensor(value, arg)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{arg} must be an integer tensor, got dtype {value.dtype}")
+    return value
+
+
+def real_mask(value, arg: str) -> torch.Tensor:
+    tensor(value, arg)
+    if value.is_complex():
+        raise TypeError(f"{arg} must be bool, integer or floating, got dtype {value.dtype}")
+    return value
+
+
+def shape(value: torch.Tensor, expected, arg: str, what: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{arg} must have shape {tuple(expected)} ({what}), got {tuple(value.shape)}")
+
+
+def same_device(device: torch.device, **tensors) -> None:
+    for arg, value in tensors.items():
+        if value is not None and value.device != device:
+            raise ValueError(f"{arg} must be on the device of logits ({device}), got {value.device}")
+
+
+def nonnegative_coef(value, arg: str = "kl_coef", validate: bool = True) -> None:
+    """A number (or 0-dim tensor) >= 0 and finite."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{arg} must be a number or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if validate and not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"{arg} must be a finite number >= 0, got {float(value)!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{arg} must be a finite number >= 0, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{arg} must be a finite number >= 0, got {value!r}")
+
+
+def ignore_index(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"ignore_index must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def temperature_float(value) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def temperature_values(value: torch.Tensor) -> None:
+    if not bool(((value > 0) & torch.isfinite(value)).all()):
+        bad = value[~((value > 0) & torch.isfinite(value))].flatten()[0].item()
+        raise ValueError(f"temperature must be > 0 and finite everywhere, found {bad!r}")
+
+
+def label_values(labels: torch.Tensor, vocab: int, ignore: int) -> None:
+    ok = ((labels >= 0) & (labels < vocab)) | (labels == ignore)
+    if not bool(ok.all()):
+        bad = labels[~ok].flatten()[0].item()
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore}, found {bad}")
+
+
+def cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> None:
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {first}")
+    if cu_seqlens.numel() > 1 and not bool((cu_seqlens[1:] >= cu_seqlens[:-1]).all()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()[:16]}")
+    if last != total:
+        raise ValueError(f"cu_seqlens must end at the number of tokens N={total}, got {last}")

@@ -1,0 +1,23 @@
+"""Builds kl_kernels and its C++ extension kl_kernels._C from csrc/ with torch's cpp_extension.
+
+Install with `pip install --no-build-isolation -e .` after installing torch: an isolated build
+would download another (CUDA) torch to compile against. KL_KERNELS_NO_EXTENSION=1 skips the
+extension; the package then runs on the pure-PyTorch `reference` backend.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # -fopenmp: at::parallel_for is inlined from the headers and is serial without it
+    flags = ["-O3", "-std=c++17", "-fopenmp"]
+    ext_modules = [CppExtension("kl_kernels._C", sources, include_dirs=[os.path.abspath("csrc")],
+                                extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])]
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
