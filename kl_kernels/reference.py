@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per block
+CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per block: a handful of these is the peak
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
