@@ -16,6 +16,17 @@ if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
     sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fopenmp: at::parallel_for is inlined from the headers and is serial without it
     flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # ATen's Vectorized<> is 8 floats wide with AVX2; without these it falls back to scalar code.
+    # Decided from the build machine (override: KL_KERNELS_CPU_FLAGS="...").
+    cpu_flags = os.environ.get("KL_KERNELS_CPU_FLAGS")
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                has_avx2 = all(flag in f.read().split() for flag in ("avx2", "fma", "f16c"))
+        except OSError:
+            has_avx2 = False
+        cpu_flags = "-mavx2 -mfma -mf16c -DCPU_CAPABILITY_AVX2 -DCPU_CAPABILITY=AVX2" if has_avx2 else ""
+    flags += cpu_flags.split()
     ext_modules = [CppExtension("kl_kernels._C", sources, include_dirs=[os.path.abspath("csrc")],
                                 extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,0 +1,356 @@
+// The fused KL pass on the CPU: one read of each logits row in the forward (online log-sum-exp
+// over tiles that stay in L1), one read and one gradient write in the backward.
+//
+// Rows are independent and each is reduced by one thread in a fixed order, so results are
+// bitwise reproducible whatever the thread count. Rows are addressed through 64-bit strides:
+// views such as logits[:, :-1] are read in place.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "fused_kl_math.h"
+
+namespace kl_kernels {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+#define KL_CHECK_ARG(cond, arg, ...) TORCH_CHECK(cond, "kl_kernels::fused_kl: ", arg, " ", __VA_ARGS__)
+
+constexpr int64_t kTile = 1024;  // elements per tile: 4 KiB of float, several tiles fit in L1
+
+// Tiles are converted to the accumulation type once, then all math runs on Vectorized<acc_t>.
+// Loaders are chosen per dtype at run time (one indirect call per tile), so the kernels are not
+// instantiated once per (logits dtype, reference dtype) pair.
+template <typename acc_t>
+using LoadFn = void (*)(const void* src, int64_t n, acc_t scale, acc_t* dst);
+template <typename acc_t>
+using StoreFn = void (*)(const acc_t* src, int64_t n, void* dst);
+
+template <typename scalar_t, typename acc_t>
+void load_tile(const void* src, int64_t n, acc_t scale, acc_t* dst) {
+  const scalar_t* p = static_cast<const scalar_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(p[i]) * scale;
+}
+
+template <typename scalar_t, typename acc_t>
+void store_tile(const acc_t* src, int64_t n, void* dst) {
+  scalar_t* p = static_cast<scalar_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(src[i]);
+}
+
+template <typename acc_t>
+LoadFn<acc_t> loader_for(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return load_tile<float, acc_t>;
+    case at::kDouble: return load_tile<double, acc_t>;
+    case at::kBFloat16: return load_tile<at::BFloat16, acc_t>;
+    case at::kHalf: return load_tile<at::Half, acc_t>;
+    default: TORCH_CHECK(false, "kl_kernels::fused_kl: unsupported logits dtype ", dtype);
+  }
+}
+
+template <typename acc_t>
+StoreFn<acc_t> storer_for(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return store_tile<float, acc_t>;
+    case at::kDouble: return store_tile<double, acc_t>;
+    case at::kBFloat16: return store_tile<at::BFloat16, acc_t>;
+    case at::kHalf: return store_tile<at::Half, acc_t>;
+    default: TORCH_CHECK(false, "kl_kernels::fused_kl: unsupported logits dtype ", dtype);
+  }
+}
+
+// Loads one tile, padded with -inf up to a whole number of vectors: a padded lane adds
+// e^(-inf) = 0 to every sum and never wins a max, so the vector loops need no tail.
+template <typename acc_t>
+int64_t load_padded(LoadFn<acc_t> load, const char* row, int64_t element_size, int64_t v0, int64_t n,
+                    acc_t scale, acc_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  load(row + v0 * element_size, n, scale, dst);
+  const int64_t padded = (n + Vec::size() - 1) / Vec::size() * Vec::size();
+  std::fill(dst + n, dst + padded, -std::numeric_limits<acc_t>::infinity());
+  return padded;
+}
+
+template <typename acc_t>
+acc_t tile_max(const acc_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec best(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t i = 0; i < n; i += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + i));  // NaN-propagating
+  acc_t lanes[Vec::size()];
+  best.store(lanes);
+  acc_t m = lanes[0];
+  for (int64_t i = 1; i < Vec::size(); ++i) m = (m != m || lanes[i] > m) ? (m != m ? m : lanes[i]) : m;
+  for (int64_t i = 0; i < Vec::size(); ++i) if (lanes[i] != lanes[i]) m = lanes[i];
+  return m;
+}
+
+template <typename acc_t>
+acc_t horizontal_sum(const Vectorized<acc_t>& v) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t total = 0;
+  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) total += lanes[i];
+  return total;
+}
+
+// Adds one tile to the row sums of the policy (s, sx when entropy, sd when full).
+template <typename acc_t>
+void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t n, bool need_sx, bool need_sd) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t m = [&] { acc_t t = tile_max(x, n); return (t != t || r.m != r.m) ? (t != t ? t : r.m) : std::max(r.m, t); }();
+  if (m == -std::numeric_limits<acc_t>::infinity()) return;  // nothing but -inf so far
+  const acc_t factor = rescale(r.m, m);
+  r.s *= factor, r.sx *= factor, r.sd *= factor, r.m = m;
+  const Vec vm(m), zero(0);
+  Vec s(0), sx(0), sd(0);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const Vec xv = Vec::loadu(x + i);
+    const Vec e = (xv - vm).exp();
+    s += e;
+    const Vec is_zero = e == zero;  // e^(-inf): the term is 0 even though x is -inf
+    if (need_sx) sx += Vec::blendv(e * xv, zero, is_zero);
+    if (need_sd) sd += Vec::blendv(e * (xv - Vec::loadu(xr + i)), zero, is_zero);
+  }
+  r.s += horizontal_sum(s);
+  if (need_sx) r.sx += horizontal_sum(sx);
+  if (need_sd) r.sd += horizontal_sum(sd);
+}
+
+struct Rows {  // a [B, T, V] tensor with a contiguous vocabulary dim, addressed by row n = b*T + t
+  const char* data;
+  int64_t T, stride_b, stride_t, element_size;
+  explicit Rows(const Tensor& t)
+      : data(static_cast<const char*>(t.data_ptr())), T(t.size(1)), stride_b(t.stride(0)),
+        stride_t(t.stride(1)), element_size(t.element_size()) {}
+  const char* row(int64_t n) const {
+    return data + ((n / T) * stride_b + (n % T) * stride_t) * element_size;  // 64-bit offsets
+  }
+};
+
+void check_rows(const Tensor& t, const char* arg) {
+  KL_CHECK_ARG(t.dim() == 3, arg, "must be [B, T, V], got ", t.sizes());
+  KL_CHECK_ARG(t.size(2) <= 1 || t.stride(2) == 1, arg, "must have a contiguous vocabulary dim, got strides ",
+               t.strides());
+  KL_CHECK_ARG(t.device().is_cpu(), arg, "must be a CPU tensor");
+}
+
+template <typename acc_t>
+const acc_t* per_row(const std::optional<Tensor>& t, Tensor& holder, int64_t N, at::ScalarType acc, const char* arg) {
+  if (!t.has_value()) return nullptr;
+  KL_CHECK_ARG(t->numel() == N, arg, "must have one value per row (", N, "), got ", t->sizes());
+  holder = t->to(acc).contiguous();
+  return holder.data_ptr<acc_t>();
+}
+
+template <typename acc_t>
+void forward_rows(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+                  const acc_t* temperature, acc_t scalar_temperature, int64_t ignore_index, bool need_entropy,
+                  bool need_full, acc_t* logp, acc_t* ref_logp, acc_t* ent, acc_t* kl, acc_t* lse, acc_t* ref_lse) {
+  const int64_t N = labels.numel(), V = logits.size(2);
+  const Rows policy(logits);
+  const bool has_ref = ref_logits.has_value();
+  const Rows reference = has_ref ? Rows(*ref_logits) : policy;
+  const LoadFn<acc_t> load = loader_for<acc_t>(logits.scalar_type());
+  const LoadFn<acc_t> load_ref = has_ref ? loader_for<acc_t>(ref_logits->scalar_type()) : load;
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t x[kTile + 64], xr[kTile + 64];
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t label = y[n];
+      if (label == ignore_index) {  // ignored rows are 0 in every output and never read
+        logp[n] = 0, lse[n] = 0;
+        if (has_ref) ref_logp[n] = 0, ref_lse[n] = 0;
+        if (need_entropy) ent[n] = 0;
+        if (need_full) kl[n] = 0;
+        continue;
+      }
+      const acc_t inv_t = acc_t(1) / (temperature ? temperature[n] : scalar_temperature);
+      const char* row = policy.row(n);
+      const char* ref_row = has_ref ? reference.row(n) : nullptr;
+      RowSums<acc_t> p = empty_row_sums<acc_t>(), q = empty_row_sums<acc_t>();
+      for (int64_t v0 = 0; v0 < V; v0 += kTile) {
+        const int64_t count = std::min(kTile, V - v0);
+        const int64_t padded = load_padded(load, row, policy.element_size, v0, count, inv_t, x);
+        if (has_ref) {
+          load_padded(load_ref, ref_row, reference.element_size, v0, count, inv_t, xr);
+          accumulate_tile(q, xr, xr, padded, false, false);
+        }
+        accumulate_tile(p, x, xr, padded, need_entropy, need_full);
+      }
+      const acc_t row_lse = log_sum_exp(p);
+      const bool bad = label < 0 || label >= V;  // only with validate=False: NaN, never a wild read
+      auto label_logit = [&](LoadFn<acc_t> ld, const char* r, int64_t es) {
+        acc_t value;
+        ld(r + label * es, 1, inv_t, &value);
+        return value;
+      };
+      lse[n] = row_lse;
+      logp[n] = bad ? nan : label_logit(load, row, policy.element_size) - row_lse;
+      if (need_entropy) ent[n] = bad ? nan : entropy(p, row_lse);
+      if (has_ref) {
+        ref_lse[n] = log_sum_exp(q);
+        ref_logp[n] = bad ? nan : label_logit(load_ref, ref_row, reference.element_size) - ref_lse[n];
+        if (need_full) kl[n] = bad ? nan : full_kl(p, row_lse, ref_lse[n]);
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cpu(
+    const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+    const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index, bool need_entropy,
+    bool need_full) {
+  check_rows(logits, "logits");
+  const int64_t N = logits.size(0) * logits.size(1);
+  KL_CHECK_ARG(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == N, "labels",
+               "must be contiguous int64 with one label per row (", N, ")");
+  if (ref_logits.has_value()) {
+    check_rows(*ref_logits, "ref_logits");
+    KL_CHECK_ARG(ref_logits->sizes() == logits.sizes(), "ref_logits", "must match the logits' shape");
+  }
+  KL_CHECK_ARG(!need_full || ref_logits.has_value(), "ref_logits", "are needed for the full KL");
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = logits.options().dtype(acc);
+  auto make = [&](bool needed) { return at::empty({needed ? N : 0}, options); };
+  Tensor logp = make(true), lse = make(true), ref_logp = make(ref_logits.has_value()),
+         ref_lse = make(ref_logits.has_value()), ent = make(need_entropy), kl = make(need_full);
+  Tensor temperature_holder;
+  AT_DISPATCH_FLOATING_TYPES(acc, "fused_kl_fwd_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* temp = per_row<acc_t>(temperature, temperature_holder, N, acc, "temperature");
+    auto ptr = [](Tensor& t) { return t.numel() ? t.data_ptr<acc_t>() : nullptr; };
+    forward_rows<acc_t>(logits, labels, ref_logits, temp, static_cast<acc_t>(scalar_temperature), ignore_index,
+                        need_entropy, need_full, ptr(logp), ptr(ref_logp), ptr(ent), ptr(kl), ptr(lse), ptr(ref_lse));
+  });
+  return {logp, ref_logp, ent, kl, lse, ref_lse};
+}
+
+template <typename acc_t>
+void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_full, const Tensor& logits,
+                   const Tensor& labels, const std::optional<Tensor>& ref_logits, const acc_t* temperature,
+                   acc_t scalar_temperature, int64_t ignore_index, const acc_t* lse, const acc_t* ref_lse,
+                   const acc_t* ent, const acc_t* kl, Tensor& grad) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = labels.numel(), V = logits.size(2);
+  const Rows policy(logits), out(grad);
+  const bool use_ref = g_full != nullptr;
+  const Rows reference = use_ref ? Rows(*ref_logits) : policy;
+  const LoadFn<acc_t> load = loader_for<acc_t>(logits.scalar_type());
+  const LoadFn<acc_t> load_ref = use_ref ? loader_for<acc_t>(ref_logits->scalar_type()) : load;
+  const StoreFn<acc_t> store = storer_for<acc_t>(grad.scalar_type());
+  const int64_t* y = labels.data_ptr<int64_t>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t x[kTile + 64], xr[kTile + 64], g[kTile + 64];
+    for (int64_t n = begin; n < end; ++n) {
+      char* out_row = const_cast<char*>(out.row(n));
+      const int64_t label = y[n];
+      RowGrad<acc_t> r{g_logp ? g_logp[n] : acc_t(0), g_entropy ? g_entropy[n] : acc_t(0),
+                       g_full ? g_full[n] : acc_t(0), ent ? ent[n] : acc_t(0), kl ? kl[n] : acc_t(0), lse[n],
+                       use_ref ? ref_lse[n] : acc_t(0), acc_t(0)};
+      // nothing flows back from ignored or fully masked rows: an exact 0, even for NaN logits
+      if (label == ignore_index || (r.g_logp == 0 && r.g_entropy == 0 && r.g_full == 0)) {
+        std::memset(out_row, 0, V * out.element_size);  // 0 bits are 0.0 in every float dtype
+        continue;
+      }
+      r.inv_t = acc_t(1) / (temperature ? temperature[n] : scalar_temperature);
+      const bool bad = label < 0 || label >= V;
+      const char* row = policy.row(n);
+      const char* ref_row = use_ref ? reference.row(n) : nullptr;
+      const Vec v_lse(r.lse), v_ref_lse(r.ref_lse), v_ent(r.entropy), v_kl(r.kl), v_inv_t(r.inv_t),
+          v_gl(r.g_logp), v_gh(r.g_entropy), v_gf(r.g_full), zero(0);
+      for (int64_t v0 = 0; v0 < V; v0 += kTile) {
+        const int64_t count = std::min(kTile, V - v0);
+        // the tile is read whole before it is written: safe when grad aliases logits (in place)
+        const int64_t padded = load_padded(load, row, policy.element_size, v0, count, r.inv_t, x);
+        if (use_ref) load_padded(load_ref, ref_row, reference.element_size, v0, count, r.inv_t, xr);
+        for (int64_t i = 0; i < padded; i += Vec::size()) {  // vector form of grad_element()
+          const Vec log_p = Vec::loadu(x + i) - v_lse;
+          const Vec p = log_p.exp();
+          Vec f = zero - v_gl - v_gh * (log_p + v_ent);
+          if (use_ref) f = f + v_gf * (log_p - (Vec::loadu(xr + i) - v_ref_lse) - v_kl);
+          Vec::blendv(p * f * v_inv_t, zero, p == zero).store(g + i);
+        }
+        if (bad) {
+          std::fill(g, g + count, std::numeric_limits<acc_t>::quiet_NaN());
+        } else if (label >= v0 && label < v0 + count) {
+          g[label - v0] += r.g_logp * r.inv_t;
+        }
+        store(g, count, out_row + v0 * out.element_size);
+      }
+    }
+  });
+}
+
+void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
+                       const std::optional<Tensor>& grad_full, const Tensor& logits, const Tensor& labels,
+                       const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
+                       double scalar_temperature, int64_t ignore_index, const Tensor& lse,
+                       const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy_out,
+                       const std::optional<Tensor>& full_out, Tensor& grad) {
+  check_rows(logits, "logits");
+  const int64_t N = logits.size(0) * logits.size(1);
+  KL_CHECK_ARG(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == N, "labels",
+               "must be contiguous int64 with one label per row (", N, ")");
+  const bool use_full = grad_full.has_value();
+  KL_CHECK_ARG(!use_full || (ref_logits.has_value() && ref_lse.has_value() && full_out.has_value()), "ref_logits",
+               "and the saved reference statistics are needed for the gradient of the full KL");
+  KL_CHECK_ARG(!grad_entropy.has_value() || entropy_out.has_value(), "entropy", "must be saved for its gradient");
+  if (use_full) check_rows(*ref_logits, "ref_logits");
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES(acc, "fused_kl_bwd_cpu", [&] {
+    using acc_t = scalar_t;
+    Tensor h[9];
+    const acc_t* gl = per_row<acc_t>(grad_logp, h[0], N, acc, "grad_logp");
+    const acc_t* ge = per_row<acc_t>(grad_entropy, h[1], N, acc, "grad_entropy");
+    const acc_t* gf = per_row<acc_t>(grad_full, h[2], N, acc, "grad_full");
+    const acc_t* temp = per_row<acc_t>(temperature, h[3], N, acc, "temperature");
+    const acc_t* l = per_row<acc_t>(std::optional<Tensor>(lse), h[4], N, acc, "lse");
+    const acc_t* rl = use_full ? per_row<acc_t>(ref_lse, h[5], N, acc, "ref_lse") : nullptr;
+    const acc_t* e = ge ? per_row<acc_t>(entropy_out, h[6], N, acc, "entropy") : nullptr;
+    const acc_t* k = use_full ? per_row<acc_t>(full_out, h[7], N, acc, "full_kl") : nullptr;
+    backward_rows<acc_t>(gl, ge, gf, logits, labels, ref_logits, temp, static_cast<acc_t>(scalar_temperature),
+                         ignore_index, l, rl, e, k, grad);
+  });
+}
+
+Tensor fused_kl_bwd_cpu(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
+                        const std::optional<Tensor>& grad_full, const Tensor& logits, const Tensor& labels,
+                        const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
+                        double scalar_temperature, int64_t ignore_index, const Tensor& lse,
+                        const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy_out,
+                        const std::optional<Tensor>& full_out) {
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  fused_kl_bwd_into(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
+                    scalar_temperature, ignore_index, lse, ref_lse, entropy_out, full_out, grad);
+  return grad;
+}
+
+void fused_kl_bwd_inplace_cpu(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
+                              const std::optional<Tensor>& grad_full, Tensor& logits, const Tensor& labels,
+                              const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
+                              double scalar_temperature, int64_t ignore_index, const Tensor& lse,
+                              const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy_out,
+                              const std::optional<Tensor>& full_out) {
+  fused_kl_bwd_into(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
+                    scalar_temperature, ignore_index, lse, ref_lse, entropy_out, full_out, logits);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kl_kernels, CPU, m) {
+  m.impl("fused_kl_fwd", &fused_kl_fwd_cpu);
+  m.impl("fused_kl_bwd", &fused_kl_bwd_cpu);
+  m.impl("fused_kl_bwd_", &fused_kl_bwd_inplace_cpu);
+}
+
+}  // namespace kl_kernels
