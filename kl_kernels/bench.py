@@ -135,12 +135,13 @@ def make_step(fn, inputs, mode):
     leaf = logits.requires_grad_(mode != "fwd")
 
     def step():
+        leaf.grad = None  # the previous step's gradient is not part of this step's memory
         out = fn(leaf, ref_logits, labels, mask)
         if mode != "fwd":
-            leaf.grad = None
             out.sum().backward()
         return out
 
+    step.leaf = leaf
     return step
 
 
@@ -163,6 +164,7 @@ def peak_extra_bytes(fn, tokens, vocab, dtype, mode, device):
     """Peak memory one step adds over its inputs (after a warm-up step)."""
     step = make_step(fn, make_inputs(tokens, vocab, dtype, device), mode)
     step()
+    step.leaf.grad = None
     with PeakMemory(device) as peak:
         step()
     return peak.extra

@@ -5,7 +5,6 @@ uses static facts only (device, dtype), never tensor values, so it costs no host
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -43,6 +42,9 @@ def _load_cuda():
     return None, "the CUDA C++ kernels are not part of this version yet"
 
 
+_LOADED: dict = {}  # backend name -> (implementation module or None, reason it is unavailable)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -50,9 +52,12 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     loader: Callable
 
-    @functools.cached_property
+    @property
     def _loaded(self):
-        return self.loader()
+        # a plain dict, not functools.cached_property, whose lock torch.compile cannot trace
+        if self.name not in _LOADED:
+            _LOADED[self.name] = self.loader()
+        return _LOADED[self.name]
 
     @property
     def impl(self):
@@ -108,3 +113,9 @@ def select_backend(backend: str | None, device: torch.device, dtypes) -> Backend
         if not BACKENDS[name].not_supported_reasons(device, dtypes):
             return BACKENDS[name]
     return BACKENDS["reference"]
+
+
+# Load every backend at import (a shared library and a few registrations, no computation), so that
+# torch.compile never has to trace an import when a compiled function first picks a backend.
+for _backend in BACKENDS.values():
+    _backend.unavailable_reason  # noqa: B018

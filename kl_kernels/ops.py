@@ -33,3 +33,26 @@ class FusedKLFunction(torch.autograd.Function):
         grad = ctx.impl.fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
                                      temperature, ctx.ignore_index, lse, ref_lse, entropy, full_kl, ctx.inplace)
         return None, grad, None, None, None, None, None, None, None
+
+
+def register_fakes() -> None:
+    """Shape-only (meta) versions of the C++ ops, for torch.compile and opcheck. Called once the
+    extension that defines the schemas has loaded."""
+
+    def stats(logits, needed):
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return logits.new_empty((logits.shape[0] * logits.shape[1] if needed else 0,), dtype=dtype)
+
+    @torch.library.register_fake("kl_kernels::fused_kl_fwd")
+    def _fwd(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, need_entropy, need_full):
+        has_ref = ref_logits is not None
+        return (stats(logits, True), stats(logits, has_ref), stats(logits, need_entropy), stats(logits, need_full),
+                stats(logits, True), stats(logits, has_ref))
+
+    @torch.library.register_fake("kl_kernels::fused_kl_bwd")
+    def _bwd(grad_logp, grad_entropy, grad_full, logits, *rest):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("kl_kernels::fused_kl_bwd_")
+    def _bwd_inplace(*args):
+        return None

@@ -30,14 +30,14 @@ constexpr int64_t kTile = 1024;  // elements per tile: 4 KiB of float, several t
 // Loaders are chosen per dtype at run time (one indirect call per tile), so the kernels are not
 // instantiated once per (logits dtype, reference dtype) pair.
 template <typename acc_t>
-using LoadFn = void (*)(const void* src, int64_t n, acc_t scale, acc_t* dst);
+using LoadFn = void (*)(const void* src, int64_t n, acc_t* dst);
 template <typename acc_t>
 using StoreFn = void (*)(const acc_t* src, int64_t n, void* dst);
 
 template <typename scalar_t, typename acc_t>
-void load_tile(const void* src, int64_t n, acc_t scale, acc_t* dst) {
+void load_tile(const void* src, int64_t n, acc_t* dst) {
   const scalar_t* p = static_cast<const scalar_t*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(p[i]) * scale;
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(p[i]);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -68,17 +68,27 @@ StoreFn<acc_t> storer_for(at::ScalarType dtype) {
   }
 }
 
-// Loads one tile, padded with -inf up to a whole number of vectors: a padded lane adds
-// e^(-inf) = 0 to every sum and never wins a max, so the vector loops need no tail.
+// One tile of a row as acc_t values, unscaled (the temperature is applied inside exp), padded
+// with -inf up to a whole number of vectors: a padded lane adds e^(-inf) = 0 to every sum and
+// never wins a max, so the vector loops need no tail. A row already in acc_t is read in place
+// (no copy) except for a ragged last tile; other dtypes are converted into `buffer`.
 template <typename acc_t>
-int64_t load_padded(LoadFn<acc_t> load, const char* row, int64_t element_size, int64_t v0, int64_t n,
-                    acc_t scale, acc_t* dst) {
-  using Vec = Vectorized<acc_t>;
-  load(row + v0 * element_size, n, scale, dst);
-  const int64_t padded = (n + Vec::size() - 1) / Vec::size() * Vec::size();
-  std::fill(dst + n, dst + padded, -std::numeric_limits<acc_t>::infinity());
-  return padded;
-}
+struct TileReader {
+  LoadFn<acc_t> load;
+  bool in_place;
+  int64_t element_size;
+  TileReader(at::ScalarType dtype, at::ScalarType acc)
+      : load(loader_for<acc_t>(dtype)), in_place(dtype == acc), element_size(c10::elementSize(dtype)) {}
+
+  const acc_t* read(const char* row, int64_t v0, int64_t n, acc_t* buffer, int64_t& padded) const {
+    constexpr int64_t lanes = Vectorized<acc_t>::size();
+    padded = (n + lanes - 1) / lanes * lanes;
+    if (in_place && padded == n) return reinterpret_cast<const acc_t*>(row) + v0;
+    load(row + v0 * element_size, n, buffer);
+    std::fill(buffer + n, buffer + padded, -std::numeric_limits<acc_t>::infinity());
+    return buffer;
+  }
+};
 
 template <typename acc_t>
 acc_t tile_max(const acc_t* x, int64_t n) {
@@ -103,18 +113,21 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
 }
 
 // Adds one tile to the row sums of the policy (s, sx when entropy, sd when full).
+// Sums are kept in raw logit units around the raw max (max(z/T) = max(z)/T for T > 0): the
+// temperature enters only as exp((z - m) / T), and scaled_sums() converts at the end of the row.
 template <typename acc_t>
-void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t n, bool need_sx, bool need_sd) {
+void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t n, acc_t inv_t, bool need_sx,
+                     bool need_sd) {
   using Vec = Vectorized<acc_t>;
   const acc_t m = [&] { acc_t t = tile_max(x, n); return (t != t || r.m != r.m) ? (t != t ? t : r.m) : std::max(r.m, t); }();
   if (m == -std::numeric_limits<acc_t>::infinity()) return;  // nothing but -inf so far
-  const acc_t factor = rescale(r.m, m);
+  const acc_t factor = r.m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp((r.m - m) * inv_t);
   r.s *= factor, r.sx *= factor, r.sd *= factor, r.m = m;
-  const Vec vm(m), zero(0);
+  const Vec vm(m), v_inv_t(inv_t), zero(0);
   Vec s(0), sx(0), sd(0);
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const Vec xv = Vec::loadu(x + i);
-    const Vec e = (xv - vm).exp();
+    const Vec e = ((xv - vm) * v_inv_t).exp_u20();
     s += e;
     const Vec is_zero = e == zero;  // e^(-inf): the term is 0 even though x is -inf
     if (need_sx) sx += Vec::blendv(e * xv, zero, is_zero);
@@ -123,6 +136,11 @@ void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t
   r.s += horizontal_sum(s);
   if (need_sx) r.sx += horizontal_sum(sx);
   if (need_sd) r.sd += horizontal_sum(sd);
+}
+
+template <typename acc_t>
+RowSums<acc_t> scaled_sums(RowSums<acc_t> r, acc_t inv_t) {
+  return {r.m * inv_t, r.s, r.sx * inv_t, r.sd * inv_t};
 }
 
 struct Rows {  // a [B, T, V] tensor with a contiguous vocabulary dim, addressed by row n = b*T + t
@@ -159,8 +177,9 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
   const Rows policy(logits);
   const bool has_ref = ref_logits.has_value();
   const Rows reference = has_ref ? Rows(*ref_logits) : policy;
-  const LoadFn<acc_t> load = loader_for<acc_t>(logits.scalar_type());
-  const LoadFn<acc_t> load_ref = has_ref ? loader_for<acc_t>(ref_logits->scalar_type()) : load;
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const TileReader<acc_t> read(logits.scalar_type(), acc);
+  const TileReader<acc_t> read_ref(has_ref ? ref_logits->scalar_type() : logits.scalar_type(), acc);
   const int64_t* y = labels.data_ptr<int64_t>();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -180,26 +199,26 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
       RowSums<acc_t> p = empty_row_sums<acc_t>(), q = empty_row_sums<acc_t>();
       for (int64_t v0 = 0; v0 < V; v0 += kTile) {
         const int64_t count = std::min(kTile, V - v0);
-        const int64_t padded = load_padded(load, row, policy.element_size, v0, count, inv_t, x);
-        if (has_ref) {
-          load_padded(load_ref, ref_row, reference.element_size, v0, count, inv_t, xr);
-          accumulate_tile(q, xr, xr, padded, false, false);
-        }
-        accumulate_tile(p, x, xr, padded, need_entropy, need_full);
+        int64_t padded;
+        const acc_t* xt = read.read(row, v0, count, x, padded);
+        const acc_t* xrt = has_ref ? read_ref.read(ref_row, v0, count, xr, padded) : nullptr;
+        if (has_ref) accumulate_tile(q, xrt, xrt, padded, inv_t, false, false);
+        accumulate_tile(p, xt, xrt, padded, inv_t, need_entropy, need_full);
       }
+      p = scaled_sums(p, inv_t), q = scaled_sums(q, inv_t);
       const acc_t row_lse = log_sum_exp(p);
       const bool bad = label < 0 || label >= V;  // only with validate=False: NaN, never a wild read
-      auto label_logit = [&](LoadFn<acc_t> ld, const char* r, int64_t es) {
+      auto label_logit = [&](const TileReader<acc_t>& reader, const char* r) {
         acc_t value;
-        ld(r + label * es, 1, inv_t, &value);
-        return value;
+        reader.load(r + label * reader.element_size, 1, &value);
+        return value * inv_t;
       };
       lse[n] = row_lse;
-      logp[n] = bad ? nan : label_logit(load, row, policy.element_size) - row_lse;
+      logp[n] = bad ? nan : label_logit(read, row) - row_lse;
       if (need_entropy) ent[n] = bad ? nan : entropy(p, row_lse);
       if (has_ref) {
         ref_lse[n] = log_sum_exp(q);
-        ref_logp[n] = bad ? nan : label_logit(load_ref, ref_row, reference.element_size) - ref_lse[n];
+        ref_logp[n] = bad ? nan : label_logit(read_ref, ref_row) - ref_lse[n];
         if (need_full) kl[n] = bad ? nan : full_kl(p, row_lse, ref_lse[n]);
       }
     }
@@ -245,8 +264,9 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
   const Rows policy(logits), out(grad);
   const bool use_ref = g_full != nullptr;
   const Rows reference = use_ref ? Rows(*ref_logits) : policy;
-  const LoadFn<acc_t> load = loader_for<acc_t>(logits.scalar_type());
-  const LoadFn<acc_t> load_ref = use_ref ? loader_for<acc_t>(ref_logits->scalar_type()) : load;
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  const TileReader<acc_t> read(logits.scalar_type(), acc);
+  const TileReader<acc_t> read_ref(use_ref ? ref_logits->scalar_type() : logits.scalar_type(), acc);
   const StoreFn<acc_t> store = storer_for<acc_t>(grad.scalar_type());
   const int64_t* y = labels.data_ptr<int64_t>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -271,13 +291,14 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
       for (int64_t v0 = 0; v0 < V; v0 += kTile) {
         const int64_t count = std::min(kTile, V - v0);
         // the tile is read whole before it is written: safe when grad aliases logits (in place)
-        const int64_t padded = load_padded(load, row, policy.element_size, v0, count, r.inv_t, x);
-        if (use_ref) load_padded(load_ref, ref_row, reference.element_size, v0, count, r.inv_t, xr);
+        int64_t padded;
+        const acc_t* xt = read.read(row, v0, count, x, padded);
+        const acc_t* xrt = use_ref ? read_ref.read(ref_row, v0, count, xr, padded) : nullptr;
         for (int64_t i = 0; i < padded; i += Vec::size()) {  // vector form of grad_element()
-          const Vec log_p = Vec::loadu(x + i) - v_lse;
-          const Vec p = log_p.exp();
+          const Vec log_p = Vec::loadu(xt + i) * v_inv_t - v_lse;
+          const Vec p = log_p.exp_u20();
           Vec f = zero - v_gl - v_gh * (log_p + v_ent);
-          if (use_ref) f = f + v_gf * (log_p - (Vec::loadu(xr + i) - v_ref_lse) - v_kl);
+          if (use_ref) f = f + v_gf * (log_p - (Vec::loadu(xrt + i) * v_inv_t - v_ref_lse) - v_kl);
           Vec::blendv(p * f * v_inv_t, zero, p == zero).store(g + i);
         }
         if (bad) {
