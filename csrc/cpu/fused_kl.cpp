@@ -98,8 +98,10 @@ acc_t tile_max(const acc_t* x, int64_t n) {
   acc_t lanes[Vec::size()];
   best.store(lanes);
   acc_t m = lanes[0];
-  for (int64_t i = 1; i < Vec::size(); ++i) m = (m != m || lanes[i] > m) ? (m != m ? m : lanes[i]) : m;
-  for (int64_t i = 0; i < Vec::size(); ++i) if (lanes[i] != lanes[i]) m = lanes[i];
+  for (int64_t i = 0; i < Vec::size(); ++i) {
+    if (lanes[i] != lanes[i]) return lanes[i];  // NaN
+    m = std::max(m, lanes[i]);
+  }
   return m;
 }
 
@@ -119,7 +121,8 @@ template <typename acc_t>
 void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t n, acc_t inv_t, bool need_sx,
                      bool need_sd) {
   using Vec = Vectorized<acc_t>;
-  const acc_t m = [&] { acc_t t = tile_max(x, n); return (t != t || r.m != r.m) ? (t != t ? t : r.m) : std::max(r.m, t); }();
+  const acc_t t = tile_max(x, n);
+  const acc_t m = t != t ? t : r.m != r.m ? r.m : std::max(r.m, t);  // NaN sticks
   if (m == -std::numeric_limits<acc_t>::infinity()) return;  // nothing but -inf so far
   const acc_t factor = r.m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp((r.m - m) * inv_t);
   r.s *= factor, r.sx *= factor, r.sd *= factor, r.m = m;
@@ -294,7 +297,7 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
         int64_t padded;
         const acc_t* xt = read.read(row, v0, count, x, padded);
         const acc_t* xrt = use_ref ? read_ref.read(ref_row, v0, count, xr, padded) : nullptr;
-        for (int64_t i = 0; i < padded; i += Vec::size()) {  // vector form of grad_element()
+        for (int64_t i = 0; i < padded; i += Vec::size()) {  // the RowGrad formula, a vector at a time
           const Vec log_p = Vec::loadu(xt + i) * v_inv_t - v_lse;
           const Vec p = log_p.exp_u20();
           Vec f = zero - v_gl - v_gh * (log_p + v_ent);
