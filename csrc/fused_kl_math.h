@@ -1,12 +1,14 @@
 // Per-row math of the fused KL pass, shared by every C++ kernel (CPU now, CUDA later).
 // Torch-free and host/device-inline so that plain nvcc can compile it with the device code.
 //
-// Notation: x = z / T (policy row), xr = z' / T (reference row), y = label.
-// A row is reduced to running sums around its running max m (online log-sum-exp):
-//   s   = sum_v e^(x_v - m)                  -> lse = m + log s
-//   sx  = sum_v e^(x_v - m) x_v              -> entropy H = lse - sx / s
-//   sd  = sum_v e^(x_v - m) (x_v - xr_v)     -> KL(p||q) = sd / s - lse + ref_lse
-// Terms with e^(x_v - m) == 0 count as 0, so a -inf logit (a banned token) adds nothing rather
+// Notation: z = policy row, z' = reference row, T = temperature, inv_t = 1/T, y = label.
+// A row is reduced to running sums around its running max m (online log-sum-exp). Kernels keep
+// them in raw logit units, m = max z, with the temperature inside exp (max(z/T) = max(z)/T for
+// T > 0), and convert once per row with scaled():
+//   s   = sum_v e^((z_v - m)/T)                    -> lse = m/T + log s
+//   sx  = sum_v e^((z_v - m)/T) z_v                -> entropy H = lse - (sx/T) / s
+//   sd  = sum_v e^((z_v - m)/T) (z_v - z'_v)       -> KL(p||q) = (sd/T) / s - lse + ref_lse
+// Terms with e^(...) == 0 count as 0, so a -inf logit (a banned token) adds nothing rather
 // than 0 * -inf = NaN; NaN logits still propagate through m.
 #pragma once
 
@@ -31,6 +33,28 @@ KL_HOST_DEVICE RowSums<acc_t> empty_row_sums() {
   return {-INFINITY, acc_t(0), acc_t(0), acc_t(0)};
 }
 
+// max that keeps a NaN once seen, so a NaN row stays NaN through every rescale
+template <typename acc_t>
+KL_HOST_DEVICE acc_t nan_max(acc_t a, acc_t b) {
+  return a != a ? a : b != b ? b : (a > b ? a : b);
+}
+
+// The online log-sum-exp step: move the sums to the running max new_max (>= r.m, raw units).
+template <typename acc_t>
+KL_HOST_DEVICE void raise_max(RowSums<acc_t>& r, acc_t new_max, acc_t inv_t) {
+  const acc_t factor = r.m == -INFINITY ? acc_t(0) : std::exp((r.m - new_max) * inv_t);
+  r.s *= factor;
+  r.sx *= factor;
+  r.sd *= factor;
+  r.m = new_max;
+}
+
+// Raw-unit sums -> the units of z/T that log_sum_exp, entropy and full_kl read.
+template <typename acc_t>
+KL_HOST_DEVICE RowSums<acc_t> scaled(const RowSums<acc_t>& r, acc_t inv_t) {
+  return {r.m * inv_t, r.s, r.sx * inv_t, r.sd * inv_t};
+}
+
 template <typename acc_t>
 KL_HOST_DEVICE acc_t log_sum_exp(const RowSums<acc_t>& r) {
   return r.m + std::log(r.s);
@@ -47,12 +71,11 @@ KL_HOST_DEVICE acc_t full_kl(const RowSums<acc_t>& r, acc_t lse, acc_t ref_lse) 
 }
 
 // Row state of the backward: d out / d z_v = (g_logp [v == y] + p_v * f(v)) / T with
-//   f(v) = -g_logp - g_H (log p_v + H) + g_F (log p_v - log q_v - KL).
+//   f(v) = -g_logp - g_H (log p_v + H) + g_F (log p_v - log q_v - KL);
+// where p_v == 0 (a -inf logit) the gradient is 0, not 0 * inf.
 template <typename acc_t>
 struct RowGrad {
   acc_t g_logp, g_entropy, g_full, entropy, kl, lse, ref_lse, inv_t;
 };
-// (p_v == 0, a -inf logit, has gradient 0, not 0 * inf.)
-
 
 }  // namespace kl_kernels

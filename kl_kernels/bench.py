@@ -25,18 +25,12 @@ import kl_kernels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def eager_penalty(logits, ref_logits, labels, mask):
-    """What verl/TRL/OpenRLHF write today (k1, per-sequence masked sum)."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    kl = (logp - ref_logp) * mask
+def eager_penalty(logits, ref_logits, labels, mask, dtype=torch.float32):
+    """What verl/TRL/OpenRLHF write today (k1, per-sequence masked sum); dtype=float64 is the truth."""
+    logp = torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ref_logp = torch.log_softmax(ref_logits.to(dtype), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    kl = (logp - ref_logp) * mask.to(dtype)
     return kl.sum(-1)
-
-
-def float64_truth(logits, ref_logits, labels, mask):
-    logp = torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    ref_logp = torch.log_softmax(ref_logits.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return ((logp - ref_logp) * mask.double()).sum(-1)
 
 
 def make_provider(name):
@@ -65,7 +59,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            self.base = self._rss()
+            self.base = self._field("VmRSS")
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
@@ -77,7 +71,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.extra = torch.cuda.max_memory_allocated() - self.base
         else:
-            self.extra = self._hwm() - self.base
+            self.extra = self._field("VmHWM") - self.base
 
     @staticmethod
     def _field(name):
@@ -86,12 +80,6 @@ class PeakMemory:
                 if line.startswith(name):
                     return int(line.split()[1]) * 1024
         return 0
-
-    def _rss(self):
-        return self._field("VmRSS")
-
-    def _hwm(self):
-        return self._field("VmHWM")
 
 
 def measure(fn, device, repeats, warmup=2):
@@ -150,7 +138,7 @@ def bench_case(fn, provider, tokens, vocab, dtype, mode, device, repeats, bandwi
     logits = inputs[0]
     step = make_step(fn, inputs, mode)
     out = step()  # warm-up, compile, and the error check
-    error = (out.detach().double() - float64_truth(*[x.detach() for x in inputs])).abs().max().item()
+    error = (out.detach().double() - eager_penalty(*[x.detach() for x in inputs], dtype=torch.float64)).abs().max().item()
     median, p20, p80 = measure(step, device, repeats)
     element = logits.element_size()
     moved = 2 * logits.numel() * element + (2 * logits.numel() * element if mode != "fwd" else 0)

@@ -116,3 +116,12 @@ def test_environment_variable_selects_backend(monkeypatch):
         kl_kernels.kl_penalty(**good())
     monkeypatch.setenv("KL_KERNELS_BACKEND", "reference")
     assert kl_kernels.kl_penalty(**good()).kl.shape == (2, 5)
+
+
+def test_available_backends_report():
+    infos = kl_kernels.available_backends()
+    assert [i.name for i in infos] == ["reference", "cpu", "triton", "cuda"]
+    for info in infos:
+        assert isinstance(info, kl_kernels.BackendInfo)
+        assert (info.reason is None) == info.available
+    assert infos[0].available

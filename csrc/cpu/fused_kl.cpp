@@ -48,24 +48,14 @@ void store_tile(const acc_t* src, int64_t n, void* dst) {
 
 template <typename acc_t>
 LoadFn<acc_t> loader_for(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return load_tile<float, acc_t>;
-    case at::kDouble: return load_tile<double, acc_t>;
-    case at::kBFloat16: return load_tile<at::BFloat16, acc_t>;
-    case at::kHalf: return load_tile<at::Half, acc_t>;
-    default: TORCH_CHECK(false, "kl_kernels::fused_kl: unsupported logits dtype ", dtype);
-  }
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_kernels::fused_kl load",
+                                         [] { return LoadFn<acc_t>(load_tile<scalar_t, acc_t>); });
 }
 
 template <typename acc_t>
 StoreFn<acc_t> storer_for(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return store_tile<float, acc_t>;
-    case at::kDouble: return store_tile<double, acc_t>;
-    case at::kBFloat16: return store_tile<at::BFloat16, acc_t>;
-    case at::kHalf: return store_tile<at::Half, acc_t>;
-    default: TORCH_CHECK(false, "kl_kernels::fused_kl: unsupported logits dtype ", dtype);
-  }
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_kernels::fused_kl store",
+                                         [] { return StoreFn<acc_t>(store_tile<scalar_t, acc_t>); });
 }
 
 // One tile of a row as acc_t values, unscaled (the temperature is applied inside exp), padded
@@ -98,10 +88,7 @@ acc_t tile_max(const acc_t* x, int64_t n) {
   acc_t lanes[Vec::size()];
   best.store(lanes);
   acc_t m = lanes[0];
-  for (int64_t i = 0; i < Vec::size(); ++i) {
-    if (lanes[i] != lanes[i]) return lanes[i];  // NaN
-    m = std::max(m, lanes[i]);
-  }
+  for (int64_t i = 1; i < Vec::size(); ++i) m = nan_max(m, lanes[i]);
   return m;
 }
 
@@ -114,18 +101,15 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
   return total;
 }
 
-// Adds one tile to the row sums of the policy (s, sx when entropy, sd when full).
-// Sums are kept in raw logit units around the raw max (max(z/T) = max(z)/T for T > 0): the
-// temperature enters only as exp((z - m) / T), and scaled_sums() converts at the end of the row.
+// Adds one tile of raw logits to a row's sums (s; sx when entropy, sd when full), in the raw
+// units of fused_kl_math.h.
 template <typename acc_t>
 void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t n, acc_t inv_t, bool need_sx,
                      bool need_sd) {
   using Vec = Vectorized<acc_t>;
-  const acc_t t = tile_max(x, n);
-  const acc_t m = t != t ? t : r.m != r.m ? r.m : std::max(r.m, t);  // NaN sticks
+  const acc_t m = nan_max(r.m, tile_max(x, n));
   if (m == -std::numeric_limits<acc_t>::infinity()) return;  // nothing but -inf so far
-  const acc_t factor = r.m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp((r.m - m) * inv_t);
-  r.s *= factor, r.sx *= factor, r.sd *= factor, r.m = m;
+  raise_max(r, m, inv_t);
   const Vec vm(m), v_inv_t(inv_t), zero(0);
   Vec s(0), sx(0), sd(0);
   for (int64_t i = 0; i < n; i += Vec::size()) {
@@ -139,11 +123,6 @@ void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t
   r.s += horizontal_sum(s);
   if (need_sx) r.sx += horizontal_sum(sx);
   if (need_sd) r.sd += horizontal_sum(sd);
-}
-
-template <typename acc_t>
-RowSums<acc_t> scaled_sums(RowSums<acc_t> r, acc_t inv_t) {
-  return {r.m * inv_t, r.s, r.sx * inv_t, r.sd * inv_t};
 }
 
 struct Rows {  // a [B, T, V] tensor with a contiguous vocabulary dim, addressed by row n = b*T + t
@@ -208,7 +187,7 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
         if (has_ref) accumulate_tile(q, xrt, xrt, padded, inv_t, false, false);
         accumulate_tile(p, xt, xrt, padded, inv_t, need_entropy, need_full);
       }
-      p = scaled_sums(p, inv_t), q = scaled_sums(q, inv_t);
+      p = scaled(p, inv_t), q = scaled(q, inv_t);
       const acc_t row_lse = log_sum_exp(p);
       const bool bad = label < 0 || label >= V;  // only with validate=False: NaN, never a wild read
       auto label_logit = [&](const TileReader<acc_t>& reader, const char* r) {
@@ -333,7 +312,7 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   AT_DISPATCH_FLOATING_TYPES(acc, "fused_kl_bwd_cpu", [&] {
     using acc_t = scalar_t;
-    Tensor h[9];
+    Tensor h[8];  // contiguous acc_t copies of the per-row inputs
     const acc_t* gl = per_row<acc_t>(grad_logp, h[0], N, acc, "grad_logp");
     const acc_t* ge = per_row<acc_t>(grad_entropy, h[1], N, acc, "grad_entropy");
     const acc_t* gf = per_row<acc_t>(grad_full, h[2], N, acc, "grad_full");
