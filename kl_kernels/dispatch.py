@@ -34,8 +34,17 @@ def _load_cpu():
     return module, module.unavailable_reason()
 
 
+def _triton_interpreted() -> bool:
+    # TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (slowly): how CI tests them
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _load_triton():
-    return None, "the Triton kernels are not part of this version yet"
+    try:
+        module = importlib.import_module("kl_kernels.triton.fused_kl")
+    except ImportError as error:
+        return None, f"Triton is not installed or does not load ({error})"
+    return module, None
 
 
 def _load_cuda():
@@ -67,12 +76,18 @@ class Backend:
     def unavailable_reason(self) -> str | None:
         return self._loaded[1]
 
+    def serves_device(self, device: torch.device) -> bool:
+        if self.name == "triton" and device.type == "cpu" and _triton_interpreted():
+            return True
+        return not self.devices or device.type in self.devices
+
     def not_supported_reasons(self, device: torch.device, dtypes) -> list[str]:
         reasons = []
         if self.unavailable_reason is not None:
             reasons.append(self.unavailable_reason)
-        if self.devices and device.type not in self.devices:
-            reasons.append(f"it runs on {'/'.join(self.devices)} tensors, got {device.type} tensors")
+        if not self.serves_device(device):
+            also = " (and cpu tensors under TRITON_INTERPRET=1)" if self.name == "triton" else ""
+            reasons.append(f"it runs on {'/'.join(self.devices)} tensors{also}, got {device.type} tensors")
         for dtype in dtypes:
             if dtype not in self.dtypes:
                 reasons.append(f"it does not support dtype {dtype}")

@@ -14,6 +14,7 @@ def outputs(out):
 
 # the "+" forms pair one estimator's value with k2's gradient, so finite differences cannot check
 # them; test_grad_matches_formula_autograd does
+@pytest.mark.float64_only
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3", "low_var_kl", "full"])
 def test_gradcheck_padded(backend, estimator):
     logits, ref_logits, labels, mask = make_inputs(2, 5, 13, dtype=torch.float64)
@@ -26,6 +27,7 @@ def test_gradcheck_padded(backend, estimator):
     assert torch.autograd.gradcheck(fn, logits.clone().requires_grad_(True))
 
 
+@pytest.mark.float64_only
 def test_gradcheck_packed_and_token_logprobs(backend):
     logits, ref_logits, labels, mask = make_inputs(1, 12, 9, dtype=torch.float64, packed=True)
     cu_seqlens = torch.tensor([0, 4, 4, 12])

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per fused op (fused_kl.py). Imported only by dispatch.py's loader."""
