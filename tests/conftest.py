@@ -63,7 +63,7 @@ def backend(request, monkeypatch):
     if request.param == "triton":
         # several vocabulary tiles per row even at test sizes (the interpreter is slow per tile)
         from kl_kernels.triton import fused_kl
-        monkeypatch.setattr(fused_kl, "MAX_BLOCK_V", 128)
+        monkeypatch.setattr(fused_kl, "MAX_BLOCK_V", 256)
     if request.param in GPU_BACKENDS and torch.cuda.is_available():
         torch.set_default_device("cuda")
         yield request.param

@@ -1,4 +1,5 @@
-"""The registered C++ ops: opcheck, torch.compile of the public functions, 64-bit offsets."""
+"""The registered ops of the kernel backends (cpu: C++, triton): opcheck, torch.compile of the public
+functions, 64-bit offsets, agreement with the reference."""
 import os
 
 import pytest
@@ -10,8 +11,12 @@ import kl_kernels
 import truth
 
 
+def info(name):
+    return {b.name: b for b in kl_kernels.available_backends()}[name]
+
+
 def cpu_available():
-    return {b.name: b for b in kl_kernels.available_backends()}["cpu"]
+    return info("cpu")
 
 
 def test_cpu_backend_is_built():
@@ -21,7 +26,18 @@ def test_cpu_backend_is_built():
     assert cpu_available().available, cpu_available().reason
 
 
+def test_triton_backend_is_available():
+    """CI installs triton (the test extra) and runs its kernels in the interpreter."""
+    assert info("triton").available, info("triton").reason
+
+
 needs_cpu = pytest.mark.skipif(not cpu_available().available, reason=str(cpu_available().reason))
+KERNEL_BACKENDS = [name for name in ("cpu", "triton", "cuda") if info(name).available]
+
+
+def on_device(backend):
+    """Tensors of a GPU backend live on CUDA when there is a GPU (else: triton interpreted on CPU)."""
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 @needs_cpu
@@ -41,15 +57,17 @@ def test_opcheck(dtype):
     opcheck(torch.ops.kl_kernels.fused_kl_bwd_.default, (*grads, logits.clone(), *args[4:]))
 
 
-@needs_cpu
-def test_torch_compile_fullgraph():
-    logits, ref_logits = torch.randn(2, 7, 50), torch.randn(2, 7, 50)
-    labels, mask = torch.randint(0, 50, (2, 7)), torch.rand(2, 7) > 0.2
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    device = on_device(backend)
+    logits, ref_logits = torch.randn(2, 7, 50, device=device), torch.randn(2, 7, 50, device=device)
+    labels, mask = torch.randint(0, 50, (2, 7), device=device), torch.rand(2, 7, device=device) > 0.2
+    temperature = torch.rand(2, 7, device=device) + 0.5
 
     def loss(z):
         out = kl_kernels.kl_penalty(z, labels, ref_logits=ref_logits, mask=mask, estimator="full", return_entropy=True,
-                                    temperature=0.9, validate=False, backend="cpu")
-        logp = kl_kernels.token_logprobs(z, labels, validate=False, backend="cpu")
+                                    temperature=0.9, validate=False, backend=backend)
+        logp = kl_kernels.token_logprobs(z, labels, temperature=temperature, validate=False, backend=backend)
         return out.kl_mean.sum() + 0.1 * out.entropy.sum() + logp.sum()
 
     eager_leaf, compiled_leaf = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
@@ -85,24 +103,75 @@ def test_more_than_2_pow_31_elements():
     assert (logits.grad[0] == 0).all()
 
 
-@needs_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_matches_reference(dtype):
-    """The C++ kernel against the pure-PyTorch truth on one random configuration of every option."""
-    logits = (torch.randn(3, 17, 3001) * 3).to(dtype)
-    ref_logits = (logits.float() + torch.randn(3, 17, 3001) * 0.5).to(dtype)
-    labels = torch.randint(0, 3001, (3, 17))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_matches_reference(backend, dtype):
+    """A kernel backend against the pure-PyTorch truth on one random configuration of every option."""
+    device = on_device(backend)
+    logits = (torch.randn(3, 17, 3001, device=device) * 3).to(dtype)
+    ref_logits = (logits.float() + torch.randn(3, 17, 3001, device=device) * 0.5).to(dtype)
+    labels = torch.randint(0, 3001, (3, 17), device=device)
     labels[0, :4] = -100
-    kwargs = dict(ref_logits=ref_logits, mask=torch.rand(3, 17) > 0.2, estimator="full", return_entropy=True,
-                  temperature=torch.rand(3, 1) + 0.5, kl_clamp=5.0)
+    kwargs = dict(ref_logits=ref_logits, mask=torch.rand(3, 17, device=device) > 0.2, estimator="full",
+                  return_entropy=True, temperature=torch.rand(3, 1, device=device) + 0.5, kl_clamp=5.0)
     grads = {}
     outs = {}
-    for backend in ("reference", "cpu"):
+    for name in ("reference", backend):
         leaf = logits.clone().requires_grad_(True)
-        outs[backend] = kl_kernels.kl_penalty(leaf, labels, backend=backend, **kwargs)
-        (outs[backend].kl_mean.sum() + outs[backend].entropy.sum() + outs[backend].logprobs.sum()).backward()
-        grads[backend] = leaf.grad
-    for field in outs["cpu"]._fields:
-        torch.testing.assert_close(getattr(outs["cpu"], field), getattr(outs["reference"], field),
+        outs[name] = kl_kernels.kl_penalty(leaf, labels, backend=name, **kwargs)
+        (outs[name].kl_mean.sum() + outs[name].entropy.sum() + outs[name].logprobs.sum()).backward()
+        grads[name] = leaf.grad
+    for field in outs[backend]._fields:
+        torch.testing.assert_close(getattr(outs[backend], field), getattr(outs["reference"], field),
                                    rtol=2e-5, atol=2e-5, msg=field)
-    torch.testing.assert_close(grads["cpu"].float(), grads["reference"].float(), rtol=1e-2, atol=1e-6)
+    # one bf16/fp16 rounding step of the gradient apart at most
+    torch.testing.assert_close(grads[backend].float(), grads["reference"].float(), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.skipif(not info("triton").available, reason=str(info("triton").reason))
+def test_triton_ops_opcheck():
+    device = on_device("triton")
+    logits = torch.randn(2, 5, 37, device=device)
+    ref_logits = torch.randn(2, 5, 37, device=device).to(torch.bfloat16)
+    labels = torch.randint(0, 37, (10,), device=device)
+    labels[3] = -100
+    temperature = torch.rand(10, device=device) + 0.5
+    fwd = torch.ops.kl_kernels.triton_fused_kl_fwd
+    opcheck(fwd.default, (logits, labels, ref_logits, temperature, 1.0, -100, True, True))
+    opcheck(fwd.default, (logits[:, :-1], labels[:8].clone(), None, None, 1 / 0.7, -100, False, False))
+    logp, _, entropy, full, lse, ref_lse = fwd(logits, labels, ref_logits, temperature, 1.0, -100, True, True)
+    grads = [torch.randn_like(logp) for _ in range(3)]
+    args = (*grads, logits, labels, ref_logits, temperature, 1.0, -100, lse, ref_lse, entropy, full)
+    opcheck(torch.ops.kl_kernels.triton_fused_kl_bwd.default, args)
+    opcheck(torch.ops.kl_kernels.triton_fused_kl_bwd_.default, (*grads, logits.clone(), *args[4:]))
+
+
+@pytest.mark.skipif(not info("triton").available, reason=str(info("triton").reason))
+def test_triton_rows_past_2_pow_31_elements():
+    """Row offsets past 2^31 elements (int64 arithmetic), read and written in place: three rows
+    2^30 elements apart in a 4 GiB fp16 buffer that is never touched elsewhere (no real memory)."""
+    V = 1000
+    base = torch.empty(2**31 + V, dtype=torch.float16, device=on_device("triton"))
+    view = base.as_strided((1, 3, V), (0, 2**30, 1))
+    view.copy_(torch.randn(1, 3, V))
+    labels = torch.randint(0, V, (1, 3), device=view.device)
+    want = torch.log_softmax(view.double(), -1)
+    expected_grad = -want.exp()
+    expected_grad.scatter_add_(-1, labels.unsqueeze(-1), torch.ones(1, 3, 1, dtype=torch.float64, device=view.device))
+    for inplace in (False, True):
+        leaf = view.detach().requires_grad_(True)  # a leaf view of the buffer, rows 2^30 apart
+        logp = kl_kernels.token_logprobs(leaf, labels, inplace_backward=inplace, backend="triton")
+        torch.testing.assert_close(logp.double(), want.gather(-1, labels.unsqueeze(-1)).squeeze(-1),
+                                   rtol=2e-5, atol=2e-5)
+        logp.sum().backward()
+        torch.testing.assert_close(leaf.grad.double(), expected_grad, rtol=1e-2, atol=1e-3)
+    # the in-place backward wrote the gradient over the logits, at their offsets past 2^31
+    torch.testing.assert_close(view.double(), expected_grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", [name for name in ("triton", "cuda") if info(name).available])
+def test_float64_is_refused(backend):
+    logits = torch.randn(2, 3, 11, dtype=torch.float64, device=on_device(backend))
+    labels = torch.randint(0, 11, (2, 3), device=logits.device)
+    with pytest.raises(RuntimeError, match="float64"):
+        kl_kernels.token_logprobs(logits, labels, backend=backend)

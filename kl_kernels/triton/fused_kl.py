@@ -17,12 +17,20 @@ int64. The ops are torch.library.triton_op, so torch.compile(fullgraph=True) tra
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
+
+# TRITON_INTERPRET=1 (CPU tests): @triton.jit gives interpreted kernels, which wrap_triton hands
+# back unwrapped, so torch.compile would run them on fake tensors. There the ops are plain custom
+# ops with shape-only fakes (opaque to the compiler); compiled kernels use triton_op, which lets
+# torch.compile see the kernels themselves.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_register_op = custom_op if INTERPRETED else triton_op
 
 # Largest vocabulary tile: 4096 values over 8 warps is 16 per thread, two 16-byte loads in bf16.
 # Tests lower it to force several tiles per row on small vocabularies.
@@ -184,7 +192,7 @@ def _stats(logits: torch.Tensor, n: int) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=logits.device)
 
 
-@triton_op("kl_kernels::triton_fused_kl_fwd", mutates_args=())
+@_register_op("kl_kernels::triton_fused_kl_fwd", mutates_args=())
 def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor],
             temperature: Optional[torch.Tensor], inv_temperature: float, ignore_index: int,
             need_entropy: bool, need_full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -227,7 +235,7 @@ def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_lo
         HAS_GRAD_FULL=grad_full is not None, BLOCK_V=block_v, num_warps=num_warps)
 
 
-@triton_op("kl_kernels::triton_fused_kl_bwd", mutates_args=())
+@_register_op("kl_kernels::triton_fused_kl_bwd", mutates_args=())
 def _bwd_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
             grad_full: Optional[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
             ref_logits: Optional[torch.Tensor], temperature: Optional[torch.Tensor], inv_temperature: float,
@@ -240,7 +248,7 @@ def _bwd_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tens
 
 
 # inplace_backward=True: the gradient overwrites the logits, declared as a mutation
-@triton_op("kl_kernels::triton_fused_kl_bwd_", mutates_args={"logits"})
+@_register_op("kl_kernels::triton_fused_kl_bwd_", mutates_args={"logits"})
 def _bwd_inplace_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                     grad_full: Optional[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
                     ref_logits: Optional[torch.Tensor], temperature: Optional[torch.Tensor],
@@ -277,3 +285,19 @@ def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
         torch.ops.kl_kernels.triton_fused_kl_bwd_(*args)
         return logits
     return torch.ops.kl_kernels.triton_fused_kl_bwd(*args)
+
+
+def _register_interpreter_fakes() -> None:
+    def fwd(logits, labels, ref_logits, temperature, inv_temperature, ignore_index, need_entropy, need_full):
+        N = logits.shape[0] * logits.shape[1]
+        has_ref = ref_logits is not None
+        return (_stats(logits, N), _stats(logits, N if has_ref else 0), _stats(logits, N if need_entropy else 0),
+                _stats(logits, N if need_full else 0), _stats(logits, N), _stats(logits, N if has_ref else 0))
+
+    _fwd_op.register_fake(fwd)
+    _bwd_op.register_fake(lambda grad_logp, grad_entropy, grad_full, logits, *rest: torch.empty_like(logits))
+    _bwd_inplace_op.register_fake(lambda *args: None)
+
+
+if INTERPRETED:
+    _register_interpreter_fakes()
