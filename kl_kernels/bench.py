@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import csv
 import json
 import os
 import platform
@@ -33,11 +34,32 @@ def eager_penalty(logits, ref_logits, labels, mask, dtype=torch.float32):
     return kl.sum(-1)
 
 
+def liger_penalty(logits, ref_logits, labels, mask):
+    """Liger-Kernel's log-prob path (liger_kernel.ops.grpo_loss.fused_selective_log_softmax), as
+    its GRPO trainer uses it for the policy and reference log-probs: forward only (no gradient),
+    and, like HF logits, row t predicts labels[t + 1], so it covers T - 1 positions; the error
+    column compares it with the float64 truth on those positions (see `shifted`)."""
+    from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+
+    logp = fused_selective_log_softmax(logits, labels, temperature=1.0)
+    ref_logp = fused_selective_log_softmax(ref_logits, labels, temperature=1.0)
+    return ((logp - ref_logp) * mask[:, 1:]).sum(-1)
+
+
+def shifted(logits, ref_logits, labels, mask):
+    return logits[:, :-1], ref_logits[:, :-1], labels[:, 1:], mask[:, 1:]
+
+
+FORWARD_ONLY = {"liger"}
+
+
 def make_provider(name):
     if name == "eager":
         return eager_penalty
     if name == "compile":
         return torch.compile(eager_penalty)
+    if name == "liger":
+        return liger_penalty
     return lambda logits, ref_logits, labels, mask: kl_kernels.kl_penalty(
         logits, labels, ref_logits=ref_logits, mask=mask, validate=False, backend=name).kl_sum
 
@@ -138,7 +160,10 @@ def bench_case(fn, provider, tokens, vocab, dtype, mode, device, repeats, bandwi
     logits = inputs[0]
     step = make_step(fn, inputs, mode)
     out = step()  # warm-up, compile, and the error check
-    error = (out.detach().double() - eager_penalty(*[x.detach() for x in inputs], dtype=torch.float64)).abs().max().item()
+    truth_inputs = [x.detach() for x in inputs]
+    if provider == "liger":
+        truth_inputs = shifted(*truth_inputs)
+    error = (out.detach().double() - eager_penalty(*truth_inputs, dtype=torch.float64)).abs().max().item()
     median, p20, p80 = measure(step, device, repeats)
     element = logits.element_size()
     moved = 2 * logits.numel() * element + (2 * logits.numel() * element if mode != "fwd" else 0)
@@ -173,11 +198,13 @@ def fix_malloc_for_peaks():
 
 
 def environment(device):
+    # a device machine gets a copy of the working tree without .git: the caller passes the commit
+    commit = os.environ.get("KL_KERNELS_COMMIT")
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or None
+                                cwd=os.path.dirname(__file__)).stdout.strip() or commit
     except OSError:
-        commit = None
+        pass
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
     return dict(device=f"{device.type}: {name}", threads=torch.get_num_threads(), torch=torch.__version__,
                 python=platform.python_version(), commit=commit, date=time.strftime("%Y-%m-%d"))
@@ -194,6 +221,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", metavar="FILE", help="also write the rows (with the environment) as JSON")
+    parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV, the environment in each row")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     providers = args.providers or ["eager", "compile"] + [
@@ -212,6 +240,8 @@ def main(argv=None):
     for dtype, vocab, mode in cases:
         eager_ms = None
         for provider in providers:
+            if mode != "fwd" and provider in FORWARD_ONLY:
+                continue
             row = bench_case(fns[provider], provider, args.tokens, vocab, DTYPES[dtype], mode, device,
                              args.repeats, bandwidth)
             eager_ms = row["median_ms"] if provider == "eager" else eager_ms
@@ -229,6 +259,13 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, read_bandwidth_gb_per_s=bandwidth, rows=rows), f, indent=1)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            fields = [*rows[0], *env, "read_bandwidth_gb_per_s"] if rows else []
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, **env, "read_bandwidth_gb_per_s": bandwidth})
     return 0
 
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU check of issues 4, 5 and 8, in one call on a device machine (no network, its own torch):
+#   bash bench/gpu_check.sh        (writes under $OUT, default ./gpu_out)
+# 1. installs this package against the machine's torch (builds the CUDA extension when nvcc and a
+#    CUDA torch are there), 2. runs the whole test suite on CUDA (triton and cuda backends on CUDA
+#    tensors), 3. runs kl-bench at the issues' shapes (N = 16384, V = 32000 / 128256 / 151936, bf16)
+#    for eager and every backend present, plus Liger-Kernel when a wheel was carried in wheels/.
+# Each step has its own time limit so that the whole stays inside a 10-minute call; a failed step
+# does not stop the later ones, and the exit status says whether any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+status=0
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.txt"
+  echo "== $name: exit $rc"
+  [ $rc -eq 0 ] || status=1
+}
+
+{
+  date -u +%FT%TZ
+  echo "commit ${KL_KERNELS_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -n 2
+} >"$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+# CUDA_HOME: the folder of the nvcc this machine has (setup.py decides from torch.version.cuda and it)
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+  export CUDA_HOME
+fi
+export MAX_JOBS="${MAX_JOBS:-16}"
+step install 240 pip install --no-build-isolation --no-deps --no-index -e .
+if ls wheels/*.whl >/dev/null 2>&1; then
+  step peers 60 pip install --no-deps --no-index wheels/*.whl
+fi
+python -c "import kl_kernels; [print(b) for b in kl_kernels.available_backends()]" | tee "$OUT/backends.txt"
+
+step tests 200 python -m pytest tests -q -x -p no:cacheprovider -m "not slow" \
+  --junitxml="$OUT/tests.xml"
+
+providers="eager $(python -c "import kl_kernels; print(' '.join(b.name for b in kl_kernels.available_backends()
+  if b.available and b.name in ('triton', 'cuda')))")"
+python -c "import liger_kernel" 2>/dev/null && providers="$providers liger"
+step bench 300 kl-bench --tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 --providers $providers \
+  --repeats 10 --json "$OUT/bench.json" --csv "$OUT/bench.csv"
+exit $status
