@@ -49,6 +49,15 @@ KL_HOST_DEVICE void raise_max(RowSums<acc_t>& r, acc_t new_max, acc_t inv_t) {
   r.m = new_max;
 }
 
+// Two partial sums of one row (tiles, threads, warps) -> the sums of both, around the larger max.
+template <typename acc_t>
+KL_HOST_DEVICE RowSums<acc_t> merge(RowSums<acc_t> a, RowSums<acc_t> b, acc_t inv_t) {
+  const acc_t m = nan_max(a.m, b.m);
+  raise_max(a, m, inv_t);
+  raise_max(b, m, inv_t);
+  return {m, a.s + b.s, a.sx + b.sx, a.sd + b.sd};
+}
+
 // Raw-unit sums -> the units of z/T that log_sum_exp, entropy and full_kl read.
 template <typename acc_t>
 KL_HOST_DEVICE RowSums<acc_t> scaled(const RowSums<acc_t>& r, acc_t inv_t) {
@@ -77,5 +86,15 @@ template <typename acc_t>
 struct RowGrad {
   acc_t g_logp, g_entropy, g_full, entropy, kl, lse, ref_lse, inv_t;
 };
+
+// f(v) above, for one value (GPU) or one SIMD vector of values (CPU, ATen Vectorized<acc_t>):
+// every argument has the vector's type; log_q is read only with use_ref.
+template <typename vec_t>
+KL_HOST_DEVICE vec_t grad_weight(vec_t log_p, vec_t log_q, vec_t g_logp, vec_t g_entropy, vec_t entropy,
+                                 vec_t g_full, vec_t kl, bool use_ref) {
+  vec_t f = -g_logp - g_entropy * (log_p + entropy);
+  if (use_ref) f = f + g_full * (log_p - log_q - kl);
+  return f;
+}
 
 }  // namespace kl_kernels

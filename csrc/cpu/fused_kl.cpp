@@ -124,9 +124,8 @@ template <typename acc_t>
 void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t n, acc_t inv_t, bool need_sx,
                      bool need_sd) {
   using Vec = Vectorized<acc_t>;
-  const acc_t m = nan_max(r.m, tile_max(x, n));
-  if (m == -std::numeric_limits<acc_t>::infinity()) return;  // nothing but -inf so far
-  raise_max(r, m, inv_t);
+  const acc_t m = tile_max(x, n);
+  if (m == -std::numeric_limits<acc_t>::infinity()) return;  // a tile of -inf adds nothing
   const Vec vm(m), v_inv_t(inv_t), zero(0);
   Vec s(0), sx(0), sd(0);
   for (int64_t i = 0; i < n; i += Vec::size()) {
@@ -137,9 +136,9 @@ void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t
     if (need_sx) sx += Vec::blendv(e * xv, zero, is_zero);
     if (need_sd) sd += Vec::blendv(e * (xv - Vec::loadu(xr + i)), zero, is_zero);
   }
-  r.s += horizontal_sum(s);
-  if (need_sx) r.sx += horizontal_sum(sx);
-  if (need_sd) r.sd += horizontal_sum(sd);
+  const RowSums<acc_t> tile{m, horizontal_sum(s), need_sx ? horizontal_sum(sx) : acc_t(0),
+                            need_sd ? horizontal_sum(sd) : acc_t(0)};
+  r = merge(r, tile, inv_t);  // the online log-sum-exp step, shared with the CUDA kernels
 }
 
 struct Rows {  // a [B, T, V] tensor with a contiguous vocabulary dim, addressed by row n = b*T + t
@@ -298,8 +297,8 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
           if (use_ref) __builtin_prefetch(reinterpret_cast<const char*>(xrt + i) + kPrefetchBytes);
           const Vec log_p = Vec::loadu(xt + i) * v_inv_t - v_lse;
           const Vec p = log_p.exp_u20();
-          Vec f = zero - v_gl - v_gh * (log_p + v_ent);
-          if (use_ref) f = f + v_gf * (log_p - (Vec::loadu(xrt + i) * v_inv_t - v_ref_lse) - v_kl);
+          const Vec log_q = use_ref ? Vec::loadu(xrt + i) * v_inv_t - v_ref_lse : zero;
+          const Vec f = grad_weight(log_p, log_q, v_gl, v_gh, v_ent, v_gf, v_kl, use_ref);
           Vec::blendv(p * f * v_inv_t, zero, p == zero).store(g + i);
         }
         if (bad) {
