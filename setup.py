@@ -1,5 +1,10 @@
 """Builds kl_kernels and its C++ extension kl_kernels._C from csrc/ with torch's cpp_extension.
 
+The extension has the CPU kernels always and the CUDA kernels (csrc/cuda) when torch is a CUDA
+build and a CUDA toolkit is found (CUDA_HOME, else nvcc on PATH): decided from torch.version.cuda
+and the toolkit, not from a visible GPU, so it builds on a GPU-less build machine. Targets sm_80
+and sm_90 plus PTX unless TORCH_CUDA_ARCH_LIST says otherwise; KL_KERNELS_NO_CUDA=1 skips CUDA.
+
 Install with `pip install --no-build-isolation -e .` after installing torch: an isolated build
 would download another (CUDA) torch to compile against. KL_KERNELS_NO_EXTENSION=1 skips the
 extension; the package then runs on the pure-PyTorch `reference` backend.
@@ -11,7 +16,8 @@ from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fopenmp: at::parallel_for is inlined from the headers and is serial without it
@@ -34,8 +40,17 @@ if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
         else:
             cpu_flags = ""
     flags += cpu_flags.split()
-    ext_modules = [CppExtension("kl_kernels._C", sources, include_dirs=[os.path.abspath("csrc")],
-                                extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])]
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and \
+        os.environ.get("KL_KERNELS_NO_CUDA", "0") != "1"
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        extension = CUDAExtension
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        compile_args = {"cxx": flags, "nvcc": ["-O3"]}  # torch picks the C++ standard
+    else:
+        extension, compile_args = CppExtension, {"cxx": flags}
+    ext_modules = [extension("kl_kernels._C", sources, include_dirs=[os.path.abspath("csrc")],
+                             extra_compile_args=compile_args, extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

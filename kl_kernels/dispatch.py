@@ -26,12 +26,21 @@ def _load_reference():
     return importlib.import_module("kl_kernels.reference"), None
 
 
-def _load_cpu():
+def _load_extension(dispatch_key):
     try:
-        module = importlib.import_module("kl_kernels.cpu")
+        module = importlib.import_module("kl_kernels.extension")
     except ImportError as error:  # the C++ extension was not built or does not load
         return None, f"the C++ extension kl_kernels._C is not available ({error})"
-    return module, module.unavailable_reason()
+    reason = module.unavailable_reason(dispatch_key)
+    return (None if reason else module), reason
+
+
+def _load_cpu():
+    return _load_extension("CPU")
+
+
+def _load_cuda():
+    return _load_extension("CUDA")
 
 
 def _triton_interpreted() -> bool:
@@ -45,10 +54,6 @@ def _load_triton():
     except ImportError as error:
         return None, f"Triton is not installed or does not load ({error})"
     return module, None
-
-
-def _load_cuda():
-    return None, "the CUDA C++ kernels are not part of this version yet"
 
 
 _LOADED: dict = {}  # backend name -> (implementation module or None, reason it is unavailable)

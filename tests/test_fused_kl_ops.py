@@ -175,3 +175,28 @@ def test_float64_is_refused(backend):
     labels = torch.randint(0, 11, (2, 3), device=logits.device)
     with pytest.raises(RuntimeError, match="float64"):
         kl_kernels.token_logprobs(logits, labels, backend=backend)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.skipif(not (info("cuda").available and info("triton").available), reason="needs the cuda and triton backends")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("vocab", [1271, 32000, 151936])
+def test_cuda_matches_triton(dtype, vocab):
+    """The two GPU backends on the same inputs: same values to float32 rounding, gradients within
+    one rounding step of the logits' dtype."""
+    logits = (torch.randn(2, 33, vocab, device="cuda") * 3).to(dtype)
+    ref_logits = (logits.float() + torch.randn_like(logits, dtype=torch.float32) * 0.5).to(dtype)
+    labels = torch.randint(0, vocab, (2, 33), device="cuda")
+    labels[1, :3] = -100
+    kwargs = dict(ref_logits=ref_logits, mask=torch.rand(2, 33, device="cuda") > 0.2, estimator="full",
+                  return_entropy=True, temperature=0.7)
+    outs, grads = {}, {}
+    for name in ("triton", "cuda"):
+        leaf = logits.clone().requires_grad_(True)
+        outs[name] = kl_kernels.kl_penalty(leaf, labels, backend=name, **kwargs)
+        (outs[name].kl_mean.sum() + outs[name].entropy.sum() + outs[name].logprobs.sum()).backward()
+        grads[name] = leaf.grad
+    for field in outs["cuda"]._fields:
+        torch.testing.assert_close(getattr(outs["cuda"], field), getattr(outs["triton"], field), rtol=2e-5,
+                                   atol=2e-5, msg=field)
+    torch.testing.assert_close(grads["cuda"].float(), grads["triton"].float(), rtol=1e-2, atol=1e-6)

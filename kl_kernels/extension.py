@@ -1,4 +1,5 @@
-"""The `cpu` backend: the fused C++ kernels of csrc/cpu, reached through torch.ops.kl_kernels."""
+"""The `cpu` and `cuda` backends: the C++ kernels of csrc/cpu and csrc/cuda, registered per device
+key under the same schemas (csrc/registration.cpp) and reached through torch.ops.kl_kernels."""
 from __future__ import annotations
 
 import torch
@@ -11,10 +12,12 @@ register_fakes()
 _OPS = ("fused_kl_fwd", "fused_kl_bwd", "fused_kl_bwd_")
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(dispatch_key: str) -> str | None:
     for op in _OPS:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"kl_kernels::{op}", "CPU"):
-            return f"the C++ extension has no CPU kernel for kl_kernels::{op}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"kl_kernels::{op}", dispatch_key):
+            why = " (built without CUDA: needs a CUDA build of torch and CUDA_HOME at install)" \
+                if dispatch_key == "CUDA" else ""
+            return f"the C++ extension has no {dispatch_key} kernel for kl_kernels::{op}{why}"
     return None
 
 
@@ -35,6 +38,7 @@ def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_ent
 def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
                  ignore_index, lse, ref_lse, entropy, full_kl, inplace):
     tensor_temperature, scalar_temperature = _split(temperature)
+    grad_logp, grad_entropy, grad_full = (None if g is None else g.contiguous() for g in (grad_logp, grad_entropy, grad_full))
     args = (grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, tensor_temperature,
             scalar_temperature, ignore_index, lse, ref_lse, entropy, full_kl)
     if inplace:
