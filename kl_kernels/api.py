@@ -89,7 +89,7 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         check.label_values(labels, logits.shape[-1], ignore_index)
     chosen = select_backend(backend, logits.device, (logits.dtype,))
     logp, _, entropy, _ = FusedKLFunction.apply(
-        chosen.impl, _as_rows(logits), labels.reshape(-1).to(torch.int64), None, temp, ignore_index,
+        chosen.impl, _as_rows(logits), labels.reshape(-1).to(torch.int64).contiguous(), None, temp, ignore_index,
         bool(return_entropy), False, bool(inplace_backward))
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
@@ -165,7 +165,7 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
     dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
     chosen = select_backend(backend, device, dtypes)
 
-    flat_labels = labels.reshape(-1).to(torch.int64)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
         chosen.impl, _as_rows(logits), flat_labels, None if ref_logits is None else _as_rows(ref_logits),
         temp, ignore_index, bool(return_entropy), est.name == "full", bool(inplace_backward))

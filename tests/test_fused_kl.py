@@ -284,3 +284,14 @@ def test_kl_coef_tensor(backend):
     out = kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits, mask=mask, kl_coef=torch.tensor(0.25),
                                 backend=backend)
     torch.testing.assert_close(out.penalty, -0.25 * out.kl)
+
+
+def test_strided_labels(backend):
+    """A label tensor that is a strided view (e.g. one column of a (..., K) index) is read correctly."""
+    logits = torch.randn(2, 5, 31)
+    index = torch.randint(0, 31, (2, 5, 3))
+    labels = index[..., 1]
+    assert not labels.is_contiguous()
+    got = kl_kernels.token_logprobs(logits, labels, backend=backend)
+    want = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
