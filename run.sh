@@ -13,7 +13,7 @@ quiet="--quiet --disable-pip-version-check"
 # multi-GB CUDA build
 pip install $quiet torch==2.13.0
 pip install $quiet ninja pybind11 setuptools wheel
-pip install $quiet --no-build-isolation -e '.[test]'
+pip install $quiet --no-build-isolation -e '.[test,bench]'
 case "${1:-}" in
   bench) shift; exec kl-bench "$@" ;;
   test) shift; exec python -m pytest "$@" ;;

@@ -1,16 +1,20 @@
 """kl-bench: time, bandwidth, peak memory and error of the KL penalty pass, per provider.
 
 Providers: `eager` (the penalty code trainers run today: float32 log_softmax + gather for policy
-and reference, the estimator, a masked sum), `compile` (torch.compile of that code) and each
-kl_kernels backend that can run here. Times are medians after warm-up (p20/p80 beside them);
-GB/s counts the bytes that must move (each logits tensor read once in the forward; in the
-backward one more read of the logits and one write of the gradient).
+and reference, the estimator, a masked sum), `trl` (TRL's row-looped selective_log_softmax, then
+the same), `compile` (torch.compile of the eager code), each kl_kernels backend that can run
+here, and the peers when installed: `liger` (Liger-Kernel's forward log-prob path) and
+`flash_attn` (flash-attn's Triton cross-entropy as log-probs). Times are medians after warm-up
+(p20/p80 beside them), synchronised on a GPU; GB/s counts the bytes that must move (forward: each
+logits tensor read once; backward: one read of the logits, one write of the gradient, and one
+read of the reference logits for `full`).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import csv
+import ctypes
+import functools
 import json
 import os
 import platform
@@ -22,28 +26,65 @@ import time
 import torch
 
 import kl_kernels
+from kl_kernels.estimators import kl_from_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = ("fwd", "bwd", "fwd+bwd")
+ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl", "full")
 
 
-def eager_penalty(logits, ref_logits, labels, mask, dtype=torch.float32):
-    """What verl/TRL/OpenRLHF write today (k1, per-sequence masked sum); dtype=float64 is the truth."""
-    logp = torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    ref_logp = torch.log_softmax(ref_logits.to(dtype), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    kl = (logp - ref_logp) * mask.to(dtype)
-    return kl.sum(-1)
+def _estimate(logp, ref_logp, mask, estimator):
+    kl = kl_from_logprobs(logp, ref_logp, estimator=estimator)
+    return torch.where(mask != 0, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum(-1)
 
 
-def liger_penalty(logits, ref_logits, labels, mask):
+def eager_penalty(logits, ref_logits, labels, mask, estimator="k1", dtype=torch.float32):
+    """What verl/TRL/OpenRLHF write today (per-sequence masked sum); dtype=float64 is the truth."""
+    log_p = torch.log_softmax(logits.to(dtype), dim=-1)
+    log_q = torch.log_softmax(ref_logits.to(dtype), dim=-1)
+    if estimator == "full":
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return torch.where(mask != 0, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum(-1)
+    index = labels.unsqueeze(-1)
+    return _estimate(log_p.gather(-1, index).squeeze(-1), log_q.gather(-1, index).squeeze(-1), mask, estimator)
+
+
+def row_looped_logprobs(logits, labels):
+    """TRL's selective_log_softmax algorithm: float32 logits gather the label logits and subtract
+    a per-row logsumexp computed one sequence at a time; bf16/fp16 logits take a log_softmax in
+    their own dtype one sequence at a time (TRL's choice for stability), then gather."""
+    index = labels.unsqueeze(-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        lse = torch.stack([torch.logsumexp(sequence, dim=-1) for sequence in logits])
+        return logits.gather(-1, index).squeeze(-1) - lse
+    return torch.stack([torch.log_softmax(sequence, -1).gather(-1, i).squeeze(-1) for sequence, i in zip(logits, index)])
+
+
+def trl_penalty(logits, ref_logits, labels, mask, estimator="k1"):
+    return _estimate(row_looped_logprobs(logits, labels).float(), row_looped_logprobs(ref_logits, labels).float(),
+                     mask, estimator)
+
+
+def liger_penalty(logits, ref_logits, labels, mask, estimator="k1"):
     """Liger-Kernel's log-prob path (liger_kernel.ops.grpo_loss.fused_selective_log_softmax), as
-    its GRPO trainer uses it for the policy and reference log-probs: forward only (no gradient),
-    and, like HF logits, row t predicts labels[t + 1], so it covers T - 1 positions; the error
-    column compares it with the float64 truth on those positions (see `shifted`)."""
+    its GRPO trainer uses it for policy and reference log-probs: forward only (no gradient), and,
+    like HF logits, row t predicts labels[t + 1], so it covers T - 1 positions; the error column
+    compares it with the float64 truth on those positions (see `shifted`)."""
     from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
 
     logp = fused_selective_log_softmax(logits, labels, temperature=1.0)
     ref_logp = fused_selective_log_softmax(ref_logits, labels, temperature=1.0)
-    return ((logp - ref_logp) * mask[:, 1:]).sum(-1)
+    return _estimate(logp, ref_logp, mask[:, 1:], estimator)
+
+
+def flash_attn_penalty(logits, ref_logits, labels, mask, estimator="k1"):
+    """flash-attn's Triton cross-entropy (the loss is -logp; it has a fused backward)."""
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+    def logprobs(z):
+        return -cross_entropy_loss(z.reshape(-1, z.shape[-1]), labels.reshape(-1))[0].view(labels.shape)
+
+    return _estimate(logprobs(logits), logprobs(ref_logits), mask, estimator)
 
 
 def shifted(logits, ref_logits, labels, mask):
@@ -51,17 +92,35 @@ def shifted(logits, ref_logits, labels, mask):
 
 
 FORWARD_ONLY = {"liger"}
+SAMPLED_ONLY = {"trl", "liger", "flash_attn"}  # providers of label log-probs: no `full`
+PEERS = {"trl": "always", "liger": "liger_kernel", "flash_attn": "flash_attn"}
 
 
-def make_provider(name):
+def make_provider(name, estimator):
     if name == "eager":
-        return eager_penalty
+        return functools.partial(eager_penalty, estimator=estimator)
     if name == "compile":
-        return torch.compile(eager_penalty)
-    if name == "liger":
-        return liger_penalty
+        return torch.compile(functools.partial(eager_penalty, estimator=estimator))
+    if name in PEERS:
+        return functools.partial({"trl": trl_penalty, "liger": liger_penalty, "flash_attn": flash_attn_penalty}[name],
+                                 estimator=estimator)
     return lambda logits, ref_logits, labels, mask: kl_kernels.kl_penalty(
-        logits, labels, ref_logits=ref_logits, mask=mask, validate=False, backend=name).kl_sum
+        logits, labels, ref_logits=ref_logits, mask=mask, estimator=estimator, validate=False, backend=name).kl_sum
+
+
+def default_providers(device):
+    names = ["eager", "trl", "compile"] + [
+        b.name for b in kl_kernels.available_backends()
+        if b.available and (b.name == "reference" or (b.name == "cpu") == (device.type == "cpu"))]
+    if device.type == "cuda":
+        for name, module in PEERS.items():
+            if module != "always":
+                try:
+                    __import__(module)
+                    names.append(name)
+                except ImportError:
+                    pass
+    return names
 
 
 def _sync(device):
@@ -78,6 +137,7 @@ class PeakMemory:
 
     def __enter__(self):
         if self.device.type == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
@@ -91,6 +151,7 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
+            torch.cuda.synchronize()
             self.extra = torch.cuda.max_memory_allocated() - self.base
         else:
             self.extra = self._field("VmHWM") - self.base
@@ -104,14 +165,18 @@ class PeakMemory:
         return 0
 
 
-def measure(fn, device, repeats, warmup=2):
+def measure(step, device, repeats, warmup=2):
+    """(median, p20, p80) ms of step.run(), each after an untimed step.prepare()."""
     for _ in range(warmup):
-        fn()
+        step.prepare()
+        step.run()
     _sync(device)
     times = []
     for _ in range(repeats):
+        step.prepare()
+        _sync(device)
         start = time.perf_counter()
-        fn()
+        step.run()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
@@ -120,13 +185,15 @@ def measure(fn, device, repeats, warmup=2):
 
 
 def read_bandwidth(device):
-    """GB/s of one read of a 1 GiB float32 tensor (x.sum()), or a device copy on CUDA."""
+    """GB/s of one read of a 1 GiB float32 tensor (x.sum()) on the CPU; on a GPU, a
+    device-to-device copy (read + write), the floor the issue measures against."""
     x = torch.ones(1 << 28, device=device)
     if device.type == "cuda":
         y = torch.empty_like(x)
-        ms, _, _ = measure(lambda: y.copy_(x), device, 10)
+        step = Step(lambda: None, lambda: y.copy_(x))
+        ms, _, _ = measure(step, device, 10)
         return 2 * x.numel() * 4 / ms / 1e6
-    ms, _, _ = measure(lambda: x.sum(), device, 5)
+    ms, _, _ = measure(Step(lambda: None, lambda: x.sum()), device, 5)
     return x.numel() * 4 / ms / 1e6
 
 
@@ -140,46 +207,66 @@ def make_inputs(tokens, vocab, dtype, device):
     return logits, ref_logits, labels, mask
 
 
+class Step:
+    def __init__(self, prepare, run):
+        self.prepare, self.run = prepare, run
+
+
 def make_step(fn, inputs, mode):
+    """fwd: time the forward; fwd+bwd: forward and backward; bwd: only the backward of a forward
+    run (untimed) just before."""
     logits, ref_logits, labels, mask = inputs
     leaf = logits.requires_grad_(mode != "fwd")
+    state = {}
 
-    def step():
+    def forward():
         leaf.grad = None  # the previous step's gradient is not part of this step's memory
-        out = fn(leaf, ref_logits, labels, mask)
-        if mode != "fwd":
-            out.sum().backward()
-        return out
+        state["out"] = fn(leaf, ref_logits, labels, mask)
+        return state["out"]
 
-    step.leaf = leaf
+    def backward():
+        state.pop("out").sum().backward()
+
+    if mode == "fwd":
+        step = Step(lambda: None, forward)
+    elif mode == "bwd":
+        step = Step(forward, backward)
+    else:
+        step = Step(lambda: None, lambda: (forward(), backward()))
+    step.leaf, step.state = leaf, state
     return step
 
 
-def bench_case(fn, provider, tokens, vocab, dtype, mode, device, repeats, bandwidth):
+def bench_case(fn, provider, estimator, tokens, vocab, dtype, mode, device, repeats, bandwidth):
     inputs = make_inputs(tokens, vocab, dtype, device)
     logits = inputs[0]
-    step = make_step(fn, inputs, mode)
-    out = step()  # warm-up, compile, and the error check
-    truth_inputs = [x.detach() for x in inputs]
-    if provider == "liger":
-        truth_inputs = shifted(*truth_inputs)
-    error = (out.detach().double() - eager_penalty(*truth_inputs, dtype=torch.float64)).abs().max().item()
-    median, p20, p80 = measure(step, device, repeats)
+    with torch.no_grad():
+        out = fn(*inputs)  # warm-up, compile, and the error check
+    truth_inputs = shifted(*inputs) if provider == "liger" else inputs
+    truth = eager_penalty(*truth_inputs, estimator=estimator, dtype=torch.float64)
+    error = (out.double() - truth).abs().max().item()
+    del out
+    median, p20, p80 = measure(make_step(fn, inputs, mode), device, repeats)
     element = logits.element_size()
-    moved = 2 * logits.numel() * element + (2 * logits.numel() * element if mode != "fwd" else 0)
+    forward_bytes = 2 * logits.numel() * element
+    backward_bytes = (3 if estimator == "full" else 2) * logits.numel() * element
+    moved = {"fwd": forward_bytes, "bwd": backward_bytes, "fwd+bwd": forward_bytes + backward_bytes}[mode]
     gbs = moved / median / 1e6
-    return dict(provider=provider, tokens=logits.shape[0] * logits.shape[1], vocab=vocab,
+    return dict(provider=provider, estimator=estimator, tokens=logits.shape[0] * logits.shape[1], vocab=vocab,
                 dtype=str(dtype).replace("torch.", ""), mode=mode, median_ms=median, p20_ms=p20, p80_ms=p80,
                 gb_per_s=gbs, pct_bandwidth=100 * gbs / bandwidth, max_abs_error=error)
 
 
 def peak_extra_bytes(fn, tokens, vocab, dtype, mode, device):
-    """Peak memory one step adds over its inputs (after a warm-up step)."""
+    """Peak memory the timed part of one step adds over its inputs (after a warm-up step)."""
     step = make_step(fn, make_inputs(tokens, vocab, dtype, device), mode)
-    step()
+    step.prepare()
+    step.run()
     step.leaf.grad = None
+    step.state.clear()
+    step.prepare()
     with PeakMemory(device) as peak:
-        step()
+        step.run()
     return peak.extra
 
 
@@ -206,8 +293,71 @@ def environment(device):
     except OSError:
         pass
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
-    return dict(device=f"{device.type}: {name}", threads=torch.get_num_threads(), torch=torch.__version__,
+    versions = dict(torch=torch.__version__)
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return dict(device=f"{device.type}: {name}", threads=torch.get_num_threads(), **versions,
                 python=platform.python_version(), commit=commit, date=time.strftime("%Y-%m-%d"))
+
+
+def row_key(row):
+    return (row["provider"], row.get("estimator", "k1"), row["dtype"], row["vocab"], row["tokens"], row["mode"])
+
+
+def compare(rows, baseline_file, threshold):
+    """Rows slower than the baseline's by more than `threshold` (a fraction). Returns the lines."""
+    with open(baseline_file) as f:
+        baseline = {row_key(row): row for row in json.load(f)["rows"]}
+    lines, regressions = [], 0
+    for row in rows:
+        old = baseline.get(row_key(row))
+        if old is None:
+            continue
+        ratio = row["median_ms"] / old["median_ms"]
+        verdict = "REGRESSION" if ratio > 1 + threshold else "faster" if ratio < 1 - threshold else "same"
+        regressions += verdict == "REGRESSION"
+        lines.append(f"{verdict:<10} {row['provider']:<10} {row['dtype']:<9} {row['vocab']:>7} {row['mode']:<8} "
+                     f"{old['median_ms']:>9.2f} -> {row['median_ms']:>9.2f} ms ({ratio:.2f}x)")
+    return lines, regressions
+
+
+def plot(rows, path, title):
+    """Median time and peak extra memory against vocabulary size, one line per provider/mode/dtype."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit(f"kl-bench --plot needs matplotlib (pip install matplotlib): {error}")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = {}
+    for row in rows:
+        series.setdefault((row["provider"], row["mode"], row["dtype"]), []).append(row)
+    # a colour per provider, a line style per mode, a marker per dtype
+    colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(r["provider"] for r in rows))}
+    styles = {"fwd": "-", "fwd+bwd": "--", "bwd": ":"}
+    markers = {d: m for d, m in zip(dict.fromkeys(r["dtype"] for r in rows), "osD^")}
+    for (provider, mode, dtype), points in sorted(series.items()):
+        points.sort(key=lambda r: r["vocab"])
+        vocab = [r["vocab"] for r in points]
+        style = dict(color=colours[provider], linestyle=styles[mode], marker=markers[dtype],
+                     label=f"{provider} {mode} {dtype}")
+        ax_time.plot(vocab, [r["median_ms"] for r in points], **style)
+        ax_memory.plot(vocab, [r["peak_extra_mb"] for r in points], **style)
+    for axis, ylabel in ((ax_time, "median ms"), (ax_memory, "peak extra memory (MB)")):
+        axis.set_xlabel("vocabulary size")
+        axis.set_ylabel(ylabel)
+        axis.set_xscale("log")
+        axis.grid(True, alpha=0.3)
+    ax_time.set_yscale("log")
+    ax_memory.legend(fontsize=7, loc="upper left", ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
@@ -215,38 +365,43 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000])
     parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["float32"])
-    parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="k1")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"])
     parser.add_argument("--providers", nargs="+", default=None,
-                        help="default: eager, compile and every kl_kernels backend available here")
+                        help="default: eager, trl, compile, every kl_kernels backend available here, and on a GPU "
+                             "liger and flash_attn when installed")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", metavar="FILE", help="also write the rows (with the environment) as JSON")
     parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV, the environment in each row")
+    parser.add_argument("--plot", metavar="PNG", help="also plot time and peak memory against vocabulary size")
+    parser.add_argument("--compare", metavar="FILE", help="a previous --json file: flag rows slower than it")
+    parser.add_argument("--threshold", type=float, default=0.15,
+                        help="--compare flags a row slower by more than this fraction (default 0.15)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    providers = args.providers or ["eager", "compile"] + [
-        b.name for b in kl_kernels.available_backends()
-        if b.available and (b.name == "reference" or (b.name == "cpu") == (device.type == "cpu"))]
+    providers = args.providers or default_providers(device)
     env = environment(device)
     bandwidth = read_bandwidth(device)
     print(f"# {env['device']}, {env['threads']} threads, torch {env['torch']}, commit {env['commit']}; "
-          f"read bandwidth {bandwidth:.1f} GB/s")
-    header = f"{'provider':<10} {'dtype':<9} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>15} " \
-             f"{'GB/s':>7} {'%bw':>5} {'peak MB':>8} {'max err':>9} {'vs eager':>8}"
-    print(header)
-    fns = {provider: make_provider(provider) for provider in providers}
-    cases = [(dtype, vocab, mode) for dtype in args.dtype for vocab in args.vocab for mode in args.modes]
+          f"{'copy' if device.type == 'cuda' else 'read'} bandwidth {bandwidth:.1f} GB/s; estimator {args.estimator}")
+    print(f"{'provider':<10} {'dtype':<9} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>15} "
+          f"{'GB/s':>7} {'%bw':>5} {'peak MB':>8} {'max err':>9} {'vs eager':>8}")
+    providers = [p for p in providers if not (args.estimator == "full" and p in SAMPLED_ONLY)]
+    fns = {provider: make_provider(provider, args.estimator) for provider in providers}
     rows = []
-    for dtype, vocab, mode in cases:
-        eager_ms = None
-        for provider in providers:
-            if mode != "fwd" and provider in FORWARD_ONLY:
-                continue
-            row = bench_case(fns[provider], provider, args.tokens, vocab, DTYPES[dtype], mode, device,
-                             args.repeats, bandwidth)
-            eager_ms = row["median_ms"] if provider == "eager" else eager_ms
-            row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else None
-            rows.append(row)
+    for dtype in args.dtype:
+        for vocab in args.vocab:
+            for mode in args.modes:
+                eager_ms = None
+                for provider in providers:
+                    if mode != "fwd" and provider in FORWARD_ONLY:
+                        continue
+                    row = bench_case(fns[provider], provider, args.estimator, args.tokens, vocab, DTYPES[dtype], mode,
+                                     device, args.repeats, bandwidth)
+                    eager_ms = row["median_ms"] if provider == "eager" else eager_ms
+                    row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else None
+                    rows.append(row)
     fix_malloc_for_peaks()
     for row in rows:
         row["peak_extra_mb"] = peak_extra_bytes(fns[row["provider"]], args.tokens, row["vocab"], DTYPES[row["dtype"]],
@@ -261,11 +416,18 @@ def main(argv=None):
             json.dump(dict(environment=env, read_bandwidth_gb_per_s=bandwidth, rows=rows), f, indent=1)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
-            fields = [*rows[0], *env, "read_bandwidth_gb_per_s"] if rows else []
-            writer = csv.DictWriter(f, fieldnames=fields)
+            writer = csv.DictWriter(f, fieldnames=[*rows[0], *env, "read_bandwidth_gb_per_s"] if rows else [])
             writer.writeheader()
             for row in rows:
                 writer.writerow({**row, **env, "read_bandwidth_gb_per_s": bandwidth})
+    if args.plot:
+        plot(rows, args.plot, f"kl-bench, {args.tokens} tokens, estimator {args.estimator}; {env['device']}, "
+                              f"torch {env['torch']}, commit {env['commit']}")
+    if args.compare:
+        lines, regressions = compare(rows, args.compare, args.threshold)
+        print(f"# against {args.compare} (threshold {args.threshold:.0%}): {regressions} regression(s)")
+        print("\n".join(lines))
+        return 1 if regressions else 0
     return 0
 
 

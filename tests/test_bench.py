@@ -1,0 +1,60 @@
+"""kl-bench itself: its providers compute the same penalty, its files are written, --compare flags
+a slower row, and the row-looped TRL algorithm matches log_softmax + gather."""
+import csv
+import json
+
+import pytest
+import torch
+
+from kl_kernels import bench
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_looped_logprobs(dtype):
+    logits = (torch.randn(3, 7, 40) * 2).to(dtype)
+    labels = torch.randint(0, 40, (3, 7))
+    want = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)  # TRL computes in bf16
+    torch.testing.assert_close(bench.row_looped_logprobs(logits, labels).float(), want, **tol)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3", "full"])
+def test_providers_agree(estimator):
+    inputs = bench.make_inputs(64, 50, torch.float32, torch.device("cpu"))
+    want = bench.eager_penalty(*inputs, estimator=estimator, dtype=torch.float64)
+    providers = ["eager", "cpu", "reference"] + ([] if estimator == "full" else ["trl"])
+    for name in providers:
+        got = bench.make_provider(name, estimator)(*inputs)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_cli_writes_files_and_compares(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    args = ["--tokens", "64", "--vocab", "50", "80", "--providers", "eager", "trl", "cpu", "--repeats", "2",
+            "--modes", "fwd", "bwd", "fwd+bwd", "--json", str(out), "--csv", str(tmp_path / "rows.csv")]
+    assert bench.main(args) == 0
+    data = json.loads(out.read_text())
+    assert {"device", "torch", "commit", "date"} <= set(data["environment"])
+    assert len(data["rows"]) == 3 * 2 * 3
+    for row in data["rows"]:
+        assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["max_abs_error"] < 1e-3 and row["peak_extra_mb"] >= 0
+    with open(tmp_path / "rows.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(data["rows"])
+    # a baseline ten times faster than anything real: every matched row is a regression
+    for row in data["rows"]:
+        row["median_ms"] /= 10
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert bench.main(["--tokens", "64", "--vocab", "50", "--providers", "cpu", "--repeats", "2", "--modes", "fwd",
+                       "--compare", str(baseline)]) == 1
+    assert "REGRESSION cpu" in capsys.readouterr().out
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [dict(provider=p, mode=m, dtype="float32", vocab=v, median_ms=1.0 + v / 100, peak_extra_mb=v / 10)
+            for p in ("eager", "cpu") for m in ("fwd", "fwd+bwd") for v in (50, 80)]
+    bench.plot(rows, tmp_path / "plot.png", "test")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
