@@ -100,6 +100,9 @@ def make_provider(name, estimator):
     if name == "eager":
         return functools.partial(eager_penalty, estimator=estimator)
     if name == "compile":
+        # each dtype, shape and grad mode compiles anew; past Dynamo's default limit of 8 it would
+        # silently run eager, so the limit is raised for a sweep
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         return torch.compile(functools.partial(eager_penalty, estimator=estimator))
     if name in PEERS:
         return functools.partial({"trl": trl_penalty, "liger": liger_penalty, "flash_attn": flash_attn_penalty}[name],
