@@ -33,8 +33,9 @@ def aggregate(values, mask, mode, *, global_tokens=None, global_sequences=None):
 
     Values are weighted by the mask (verl multiplies by it); positions where the mask is 0 are
     selected out first so that NaN or inf there cannot leak into the result. The seq-mean modes
-    average over sequences with at least one valid token unless global_sequences is given;
-    `seq-mean-token-sum-norm` further divides by the mask width T, as verl does.
+    average over sequences with at least one valid token unless global_sequences is given.
+    `seq-mean-token-sum-norm` is Dr. GRPO's constant normaliser, as verl computes it: the sum of
+    the sequences' token sums divided by the mask width T (no count; the globals do not apply).
     """
     check.tensor(values, "values")
     if not values.is_floating_point():
@@ -56,15 +57,13 @@ def aggregate(values, mask, mode, *, global_tokens=None, global_sequences=None):
             return total
         tokens = weights.sum() if global_tokens is None else _count(global_tokens, "global_tokens", dtype, device)
         return _safe_divide(total, tokens)
+    if mode == "seq-mean-token-sum-norm":
+        width = values.shape[-1]
+        return weighted.sum() / width if width else weighted.sum()
     token_sums = weighted.sum(dim=-1)
     token_counts = weights.sum(dim=-1)
     has_tokens = (mask != 0).any(dim=-1)
-    if mode == "seq-mean-token-mean":
-        per_sequence = _safe_divide(token_sums, token_counts)
-    elif mode == "seq-mean-token-sum":
-        per_sequence = token_sums
-    else:  # seq-mean-token-sum-norm
-        per_sequence = token_sums / values.shape[-1] if values.shape[-1] else token_sums
+    per_sequence = _safe_divide(token_sums, token_counts) if mode == "seq-mean-token-mean" else token_sums
     per_sequence = torch.where(has_tokens, per_sequence, torch.zeros((), dtype=dtype, device=device))
     if global_sequences is None:
         sequences = has_tokens.sum().to(dtype)

@@ -12,11 +12,12 @@ def loop_aggregate(values, mask, mode, global_tokens=None, global_sequences=None
     width = len(values[0])
     if mode == "token-sum":
         return sum(r[0] for r in rows)
+    if mode == "seq-mean-token-sum-norm":  # Dr. GRPO / current verl: all token sums over the width
+        return sum(r[0] for r in rows) / width
     if mode == "token-mean":
         tokens = sum(r[1] for r in rows) if global_tokens is None else global_tokens
         return sum(r[0] for r in rows) / tokens if tokens else 0.0
-    per_seq = {"seq-mean-token-sum": lambda s, c: s, "seq-mean-token-mean": lambda s, c: s / c,
-               "seq-mean-token-sum-norm": lambda s, c: s / width}[mode]
+    per_seq = {"seq-mean-token-sum": lambda s, c: s, "seq-mean-token-mean": lambda s, c: s / c}[mode]
     kept = [per_seq(s, c) for s, c, has in rows if has]
     sequences = len(kept) if global_sequences is None else global_sequences
     return sum(kept) / sequences if sequences else 0.0
@@ -52,7 +53,7 @@ def test_all_masked_is_zero(mode):
     assert out.item() == 0.0
     out.backward()
     assert (values.grad == 0).all()
-    if mode != "token-sum":  # the one mode without a denominator
+    if mode not in ("token-sum", "seq-mean-token-sum-norm"):  # the modes without a count denominator
         assert kl_kernels.aggregate(values, torch.ones(3, 4), mode, global_tokens=0, global_sequences=0).item() == 0
 
 

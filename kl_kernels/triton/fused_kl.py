@@ -52,6 +52,23 @@ def _online_lse_step(m, x, inv_t):
 
 
 @triton.jit
+def _row_start(base_ptr, row, T, stride_b, stride_t):
+    # row n = b*T + t of a [B, T, V] tensor with any row strides; row is int64, so the offsets are
+    # too (B*T*V overflows int32)
+    return base_ptr + (row // T) * stride_b + (row % T) * stride_t
+
+
+@triton.jit
+def _inverse_temperature(temperature_ptr, row, INV_TEMPERATURE: tl.constexpr, HAS_TEMPERATURE_TENSOR: tl.constexpr):
+    # 1/T of this row: from the [N] temperature tensor, or the constant of a float temperature
+    if HAS_TEMPERATURE_TENSOR:
+        inv_t = 1.0 / tl.load(temperature_ptr + row).to(tl.float32)
+    else:
+        inv_t = tl.full((), INV_TEMPERATURE, tl.float32)
+    return inv_t
+
+
+@triton.jit
 def _weighted(e, w):
     # e * w with 0 where e == 0: a -inf logit (e = 0, w = -inf) adds nothing instead of NaN
     return tl.sum(tl.where(e == 0.0, 0.0, e * w), axis=0)
@@ -70,13 +87,9 @@ def _fused_kl_fwd_kernel(
     NEED_ENTROPY: tl.constexpr, NEED_FULL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    b, t = row // T, row % T
-    row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    ref_row_ptr = ref_logits_ptr + b * stride_ref_b + t * stride_ref_t
-    if HAS_TEMPERATURE_TENSOR:
-        inv_t = 1.0 / tl.load(temperature_ptr + row).to(tl.float32)
-    else:
-        inv_t = INV_TEMPERATURE
+    row_ptr = _row_start(logits_ptr, row, T, stride_logits_b, stride_logits_t)
+    ref_row_ptr = _row_start(ref_logits_ptr, row, T, stride_ref_b, stride_ref_t)
+    inv_t = _inverse_temperature(temperature_ptr, row, INV_TEMPERATURE, HAS_TEMPERATURE_TENSOR)
 
     m = float("-inf")
     s = 0.0
@@ -136,14 +149,10 @@ def _fused_kl_bwd_kernel(
 ):
     """d/dz_v = (g_logp [v == y] + p_v f_v) / T, f_v = -g_logp - g_H (log p_v + H) + g_F (log p_v - log q_v - KL)."""
     row = tl.program_id(0).to(tl.int64)
-    b, t = row // T, row % T
-    grad_row_ptr = grad_ptr + b * stride_grad_b + t * stride_grad_t
-    row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    ref_row_ptr = ref_logits_ptr + b * stride_ref_b + t * stride_ref_t
-    if HAS_TEMPERATURE_TENSOR:
-        inv_t = 1.0 / tl.load(temperature_ptr + row).to(tl.float32)
-    else:
-        inv_t = INV_TEMPERATURE
+    grad_row_ptr = _row_start(grad_ptr, row, T, stride_grad_b, stride_grad_t)
+    row_ptr = _row_start(logits_ptr, row, T, stride_logits_b, stride_logits_t)
+    ref_row_ptr = _row_start(ref_logits_ptr, row, T, stride_ref_b, stride_ref_t)
+    inv_t = _inverse_temperature(temperature_ptr, row, INV_TEMPERATURE, HAS_TEMPERATURE_TENSOR)
     label = tl.load(labels_ptr + row)
     g_logp = 0.0
     g_entropy = 0.0
