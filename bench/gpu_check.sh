@@ -5,8 +5,13 @@
 #    CUDA torch are there), 2. runs the whole test suite on CUDA (triton and cuda backends on CUDA
 #    tensors), 3. runs kl-bench at the issues' shapes (N = 16384, V = 32000 / 128256 / 151936, bf16)
 #    for eager and every backend present, plus Liger-Kernel when a wheel was carried in wheels/.
-# Each step has its own time limit so that the whole stays inside a 10-minute call; a failed step
-# does not stop the later ones, and the exit status says whether any failed.
+# At most 8 files come back from a device call: environment, install (+ build_inplace, peers when
+# they run), tests, bench (txt, json, csv). Each step has its own time limit so that the whole
+# stays inside a 10-minute call; a failed step does not stop the later ones, and the exit status
+# says whether any failed. A CPU smoke test of the plumbing:
+#   GPU_CHECK_TESTS=tests/test_bench.py GPU_CHECK_BENCH="--tokens 256 --vocab 500" \
+#   GPU_CHECK_PROVIDERS="eager cpu" OUT=/tmp/gc bash bench/gpu_check.sh
+# Liger-Kernel: `pip download liger-kernel --no-deps -d wheels` here, then name wheels in carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -38,18 +43,23 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
   export CUDA_HOME
 fi
 export MAX_JOBS="${MAX_JOBS:-16}"
+# the package from this tree even if the editable install fails (then the extension is built in place)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step install 240 pip install --no-build-isolation --no-deps --no-index -e .
+if [ $status -ne 0 ]; then
+  step build_inplace 240 python setup.py build_ext --inplace
+fi
 if ls wheels/*.whl >/dev/null 2>&1; then
   step peers 60 pip install --no-deps --no-index wheels/*.whl
 fi
-python -c "import kl_kernels; [print(b) for b in kl_kernels.available_backends()]" | tee "$OUT/backends.txt"
+python -c "import kl_kernels; [print(b) for b in kl_kernels.available_backends()]" | tee -a "$OUT/environment.txt"
 
-step tests 200 python -m pytest tests -q -x -p no:cacheprovider -m "not slow" \
-  --junitxml="$OUT/tests.xml"
+# GPU_CHECK_TESTS / _BENCH / _PROVIDERS override what runs (a CPU smoke test of this script uses both)
+step tests 200 python -m pytest ${GPU_CHECK_TESTS:-tests} -q -x -p no:cacheprovider -m "not slow" -rs
 
-providers="eager $(python -c "import kl_kernels; print(' '.join(b.name for b in kl_kernels.available_backends()
-  if b.available and b.name in ('triton', 'cuda')))")"
-python -c "import liger_kernel" 2>/dev/null && providers="$providers liger"
-step bench 300 kl-bench --tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 --providers $providers \
-  --repeats 10 --json "$OUT/bench.json" --csv "$OUT/bench.csv"
+providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "import kl_kernels; print(' '.join(b.name for b in kl_kernels.available_backends()
+  if b.available and b.name in ('triton', 'cuda')))")}"
+[ -z "${GPU_CHECK_PROVIDERS:-}" ] && python -c "import liger_kernel" 2>/dev/null && providers="$providers liger"
+step bench 300 python -m kl_kernels.bench ${GPU_CHECK_BENCH:---tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 \
+  --repeats 10} --providers $providers --json "$OUT/bench.json" --csv "$OUT/bench.csv"
 exit $status
