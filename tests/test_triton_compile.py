@@ -17,21 +17,22 @@ SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from kl_kernels.triton import fused_kl as F
 
-    arch, policy, reference, flags = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "all"
+    arch, policy, reference, case = sys.argv[1:5]
+    flags, entropy_only = case == "all", case == "entropy"
     stats = ["*fp32"] * 6
     scalars = {"T": "i32", "V": "i32", "ignore_index": "i64"}
     fwd = dict(zip(["logits_ptr", "ref_logits_ptr", "labels_ptr", "temperature_ptr", "logp_ptr", "ref_logp_ptr",
                     "entropy_ptr", "full_kl_ptr", "lse_ptr", "ref_lse_ptr"],
                    [f"*{policy}", f"*{reference}", "*i64", "*fp32", *stats]))
     fwd.update(scalars, **{f"stride_{t}_{d}": "i64" for t in ("logits", "ref") for d in "bt"})
-    fwd_constants = dict(INV_TEMPERATURE=0.7, HAS_TEMPERATURE_TENSOR=flags, HAS_REF=flags, NEED_ENTROPY=flags,
-                         NEED_FULL=flags, BLOCK_V=4096)
+    fwd_constants = dict(INV_TEMPERATURE=0.7, HAS_TEMPERATURE_TENSOR=flags, HAS_REF=flags,
+                         NEED_ENTROPY=flags or entropy_only, NEED_FULL=flags, BLOCK_V=4096)
     bwd = dict(zip(["grad_ptr", "logits_ptr", "ref_logits_ptr", "labels_ptr", "temperature_ptr", "grad_logp_ptr",
                     "grad_entropy_ptr", "grad_full_ptr", "lse_ptr", "ref_lse_ptr", "entropy_ptr", "full_kl_ptr"],
                    [f"*{policy}", f"*{policy}", f"*{reference}", "*i64", "*fp32", *stats, "*fp32"]))
     bwd.update(scalars, **{f"stride_{t}_{d}": "i64" for t in ("grad", "logits", "ref") for d in "bt"})
-    bwd_constants = dict(INV_TEMPERATURE=0.7, HAS_TEMPERATURE_TENSOR=flags, HAS_GRAD_LOGP=True,
-                         HAS_GRAD_ENTROPY=flags, HAS_GRAD_FULL=flags, BLOCK_V=4096)
+    bwd_constants = dict(INV_TEMPERATURE=0.7, HAS_TEMPERATURE_TENSOR=flags, HAS_GRAD_LOGP=not entropy_only,
+                         HAS_GRAD_ENTROPY=flags or entropy_only, HAS_GRAD_FULL=flags, BLOCK_V=4096)
     sizes = {}
     for kernel, signature, constants in ((F._fused_kl_fwd_kernel, fwd, fwd_constants),
                                          (F._fused_kl_bwd_kernel, bwd, bwd_constants)):
@@ -44,8 +45,9 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
+# flags: every option on; every option off; only entropy (no label log-prob gradient)
 @pytest.mark.parametrize("policy,reference,flags", [("bf16", "bf16", "all"), ("fp16", "fp32", "all"),
-                                                    ("fp32", "fp32", "none")])
+                                                    ("fp32", "fp32", "none"), ("bf16", "bf16", "entropy")])
 def test_triton_kernels_compile_for_gpu(arch, policy, reference, flags):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
