@@ -124,6 +124,17 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
                                     FwdParams p) {
   __shared__ RowSums<float> scratch[32];
   const int64_t n = blockIdx.x;
+  const int64_t label = p.labels[n];
+  const bool valid = label != p.ignore_index;
+  if (!valid) {  // an ignored row (prompt tokens, padding) is 0 in every output: none of it is read
+    if (threadIdx.x == 0) {
+      p.logp[n] = p.lse[n] = 0.0f;
+      if (has_ref) p.ref_logp[n] = p.ref_lse[n] = 0.0f;
+      if (p.need_entropy) p.entropy[n] = 0.0f;
+      if (p.need_full) p.full_kl[n] = 0.0f;
+    }
+    return;  // the whole block: no barrier is left waiting
+  }
   const float inv_t = p.temperature != nullptr ? 1.0f / p.temperature[n] : p.inv_temperature;
   const scalar_t* row = logits.row(n);
   const ref_t* ref_row = has_ref ? ref_logits.row(n) : nullptr;
@@ -140,18 +151,16 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
   const RowSums<float> ps = scaled(policy, inv_t);
   const float lse = log_sum_exp(ps);
   p.lse[n] = lse;
-  const int64_t label = p.labels[n];
-  const bool valid = label != p.ignore_index;
   // a label outside [0, V) only gets here with validate=False: NaN in its row, nothing read
   const bool bad = label < 0 || label >= p.V;
   const float nan = __int_as_float(0x7fc00000);
-  auto out = [&](float value) { return !valid ? 0.0f : bad ? nan : value; };
-  p.logp[n] = out(valid && !bad ? to_float(row[label]) * inv_t - lse : 0.0f);
+  auto out = [&](float value) { return bad ? nan : value; };
+  p.logp[n] = out(!bad ? to_float(row[label]) * inv_t - lse : 0.0f);
   if (p.need_entropy) p.entropy[n] = out(entropy(ps, lse));
   if (has_ref) {
     const float ref_lse = log_sum_exp(scaled(reference, inv_t));
     p.ref_lse[n] = ref_lse;
-    p.ref_logp[n] = out(valid && !bad ? to_float(ref_row[label]) * inv_t - ref_lse : 0.0f);
+    p.ref_logp[n] = out(!bad ? to_float(ref_row[label]) * inv_t - ref_lse : 0.0f);
     if (p.need_full) p.full_kl[n] = out(full_kl(ps, lse, ref_lse));
   }
 }

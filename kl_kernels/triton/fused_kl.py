@@ -90,6 +90,10 @@ def _fused_kl_fwd_kernel(
     row_ptr = _row_start(logits_ptr, row, T, stride_logits_b, stride_logits_t)
     ref_row_ptr = _row_start(ref_logits_ptr, row, T, stride_ref_b, stride_ref_t)
     inv_t = _inverse_temperature(temperature_ptr, row, INV_TEMPERATURE, HAS_TEMPERATURE_TENSOR)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    # an ignored row (prompt tokens, padding) is 0 in every output: none of it is read
+    row_len = tl.where(valid, V, 0)
 
     m = float("-inf")
     s = 0.0
@@ -97,7 +101,7 @@ def _fused_kl_fwd_kernel(
     sd = 0.0
     ref_m = float("-inf")
     ref_s = 0.0
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, row_len, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         in_row = cols < V
         x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
@@ -113,9 +117,7 @@ def _fused_kl_fwd_kernel(
             ref_s = ref_s * ref_scale + tl.sum(ref_e, axis=0)
 
     lse = m * inv_t + tl.log(s)
-    tl.store(lse_ptr + row, lse)
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     # a label outside [0, V) only gets here with validate=False: its row is NaN, nothing is read
     in_range = (label >= 0) & (label < V)
     safe_label = tl.where(in_range, label, 0)
@@ -126,7 +128,7 @@ def _fused_kl_fwd_kernel(
         tl.store(entropy_ptr + row, tl.where(valid, lse - sx * inv_t / s + bad, 0.0))
     if HAS_REF:
         ref_lse = ref_m * inv_t + tl.log(ref_s)
-        tl.store(ref_lse_ptr + row, ref_lse)
+        tl.store(ref_lse_ptr + row, tl.where(valid, ref_lse, 0.0))
         ref_z_y = tl.load(ref_row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
         tl.store(ref_logp_ptr + row, tl.where(valid, ref_z_y * inv_t - ref_lse + bad, 0.0))
         if NEED_FULL:
