@@ -29,14 +29,19 @@ def providers():
 @pytest.mark.parametrize("provider", PROVIDERS)
 def bench_fused_kl(benchmark, providers, provider, tokens, vocab, dtype, mode):
     fn = providers[provider]
+    torch.manual_seed(tokens + vocab)  # the same inputs for every provider of a shape, run after run
     inputs = bench.make_inputs(tokens, vocab, dtype, DEVICE)
     with torch.no_grad():
         got = fn(*inputs).double()
     want = bench.eager_penalty(*inputs, dtype=torch.float64)
     if provider == "trl" and dtype != torch.float32:
-        # TRL takes the log-softmax in bf16 itself: held to 2x the error of PyTorch in that dtype
-        in_dtype = (bench.eager_penalty(*inputs, dtype=dtype).double() - want).abs().max()
-        assert (got - want).abs().max() <= 2 * in_dtype
+        # TRL rounds each log-prob to bf16 (8 significant bits, a relative error up to 2^-8) and the
+        # roundings add up like a random walk over the sequence: bounded by 3 * 2^-8 * the root of
+        # the summed squares of the log-probs (measured: at most a third of that over 24 draws)
+        logits, ref_logits, labels, mask = inputs
+        index = labels.unsqueeze(-1)
+        squares = sum(torch.log_softmax(z.double(), -1).gather(-1, index).squeeze(-1) ** 2 for z in (logits, ref_logits))
+        assert ((got - want).abs() <= 3 * 2.0**-8 * (squares * mask).sum(-1).sqrt()).all()
     else:
         # every provider reads the same rounded inputs; float32 accumulation is the error left
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)

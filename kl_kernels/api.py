@@ -184,7 +184,8 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
         kl_seq, valid_seq = kl, valid.to(dtype)
     kl_sum = _sequence_sums(kl_seq, layout, offsets)
     counts = _sequence_sums(valid_seq, layout, offsets)
-    kl_mean = torch.where(counts > 0, kl_sum / counts.clamp(min=1), zero)
+    # a sequence with no valid token has kl_sum exactly 0 (selected), so 0 / 1 = 0: no select needed
+    kl_mean = kl_sum / counts.clamp(min=1)
     coef = kl_coef.to(device=device, dtype=dtype) if isinstance(kl_coef, torch.Tensor) else float(kl_coef)
     penalty = -coef * kl
     return KLPenaltyOutput(
