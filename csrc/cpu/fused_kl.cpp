@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/functional_bfloat16.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -46,8 +47,21 @@ constexpr int64_t kPrefetchBytes = 4096;
 template <typename scalar_t, typename acc_t>
 void load_tile(const void* src, int64_t n, acc_t* dst) {
   const scalar_t* p = static_cast<const scalar_t*>(src);
+  int64_t done = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>) {
+    // bf16/fp16 -> float a vector at a time: the element loop below cost a quarter of the forward
+    constexpr int64_t lanes = Vectorized<float>::size();
+    for (; done + lanes <= n; done += lanes) {
+      __builtin_prefetch(reinterpret_cast<const char*>(p + done) + kPrefetchBytes);
+      Vectorized<float> values;
+      at::vec::load_to_float(p + done, values);
+      values.store(dst + done);
+    }
+  }
+#endif
   constexpr int64_t line = 64 / sizeof(scalar_t);
-  for (int64_t i0 = 0; i0 < n; i0 += line) {
+  for (int64_t i0 = done; i0 < n; i0 += line) {
     __builtin_prefetch(reinterpret_cast<const char*>(p + i0) + kPrefetchBytes);
     const int64_t i1 = std::min(n, i0 + line);
     for (int64_t i = i0; i < i1; ++i) dst[i] = static_cast<acc_t>(p[i]);
@@ -57,7 +71,11 @@ void load_tile(const void* src, int64_t n, acc_t* dst) {
 template <typename scalar_t, typename acc_t>
 void store_tile(const acc_t* src, int64_t n, void* dst) {
   scalar_t* p = static_cast<scalar_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(src[i]);
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>) {
+    at::vec::convert(src, p, n);  // vectorized float -> bf16/fp16, round to nearest even
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(src[i]);
+  }
 }
 
 template <typename acc_t>
