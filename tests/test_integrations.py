@@ -10,6 +10,13 @@ import torch
 from kl_kernels.integrations import openrlhf, trl, verl
 
 
+@pytest.fixture
+def on_backend(backend, monkeypatch):
+    """The drop-ins take no backend argument (the trainers' signatures): KL_KERNELS_BACKEND picks it."""
+    monkeypatch.setenv("KL_KERNELS_BACKEND", backend)
+    return backend
+
+
 def logprob_pair(shape=(3, 8)):
     logprob = (-torch.rand(shape, dtype=torch.float64) * 4).requires_grad_(True)
     ref = (-torch.rand(shape, dtype=torch.float64) * 4).requires_grad_(True)
@@ -86,7 +93,7 @@ def test_verl_masked_mean_ignores_nan_under_the_mask():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_verl_logprobs_and_entropy(dtype):
+def test_verl_logprobs_and_entropy(on_backend, dtype):
     logits = (torch.randn(2, 7, 300) * 2).to(dtype)
     labels = torch.randint(0, 300, (2, 7))
     log_p = torch.log_softmax(logits.double(), -1)
@@ -115,7 +122,7 @@ def test_verl_controllers_follow_verls_update():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_trl_selective_log_softmax(dtype):
+def test_trl_selective_log_softmax(on_backend, dtype):
     logits = (torch.randn(2, 5, 257) * 2).to(dtype)
     index = torch.randint(0, 257, (2, 5))
     top = torch.randint(0, 257, (2, 5, 3))
@@ -167,7 +174,7 @@ def test_openrlhf_compute_reward():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_openrlhf_log_probs_from_logits(dtype):
+def test_openrlhf_log_probs_from_logits(on_backend, dtype):
     logits = (torch.randn(2, 6, 90) * 2).to(dtype)
     labels = torch.randint(0, 90, (2, 6))
     expected_logits = logits / 0.7
