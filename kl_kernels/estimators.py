@@ -66,6 +66,8 @@ def estimate(est: Estimator, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
     """
     if est.name == "full":
         value = full_kl
+    elif est.name == "k1" and est.log_ratio_clamp is None:
+        value = logprobs - ref_logprobs  # one kernel, not a negated reverse ratio
     else:
         # verl clamps the reverse log-ratio log(q/p) = ref_logp - logp before the estimator
         log_ratio = ref_logprobs - logprobs
