@@ -55,7 +55,10 @@ fi
 python -c "import kl_kernels; [print(b) for b in kl_kernels.available_backends()]" | tee -a "$OUT/environment.txt"
 
 # GPU_CHECK_TESTS / _BENCH / _PROVIDERS override what runs (a CPU smoke test of this script uses both)
-step tests 200 python -m pytest ${GPU_CHECK_TESTS:-tests} -q -x -p no:cacheprovider -m "not slow" -rs
+# the GPU backends' tests (CI runs the CPU ones; the compile-only checks need no GPU)
+gpu_tests=(tests -k "(triton or cuda) and not compile_for_gpu and not plain_nvcc and not lower_without")
+if [ -n "${GPU_CHECK_TESTS:-}" ]; then gpu_tests=($GPU_CHECK_TESTS); fi
+step tests 240 python -m pytest "${gpu_tests[@]}" -q -x -p no:cacheprovider -m "not slow" -rs
 
 providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "import kl_kernels; print(' '.join(b.name for b in kl_kernels.available_backends()
   if b.available and b.name in ('triton', 'cuda')))")}"
