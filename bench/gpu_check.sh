@@ -45,9 +45,9 @@ fi
 export MAX_JOBS="${MAX_JOBS:-16}"
 # the package from this tree even if the editable install fails (then the extension is built in place)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-step install 240 pip install --no-build-isolation --no-deps --no-index -e .
+step install 180 pip install --no-build-isolation --no-deps --no-index -e .
 if [ $status -ne 0 ]; then
-  step build_inplace 240 python setup.py build_ext --inplace
+  step build_inplace 180 python setup.py build_ext --inplace
 fi
 if ls wheels/*.whl >/dev/null 2>&1; then
   step peers 60 pip install --no-deps --no-index wheels/*.whl
@@ -58,11 +58,11 @@ python -c "import kl_kernels; [print(b) for b in kl_kernels.available_backends()
 # the GPU backends' tests (CI runs the CPU ones; the compile-only checks need no GPU)
 gpu_tests=(tests -k "(triton or cuda) and not compile_for_gpu and not plain_nvcc and not lower_without")
 if [ -n "${GPU_CHECK_TESTS:-}" ]; then gpu_tests=($GPU_CHECK_TESTS); fi
-step tests 240 python -m pytest "${gpu_tests[@]}" -q -x -p no:cacheprovider -m "not slow" -rs
+step tests 200 python -m pytest "${gpu_tests[@]}" -q -x -p no:cacheprovider -m "not slow" -rs
 
 providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "import kl_kernels; print(' '.join(b.name for b in kl_kernels.available_backends()
   if b.available and b.name in ('triton', 'cuda')))")}"
 [ -z "${GPU_CHECK_PROVIDERS:-}" ] && python -c "import liger_kernel" 2>/dev/null && providers="$providers liger"
-step bench 300 python -m kl_kernels.bench ${GPU_CHECK_BENCH:---tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 \
+step bench 200 python -m kl_kernels.bench ${GPU_CHECK_BENCH:---tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 \
   --repeats 10} --providers $providers --json "$OUT/bench.json" --csv "$OUT/bench.csv"
 exit $status
