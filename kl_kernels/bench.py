@@ -102,7 +102,9 @@ def make_provider(name, estimator):
     if name == "compile":
         # each dtype, shape and grad mode compiles anew; past Dynamo's default limit of 8 it would
         # silently run eager, so the limit is raised for a sweep
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(config, limit, max(getattr(config, limit), 256))
         return torch.compile(functools.partial(eager_penalty, estimator=estimator))
     if name in PEERS:
         return functools.partial({"trl": trl_penalty, "liger": liger_penalty, "flash_attn": flash_attn_penalty}[name],
