@@ -226,9 +226,14 @@ def test_verl_patch_round_trip(monkeypatch):
         assert len(handle.patched) == 3
         logp = made["verl.workers.actor"].logprobs_from_logits(torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3)))
         assert logp.shape == (2, 3)
+        # a module imported while patched copies the replacement; restore gives it the original too
+        late = types.ModuleType("verl.workers.critic")
+        late.logprobs_from_logits = made["verl.utils.torch_functional"].logprobs_from_logits
+        monkeypatch.setitem(sys.modules, "verl.workers.critic", late)
     assert made["verl.utils.torch_functional"].logprobs_from_logits is original_logprobs
     assert made["verl.workers.actor"].logprobs_from_logits is original_logprobs
     assert made["verl.trainer.ppo.core_algos"].kl_penalty is original_kl
+    assert late.logprobs_from_logits is original_logprobs
 
 
 @pytest.mark.parametrize("integration,package,module,names", [

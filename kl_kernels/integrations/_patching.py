@@ -17,7 +17,9 @@ class Patch:
         except ImportError as error:
             raise ImportError(f"kl_kernels.integrations: the trainer package {package!r} is not installed "
                               f"or does not import ({error})") from error
+        self._package = package
         self._saved: list[tuple[object, str, object]] = []
+        self._originals = {}  # id(replacement) -> original, for modules imported while patched
         originals = {}  # id(original object) -> replacement
         for module_name, replacements in targets.items():
             try:
@@ -27,9 +29,8 @@ class Patch:
             for name, replacement in replacements.items():
                 if hasattr(module, name):
                     originals[id(getattr(module, name))] = replacement
-        for module_name, module in list(sys.modules.items()):
-            if module is None or not (module_name == package or module_name.startswith(package + ".")):
-                continue
+                    self._originals[id(replacement)] = getattr(module, name)
+        for module in self._package_modules():
             for name, value in list(vars(module).items()):
                 if id(value) in originals:
                     self._saved.append((module, name, value))
@@ -37,6 +38,11 @@ class Patch:
         if not self._saved:
             raise ImportError(f"kl_kernels.integrations: found none of {sorted({n for r in targets.values() for n in r})} "
                               f"in {package!r}; is this a supported version?")
+
+    def _package_modules(self):
+        for module_name, module in list(sys.modules.items()):
+            if module is not None and (module_name == self._package or module_name.startswith(self._package + ".")):
+                yield module
 
     @property
     def patched(self) -> list[str]:
@@ -47,6 +53,11 @@ class Patch:
         for module, name, original in reversed(self._saved):
             setattr(module, name, original)
         self._saved = []
+        # a module of the package first imported while patched copied a replacement: give it the original
+        for module in self._package_modules():
+            for name, value in list(vars(module).items()):
+                if id(value) in self._originals:
+                    setattr(module, name, self._originals[id(value)])
 
     def __enter__(self):
         return self
