@@ -72,6 +72,12 @@ def aggregate(values, mask, mode, *, global_tokens=None, global_sequences=None):
     return _safe_divide(per_sequence.sum(), sequences)
 
 
+def last_valid_index(valid: torch.Tensor) -> torch.Tensor:
+    """Per row of a [B, T] bool tensor, the index of its last True, or -1 for a row with none."""
+    positions = torch.arange(valid.shape[-1], device=valid.device).expand_as(valid)
+    return torch.where(valid, positions, -1).amax(dim=-1)
+
+
 def kl_rewards(scores, kl, mask, kl_coef, *, score_clip=None):
     """Token rewards -kl_coef * kl * mask, plus each sequence's score at its last valid token.
 
@@ -102,10 +108,8 @@ def kl_rewards(scores, kl, mask, kl_coef, *, score_clip=None):
         scores = scores.to(dtype)
         if score_clip is not None:
             scores = scores.clamp(-float(score_clip), float(score_clip))
-        width = kl.shape[-1]
-        if width:
-            positions = torch.arange(width, device=kl.device).expand_as(valid)
-            last = torch.where(valid, positions, -1).amax(dim=-1)  # -1: no valid token
+        if kl.shape[-1]:
+            last = last_valid_index(valid)
             has_token = last >= 0
             bonus = torch.where(has_token, scores, zero)
             rewards.scatter_add_(-1, last.clamp(min=0).unsqueeze(-1), bonus.unsqueeze(-1))

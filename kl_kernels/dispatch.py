@@ -43,11 +43,6 @@ def _load_cuda():
     return _load_extension("CUDA")
 
 
-def _triton_interpreted() -> bool:
-    # TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (slowly): how CI tests them
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _load_triton():
     try:
         module = importlib.import_module("kl_kernels.triton.fused_kl")
@@ -65,6 +60,7 @@ class Backend:
     devices: tuple[str, ...]  # torch device types it serves; empty = any
     dtypes: tuple[torch.dtype, ...]
     loader: Callable
+    device_note: str = ""  # said when it cannot serve a device
 
     @property
     def _loaded(self):
@@ -81,18 +77,12 @@ class Backend:
     def unavailable_reason(self) -> str | None:
         return self._loaded[1]
 
-    def serves_device(self, device: torch.device) -> bool:
-        if self.name == "triton" and device.type == "cpu" and _triton_interpreted():
-            return True
-        return not self.devices or device.type in self.devices
-
     def not_supported_reasons(self, device: torch.device, dtypes) -> list[str]:
         reasons = []
         if self.unavailable_reason is not None:
             reasons.append(self.unavailable_reason)
-        if not self.serves_device(device):
-            also = " (and cpu tensors under TRITON_INTERPRET=1)" if self.name == "triton" else ""
-            reasons.append(f"it runs on {'/'.join(self.devices)} tensors{also}, got {device.type} tensors")
+        if self.devices and device.type not in self.devices:
+            reasons.append(f"it runs on {'/'.join(self.devices)} tensors{self.device_note}, got {device.type} tensors")
         for dtype in dtypes:
             if dtype not in self.dtypes:
                 reasons.append(f"it does not support dtype {dtype}")
@@ -104,7 +94,11 @@ BACKENDS = {
     for backend in (
         Backend("reference", (), _FLOATS, _load_reference),
         Backend("cpu", ("cpu",), _FLOATS, _load_cpu),
-        Backend("triton", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_triton),
+        # TRITON_INTERPRET=1 (read when triton is first imported, with this module) runs the Triton
+        # kernels on CPU tensors, slowly: how CI tests them
+        Backend("triton", ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",),
+                (torch.float16, torch.bfloat16, torch.float32), _load_triton,
+                " (cpu tensors only under TRITON_INTERPRET=1)"),
         Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_cuda),
     )
 }

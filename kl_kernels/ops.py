@@ -35,19 +35,22 @@ class FusedKLFunction(torch.autograd.Function):
         return None, grad, None, None, None, None, None, None, None
 
 
+def fwd_outputs(logits, has_ref, need_entropy, need_full):
+    """The forward's six [N] outputs (logp, ref_logp, entropy, full_kl, lse, ref_lse), uninitialised,
+    in the compute dtype; one not asked for is empty. Every fused forward op allocates (or fakes) these."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = logits.shape[0] * logits.shape[1]
+    new = lambda needed: logits.new_empty((rows if needed else 0,), dtype=dtype)  # noqa: E731
+    return new(True), new(has_ref), new(need_entropy), new(need_full), new(True), new(has_ref)
+
+
 def register_fakes() -> None:
     """Shape-only (meta) versions of the C++ ops, for torch.compile and opcheck. Called once the
     extension that defines the schemas has loaded."""
 
-    def stats(logits, needed):
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return logits.new_empty((logits.shape[0] * logits.shape[1] if needed else 0,), dtype=dtype)
-
     @torch.library.register_fake("kl_kernels::fused_kl_fwd")
     def _fwd(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, need_entropy, need_full):
-        has_ref = ref_logits is not None
-        return (stats(logits, True), stats(logits, has_ref), stats(logits, need_entropy), stats(logits, need_full),
-                stats(logits, True), stats(logits, has_ref))
+        return fwd_outputs(logits, ref_logits is not None, need_entropy, need_full)
 
     @torch.library.register_fake("kl_kernels::fused_kl_bwd")
     def _bwd(grad_logp, grad_entropy, grad_full, logits, *rest):

@@ -177,6 +177,11 @@ void check_rows(const Tensor& t, const char* arg) {
   KL_CHECK_ARG(t.device().is_cpu(), arg, "must be a CPU tensor");
 }
 
+void check_labels(const Tensor& labels, int64_t N) {
+  KL_CHECK_ARG(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == N, "labels",
+               "must be contiguous int64 with one label per row (", N, ")");
+}
+
 template <typename acc_t>
 const acc_t* per_row(const std::optional<Tensor>& t, Tensor& holder, int64_t N, at::ScalarType acc, const char* arg) {
   if (!t.has_value()) return nullptr;
@@ -247,8 +252,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cpu(
     bool need_full) {
   check_rows(logits, "logits");
   const int64_t N = logits.size(0) * logits.size(1);
-  KL_CHECK_ARG(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == N, "labels",
-               "must be contiguous int64 with one label per row (", N, ")");
+  check_labels(labels, N);
   if (ref_logits.has_value()) {
     check_rows(*ref_logits, "ref_logits");
     KL_CHECK_ARG(ref_logits->sizes() == logits.sizes(), "ref_logits", "must match the logits' shape");
@@ -338,8 +342,7 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
                        const std::optional<Tensor>& full_out, Tensor& grad) {
   check_rows(logits, "logits");
   const int64_t N = logits.size(0) * logits.size(1);
-  KL_CHECK_ARG(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.numel() == N, "labels",
-               "must be contiguous int64 with one label per row (", N, ")");
+  check_labels(labels, N);
   const bool use_full = grad_full.has_value();
   KL_CHECK_ARG(!use_full || (ref_logits.has_value() && ref_lse.has_value() && full_out.has_value()), "ref_logits",
                "and the saved reference statistics are needed for the gradient of the full KL");

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../fused_kl_math.h"
 
@@ -52,29 +53,50 @@ __device__ __forceinline__ bool aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T, kWidth>) == 0;
 }
 
-// Calls f(index, policy value, reference value) for every index of a row, the block's threads
-// sharing the work: packs of kWidth when both rows are aligned for them, else one value at a time.
-// The reference row may be null (then 0 is passed for it) or of another dtype.
+// The one walk over a row, shared by both kernels: calls f(index, policy value, reference value)
+// for every index, the block's threads sharing the work. When f returns a float it is stored at
+// out[index] in the logits' dtype (out may alias row: each value is read before the same thread
+// writes it). row and ref_row may be null: nothing is read from them and 0 is passed. Packs of
+// kWidth values (16-byte loads and stores) when every row used is aligned for them, else one value
+// at a time.
 template <typename scalar_t, typename ref_t, typename F>
-__device__ __forceinline__ void for_each_value(const scalar_t* row, const ref_t* ref_row, int64_t V, F&& f) {
+__device__ __forceinline__ void map_row(const scalar_t* row, const ref_t* ref_row, scalar_t* out, int64_t V,
+                                        F&& f) {
+  constexpr bool kStore = !std::is_void_v<std::invoke_result_t<F, int64_t, float, float>>;
   constexpr int kWidth = 16 / sizeof(scalar_t);
-  const bool packed = aligned<scalar_t, kWidth>(row) && (ref_row == nullptr || aligned<ref_t, kWidth>(ref_row));
+  const bool packed = (row == nullptr || aligned<scalar_t, kWidth>(row)) &&
+                      (ref_row == nullptr || aligned<ref_t, kWidth>(ref_row)) &&
+                      (!kStore || aligned<scalar_t, kWidth>(out));
   int64_t start = 0;
   if (packed) {
     const int64_t packs = V / kWidth;
     for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      const Pack<scalar_t, kWidth> x = reinterpret_cast<const Pack<scalar_t, kWidth>*>(row)[i];
+      Pack<scalar_t, kWidth> x, y;
       Pack<ref_t, kWidth> xr;
+      if (row != nullptr) x = reinterpret_cast<const Pack<scalar_t, kWidth>*>(row)[i];
       if (ref_row != nullptr) xr = reinterpret_cast<const Pack<ref_t, kWidth>*>(ref_row)[i];
 #pragma unroll
       for (int k = 0; k < kWidth; ++k) {
-        f(i * kWidth + k, to_float(x.v[k]), ref_row != nullptr ? to_float(xr.v[k]) : 0.0f);
+        const float value = row != nullptr ? to_float(x.v[k]) : 0.0f;
+        const float ref_value = ref_row != nullptr ? to_float(xr.v[k]) : 0.0f;
+        if constexpr (kStore) {
+          y.v[k] = from_float<scalar_t>(f(i * kWidth + k, value, ref_value));
+        } else {
+          f(i * kWidth + k, value, ref_value);
+        }
       }
+      if constexpr (kStore) reinterpret_cast<Pack<scalar_t, kWidth>*>(out)[i] = y;
     }
     start = packs * kWidth;
   }
   for (int64_t v = start + threadIdx.x; v < V; v += blockDim.x) {
-    f(v, to_float(row[v]), ref_row != nullptr ? to_float(ref_row[v]) : 0.0f);
+    const float value = row != nullptr ? to_float(row[v]) : 0.0f;
+    const float ref_value = ref_row != nullptr ? to_float(ref_row[v]) : 0.0f;
+    if constexpr (kStore) {
+      out[v] = from_float<scalar_t>(f(v, value, ref_value));
+    } else {
+      f(v, value, ref_value);
+    }
   }
 }
 
@@ -140,7 +162,7 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
   const ref_t* ref_row = has_ref ? ref_logits.row(n) : nullptr;
   const bool need_sx = p.need_entropy, need_sd = p.need_full;
   RowSums<float> policy = empty_row_sums<float>(), reference = empty_row_sums<float>();
-  for_each_value(row, ref_row, p.V, [&](int64_t, float x, float xr) {
+  map_row(row, ref_row, static_cast<scalar_t*>(nullptr), p.V, [&](int64_t, float x, float xr) {
     add_value(policy, x, x - xr, inv_t, need_sx, need_sd);
     if (has_ref) add_value(reference, xr, 0.0f, inv_t, false, false);
   });
@@ -178,7 +200,6 @@ struct BwdParams {
 template <typename scalar_t, typename ref_t>
 __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> logits, Rows<const ref_t> ref_logits,
                                     BwdParams p) {
-  constexpr int kWidth = 16 / sizeof(scalar_t);
   const int64_t n = blockIdx.x;
   const bool use_ref = p.grad_full != nullptr;
   RowGrad<float> r{p.grad_logp ? p.grad_logp[n] : 0.0f, p.grad_entropy ? p.grad_entropy[n] : 0.0f,
@@ -187,25 +208,15 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
                    p.temperature != nullptr ? 1.0f / p.temperature[n] : p.inv_temperature};
   const int64_t label = p.labels[n];
   scalar_t* out = grad.row(n);
-  // nothing flows back from ignored or fully masked rows: an exact 0, even for NaN logits
+  // nothing flows back from ignored or fully masked rows: an exact 0, even for NaN logits (not read)
   if (label == p.ignore_index || (r.g_logp == 0.0f && r.g_entropy == 0.0f && r.g_full == 0.0f)) {
-    const bool packed = aligned<scalar_t, kWidth>(out);
-    const int64_t start = packed ? p.V / kWidth * kWidth : 0;
-    if (packed) {
-      Pack<scalar_t, kWidth> zeros;
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) zeros.v[k] = from_float<scalar_t>(0.0f);
-      for (int64_t i = threadIdx.x; i < start / kWidth; i += blockDim.x) {
-        reinterpret_cast<Pack<scalar_t, kWidth>*>(out)[i] = zeros;
-      }
-    }
-    for (int64_t v = start + threadIdx.x; v < p.V; v += blockDim.x) out[v] = from_float<scalar_t>(0.0f);
+    map_row(static_cast<const scalar_t*>(nullptr), static_cast<const ref_t*>(nullptr), out, p.V,
+            [](int64_t, float, float) { return 0.0f; });
     return;
   }
   const bool bad = label < 0 || label >= p.V;
-  const scalar_t* row = logits.row(n);
   const ref_t* ref_row = use_ref ? ref_logits.row(n) : nullptr;
-  auto gradient = [&](int64_t v, float x, float xr) {
+  map_row(logits.row(n), ref_row, out, p.V, [&](int64_t v, float x, float xr) {
     const float log_p = x * r.inv_t - r.lse;
     const float prob = __expf(log_p);
     const float f = grad_weight(log_p, xr * r.inv_t - r.ref_lse, r.g_logp, r.g_entropy, r.entropy, r.g_full, r.kl,
@@ -213,29 +224,7 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
     float g = prob == 0.0f ? 0.0f : prob * f * r.inv_t;  // a -inf logit: 0, not 0 * inf
     if (v == label) g += r.g_logp * r.inv_t;
     return bad ? __int_as_float(0x7fc00000) : g;
-  };
-  const bool packed = aligned<scalar_t, kWidth>(row) && aligned<scalar_t, kWidth>(out) &&
-                      (ref_row == nullptr || aligned<ref_t, kWidth>(ref_row));
-  int64_t start = 0;
-  if (packed) {
-    const int64_t packs = p.V / kWidth;
-    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
-      const Pack<scalar_t, kWidth> x = reinterpret_cast<const Pack<scalar_t, kWidth>*>(row)[i];
-      Pack<ref_t, kWidth> xr;
-      if (ref_row != nullptr) xr = reinterpret_cast<const Pack<ref_t, kWidth>*>(ref_row)[i];
-      Pack<scalar_t, kWidth> g;
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) {
-        g.v[k] = from_float<scalar_t>(
-            gradient(i * kWidth + k, to_float(x.v[k]), ref_row != nullptr ? to_float(xr.v[k]) : 0.0f));
-      }
-      reinterpret_cast<Pack<scalar_t, kWidth>*>(out)[i] = g;
-    }
-    start = packs * kWidth;
-  }
-  for (int64_t v = start + threadIdx.x; v < p.V; v += blockDim.x) {
-    out[v] = from_float<scalar_t>(gradient(v, to_float(row[v]), ref_row != nullptr ? to_float(ref_row[v]) : 0.0f));
-  }
+  });
 }
 
 // Threads per row: enough 16-byte loads in flight for a long row, few idle threads on a short one.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..aggregation import last_valid_index
 from ..api import token_logprobs
 from ..estimators import kl_from_logprobs
 from ._patching import Patch
@@ -28,12 +29,10 @@ def compute_reward(r, kl_coef: float, kl: torch.Tensor, action_mask: torch.Tenso
     if reward_clip_range:
         r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
     kl_reward = -kl_coef * kl
-    width = kl.shape[1]
     mask = torch.ones_like(kl, dtype=torch.bool) if action_mask is None else action_mask > 0.5
-    # last valid position per row; a row with none gets T - 1, as OpenRLHF's argmax does
-    positions = torch.arange(width, device=kl.device).expand_as(mask)
-    last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)
-    last = torch.where(last < 0, width - 1, last)
+    # the last valid position per row; a row with none gets T - 1, as OpenRLHF's argmax does
+    last = last_valid_index(mask).unsqueeze(1)
+    last = torch.where(last < 0, kl.shape[1] - 1, last)
     score = torch.zeros_like(kl).scatter_(1, last, r.unsqueeze(1).to(kl.dtype))
     return score + kl_reward
 

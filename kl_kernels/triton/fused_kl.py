@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
+from ..ops import fwd_outputs
+
 # TRITON_INTERPRET=1 (CPU tests): @triton.jit gives interpreted kernels, which wrap_triton hands
 # back unwrapped, so torch.compile would run them on fake tensors. There the ops are plain custom
 # ops with shape-only fakes (opaque to the compiler); compiled kernels use triton_op, which lets
@@ -199,10 +201,6 @@ def _launch_config(V: int) -> tuple[int, int]:
     return block_v, 8 if block_v >= 4096 else 4
 
 
-def _stats(logits: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty(n, dtype=torch.float32, device=logits.device)
-
-
 @_register_op("kl_kernels::triton_fused_kl_fwd", mutates_args=())
 def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor],
             temperature: Optional[torch.Tensor], inv_temperature: float, ignore_index: int,
@@ -211,9 +209,7 @@ def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[tor
     B, T, V = logits.shape
     N = B * T
     has_ref = ref_logits is not None
-    logp, lse = _stats(logits, N), _stats(logits, N)
-    ref_logp, ref_lse = _stats(logits, N if has_ref else 0), _stats(logits, N if has_ref else 0)
-    entropy, full_kl = _stats(logits, N if need_entropy else 0), _stats(logits, N if need_full else 0)
+    logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_outputs(logits, has_ref, need_entropy, need_full)
     if N > 0:
         ref = ref_logits if has_ref else logits
         block_v, num_warps = _launch_config(V)
@@ -300,10 +296,7 @@ def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
 
 def _register_interpreter_fakes() -> None:
     def fwd(logits, labels, ref_logits, temperature, inv_temperature, ignore_index, need_entropy, need_full):
-        N = logits.shape[0] * logits.shape[1]
-        has_ref = ref_logits is not None
-        return (_stats(logits, N), _stats(logits, N if has_ref else 0), _stats(logits, N if need_entropy else 0),
-                _stats(logits, N if need_full else 0), _stats(logits, N), _stats(logits, N if has_ref else 0))
+        return fwd_outputs(logits, ref_logits is not None, need_entropy, need_full)
 
     _fwd_op.register_fake(fwd)
     _bwd_op.register_fake(lambda grad_logp, grad_entropy, grad_full, logits, *rest: torch.empty_like(logits))
