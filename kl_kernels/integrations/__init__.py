@@ -1,5 +1,5 @@
-"""Drop-in replacements for the KL-penalty code of verl, TRL and OpenRLHF (SPEC section 7).
+"""The fused path inside verl, TRL and OpenRLHF (SPEC section 7).
 
-Each module has the trainer's own function names, signatures, defaults and return dtypes, computed
-on the fused path, and a `patch()` that swaps them into the installed trainer (see _patching.py).
+Each module's `patch()` wraps the trainer's own O(N x V) functions (log-probs and entropy from
+logits, the hidden-state heads) and leaves everything O(N) to the trainer; see _patching.py.
 """

@@ -1,53 +1,223 @@
-"""patch(): swap drop-in functions into an installed trainer, and put the originals back."""
+"""patch(): swap the fused path into an installed trainer where it does O(N x V) work, and put the
+originals back (SPEC section 7).
+
+Each replacement wraps the trainer's own function: it binds the call to the installed function's
+signature (read from it, not written here), serves what the fused path supports, and calls the
+original for anything else (a parameter it does not know, a value it does not serve, an argument
+the original would reject), so a patched trainer never raises where the unpatched one would not.
+"""
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
+import inspect
+import os
 import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..dispatch import ENV_VAR, select_backend
+
+
+class Fallback(Exception):
+    """Raised inside a fused implementation: this call goes to the trainer's original (the message says why)."""
+
+
+@dataclass
+class Replacement:
+    """One O(N x V) function of a trainer.
+
+    fused(bound_arguments, original) computes the call on the fused path or raises Fallback; it sees
+    the arguments by the installed signature's names, defaults applied. `known` lists the
+    parameters fused understands: a call that passes any other parameter a non-default value goes
+    to the original."""
+
+    module: str
+    name: str
+    fused: Callable
+    known: tuple[str, ...]
+    fused_calls: int = field(default=0, init=False)
+    original_calls: int = field(default=0, init=False)
+    fallback_reasons: dict = field(default_factory=dict, init=False)
+
+    def wrap(self, original):
+        if isinstance(original, type) and issubclass(original, torch.autograd.Function):
+            # an autograd Function called as Cls.apply(...): a class whose apply is the wrapper,
+            # bound to forward's signature without ctx
+            forward = inspect.signature(original.forward)
+            signature = forward.replace(parameters=list(forward.parameters.values())[1:])
+            apply = self._wrap_callable(original.apply, signature)
+            return type(original.__name__, (), {"apply": staticmethod(apply), "__kl_kernels_replacement__": self,
+                                                "__doc__": original.__doc__})
+        owner = getattr(original, "__self__", None)
+        if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):  # `f = Cls.apply`
+            forward = inspect.signature(owner.forward)
+            return self._wrap_callable(original, forward.replace(parameters=list(forward.parameters.values())[1:]))
+        return self._wrap_callable(original, inspect.signature(original))
+
+    def _wrap_callable(self, original, signature):
+        unknown = [p for p in signature.parameters.values()
+                   if p.name not in self.known and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        record = self
+
+        @functools.wraps(original)
+        def replacement(*args, **kwargs):
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                return record._call_original(original, "arguments do not bind", args, kwargs)
+            bound.apply_defaults()
+            passed = bound.arguments
+            for parameter in unknown:
+                if parameter.name in passed and not _is_default(passed[parameter.name], parameter.default):
+                    return record._call_original(original, f"parameter {parameter.name!r} is not served",
+                                                 args, kwargs)
+            try:
+                result = record.fused(passed, original)
+            except Fallback as why:
+                return record._call_original(original, str(why), args, kwargs)
+            record.fused_calls += 1
+            return result
+
+        replacement.__kl_kernels_replacement__ = self
+        return replacement
+
+    def _call_original(self, original, reason, args, kwargs):
+        self.original_calls += 1
+        self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
+        return original(*args, **kwargs)
+
+
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor) or type(value) is not type(default):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:  # noqa: BLE001 - an object whose == cannot answer is not the default
+        return False
+
+
+def fused_backend(logits: torch.Tensor, *others: torch.Tensor):
+    """The backend for these logits, or Fallback when only the pure-PyTorch reference could serve
+    them (no faster than the trainer's own code, so the trainer keeps the call)."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise Fallback("logits are not a floating tensor")
+    dtypes = (logits.dtype,) + tuple(t.dtype for t in others)
+    try:
+        chosen = select_backend(None, logits.device, dtypes)
+    except (RuntimeError, ValueError) as error:  # KL_KERNELS_BACKEND names one that cannot serve
+        raise Fallback(str(error)) from None
+    if chosen.name == "reference" and os.environ.get(ENV_VAR) != "reference":
+        raise Fallback(f"no fused kernel for {logits.device.type} / {logits.dtype}")
+    return chosen.name
+
+
+def real_temperature(value) -> float:
+    """A positive finite Python/NumPy number, else Fallback (the trainer decides what it means)."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise Fallback("temperature is not a plain number")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise Fallback("temperature is not a number") from None
+    if not (value > 0 and value < float("inf")):
+        raise Fallback("temperature is not positive and finite")
+    return value
+
+
+def labels_for(logits: torch.Tensor, labels) -> torch.Tensor:
+    """labels that index logits row by row, else Fallback."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64, torch.int16,
+                                                                    torch.uint8, torch.int8):
+        raise Fallback("labels are not an integer tensor")
+    if labels.shape != logits.shape[:-1] or labels.device != logits.device:
+        raise Fallback("labels do not match the logits' leading shape or device")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise Fallback("empty vocabulary")
+    return labels
+
+
+def _version_tuple(text: str) -> tuple:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 class Patch:
-    """Replaces attributes of a trainer's modules; usable as a context manager or by hand
-    (`handle = patch(); ...; handle.restore()`). Besides the defining modules, every loaded module
-    of the package that imported one of the originals by name (`from x import f`) is patched too,
-    since it holds its own reference."""
+    """The replacements swapped into one trainer; a context manager, or call `.restore()`.
 
-    def __init__(self, package: str, targets: dict[str, dict[str, object]]):
+    Besides the defining module, every loaded module of the package that imported an original by
+    name (`from x import f`) holds its own reference and is patched too.
+    `replaced` lists 'module.name' of each attribute swapped; `left_alone` maps each function not
+    replaced to the reason; `report()` says both, and patch() prints it unless quiet."""
+
+    def __init__(self, package: str, tested: tuple[str, str], replacements: list[Replacement],
+                 left_alone: dict[str, str], quiet: bool = False):
         try:
             importlib.import_module(package)
         except ImportError as error:
             raise ImportError(f"kl_kernels.integrations: the trainer package {package!r} is not installed "
                               f"or does not import ({error})") from error
-        self._package = package
+        self.package = package
+        self.version = _installed_version(package)
+        self.tested = tested
+        if self.version is not None and not (_version_tuple(tested[0]) <= _version_tuple(self.version)
+                                             < _version_tuple(tested[1])):
+            warnings.warn(f"kl_kernels.integrations: {package} {self.version} is outside the versions this patch "
+                          f"was tested against (>= {tested[0]}, < {tested[1]}); each replacement still falls "
+                          "back to the original for any call it does not recognise", stacklevel=3)
+        self.replacements = replacements
+        self.left_alone = dict(left_alone)
         self._saved: list[tuple[object, str, object]] = []
-        self._originals = {}  # id(replacement) -> original, for modules imported while patched
-        originals = {}  # id(original object) -> replacement
-        for module_name, replacements in targets.items():
+        self._originals = {}  # id(replacement) -> original, for modules first imported while patched
+        swap = {}  # id(original) -> replacement
+        for item in replacements:
             try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue  # an older or newer layout of the trainer: patch what exists
-            for name, replacement in replacements.items():
-                if hasattr(module, name):
-                    originals[id(getattr(module, name))] = replacement
-                    self._originals[id(replacement)] = getattr(module, name)
+                module = importlib.import_module(item.module)
+            except ImportError as error:
+                self.left_alone[f"{item.module}.{item.name}"] = f"module does not import here ({error})"
+                continue
+            original = getattr(module, item.name, None)
+            if original is None:
+                self.left_alone[f"{item.module}.{item.name}"] = f"not in {package} {self.version}"
+                continue
+            replacement = item.wrap(original)
+            swap[id(original)] = replacement
+            self._originals[id(replacement)] = original
         for module in self._package_modules():
             for name, value in list(vars(module).items()):
-                if id(value) in originals:
+                if id(value) in swap:
                     self._saved.append((module, name, value))
-                    setattr(module, name, originals[id(value)])
-        if not self._saved:
-            raise ImportError(f"kl_kernels.integrations: found none of {sorted({n for r in targets.values() for n in r})} "
-                              f"in {package!r}; is this a supported version?")
+                    setattr(module, name, swap[id(value)])
+        if not quiet:
+            print(self.report(), file=sys.stderr)
 
     def _package_modules(self):
         for module_name, module in list(sys.modules.items()):
-            if module is not None and (module_name == self._package or module_name.startswith(self._package + ".")):
+            if module is not None and (module_name == self.package or module_name.startswith(self.package + ".")):
                 yield module
 
     @property
-    def patched(self) -> list[str]:
-        """'module.name' of every attribute replaced."""
+    def replaced(self) -> list[str]:
         return [f"{module.__name__}.{name}" for module, name, _ in self._saved]
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """'module.name' -> (calls served by the fused path, calls handed to the original)."""
+        return {f"{r.module}.{r.name}": (r.fused_calls, r.original_calls) for r in self.replacements}
+
+    def report(self) -> str:
+        lines = [f"kl_kernels patched {self.package} {self.version} (tested >= {self.tested[0]}, < {self.tested[1]}):"]
+        lines += [f"  replaced {name}" for name in self.replaced] or ["  replaced nothing"]
+        lines += [f"  left alone {name}: {why}" for name, why in self.left_alone.items()]
+        return "\n".join(lines)
 
     def restore(self) -> None:
         for module, name, original in reversed(self._saved):
@@ -65,3 +235,30 @@ class Patch:
     def __exit__(self, *exc):
         self.restore()
         return False
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(sys.modules.get(package), "__version__", None)
+
+
+def fused_rows(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False, row_mask=None):
+    """token_logprobs for a trainer's call: labels checked by static facts (no host sync), rows
+    where row_mask is 0 skipped (0 out, never read), or Fallback."""
+    from ..api import token_logprobs
+
+    fused_backend(logits)
+    if labels is None:  # entropy only: any in-range label, its log-prob is not used
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    labels = labels_for(logits, labels)
+    if row_mask is not None:
+        if not isinstance(row_mask, torch.Tensor) or row_mask.shape != labels.shape or row_mask.device != labels.device:
+            raise Fallback("row_mask does not match the labels")
+        labels = labels.masked_fill(row_mask == 0, SKIP)
+    return token_logprobs(logits, labels, temperature=temperature, ignore_index=SKIP, return_entropy=return_entropy,
+                          validate=False, inplace_backward=inplace_backward)
+
+
+SKIP = -100  # the ignore_index fused_rows gives to skipped rows

@@ -1,59 +1,46 @@
-"""OpenRLHF's KL-penalty functions (openrlhf.models.utils) on the fused path.
+"""OpenRLHF's O(N x V) functions on the fused path.
 
-Quirks kept on purpose, since OpenRLHF code depends on them: compute_approx_kl clamps every
-estimator to [-10, 10] and returns float32; compute_reward adds -kl_coef * kl at every position
-(masked or not) and places the score at the last position where the mask is nonzero, or at the
-last position for an all-zero mask; log_probs_from_logits divides the caller's logits by the
-temperature in place, and returns the logits' dtype for bf16/fp16 logits.
+`patch()` wraps, in openrlhf.models.utils (and openrlhf.models.actor, which imported them by
+name): `log_probs_from_logits` and `compute_entropy`. Kept from OpenRLHF: log_probs_from_logits
+divides the caller's logits by the temperature in place (later code reads them divided) and
+returns the logits' dtype; compute_entropy returns the logits' dtype.
+
+Left to OpenRLHF: compute_approx_kl, compute_reward, masked means and the losses (O(N) work on
+log-probs).
 """
 from __future__ import annotations
 
-import torch
+from ._patching import Patch, Replacement, fused_backend, fused_rows, labels_for, real_temperature
 
-from ..aggregation import last_valid_index
-from ..api import token_logprobs
-from ..estimators import kl_from_logprobs
-from ._patching import Patch
+TESTED = ("0.11.2", "0.12.0")  # >= first, < second
 
 
-def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor, kl_estimator: str = "k1") -> torch.Tensor:
-    if kl_estimator not in ("k1", "k2", "k3"):
-        raise ValueError(f"Unknown kl_estimator: {kl_estimator}")
-    return kl_from_logprobs(log_probs.float(), log_probs_base.float(), estimator=kl_estimator, kl_clamp=10.0)
-
-
-def compute_reward(r, kl_coef: float, kl: torch.Tensor, action_mask: torch.Tensor | None = None,
-                   reward_clip_range=None) -> torch.Tensor:
-    if kl_coef <= 0.0:
-        kl_coef = 0.0
-    if reward_clip_range:
-        r = r.clamp(min=reward_clip_range[0], max=reward_clip_range[1])
-    kl_reward = -kl_coef * kl
-    mask = torch.ones_like(kl, dtype=torch.bool) if action_mask is None else action_mask > 0.5
-    # the last valid position per row; a row with none gets T - 1, as OpenRLHF's argmax does
-    last = last_valid_index(mask).unsqueeze(1)
-    last = torch.where(last < 0, kl.shape[1] - 1, last)
-    score = torch.zeros_like(kl).scatter_(1, last, r.unsqueeze(1).to(kl.dtype))
-    return score + kl_reward
-
-
-def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def _log_probs_from_logits(a, original):
+    logits, labels = a["logits"], a["labels"]
+    temperature = real_temperature(a.get("temperature", 1.0))
+    fused_backend(logits)  # every check that can fall back happens before the in-place division
+    labels_for(logits, labels)
     if temperature != 1.0:
-        logits.div_(temperature)  # OpenRLHF's side effect: later code reads the divided logits
-    logp = token_logprobs(logits, labels, validate=False)
-    return logp if logits.dtype in (torch.float32, torch.float64) else logp.to(logits.dtype)
+        logits.div_(temperature)  # OpenRLHF's side effect, kept
+    return fused_rows(logits, labels).to(logits.dtype)
 
 
-def masked_mean(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int = None) -> torch.Tensor:
-    if mask is None:
-        return tensor.mean(dim=dim)
-    return (tensor * mask).sum(dim=dim) / mask.sum(dim=dim)
+def _compute_entropy(a, original):
+    logits = a["logits"]
+    return fused_rows(logits, None, return_entropy=True)[1].to(logits.dtype)
 
 
-_TARGETS = {"openrlhf.models.utils": {"compute_approx_kl": compute_approx_kl, "compute_reward": compute_reward,
-                                      "log_probs_from_logits": log_probs_from_logits, "masked_mean": masked_mean}}
+LEFT_ALONE = {
+    "openrlhf.models.utils.compute_approx_kl/compute_reward/masked_mean": "O(N) work on log-probs",
+    "openrlhf.models.loss": "O(N)",
+}
 
 
-def patch() -> Patch:
-    """Swap these functions into the installed OpenRLHF; restores on exit (ImportError without it)."""
-    return Patch("openrlhf", _TARGETS)
+def patch(quiet: bool = False) -> Patch:
+    """Wrap OpenRLHF's O(N x V) functions; restores on exit. ImportError without openrlhf; a
+    warning outside the tested versions."""
+    utils = "openrlhf.models.utils"
+    return Patch("openrlhf", TESTED, [
+        Replacement(utils, "log_probs_from_logits", _log_probs_from_logits, ("logits", "labels", "temperature")),
+        Replacement(utils, "compute_entropy", _compute_entropy, ("logits",)),
+    ], LEFT_ALONE, quiet=quiet)

@@ -1,44 +1,122 @@
-"""TRL's log-prob helpers on the fused path, and GRPO's per-token k3.
+"""TRL's O(N x V) log-prob and entropy functions on the fused path.
 
-`patch()` swaps selective_log_softmax and entropy_from_logits into trl.trainer.utils and every
-loaded trl module that imported them. GRPO computes its k3 inline, so there is nothing to patch
-for it: call grpo_per_token_kl where a fork of the trainer computes it. Like TRL, results come
-back in the logits' dtype (float32 inside the kernel, rounded once at the end).
+`patch()` wraps, in trl.trainer.utils (and every loaded trl module that imported them by name):
+`selective_log_softmax`, `entropy_from_logits` and `selective_log_softmax_and_entropy` (TRL's
+CPU path loops over rows with a log-softmax in the logits' dtype; on CUDA TRL has its own one-pass
+Triton kernel, which keeps the calls it serves), and `_ChunkedLogProbFunction`, the hidden-state
+head behind `add_fused_lm_head` that GRPO, RLOO, DPO, KTO and SFT use (kl_kernels.linear).
+Results come back in the dtype TRL returns, computed in float32 and rounded once (TRL rounds each
+step in bf16/fp16: close to float64, not bit-identical to TRL).
+
+Left to TRL: the losses, GRPO's inline k3 (O(N) work on log-probs), masks and metrics.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from ..api import token_logprobs
-from ..estimators import kl_from_logprobs
-from ._patching import Patch
+from ..linear import linear_token_logprobs
+from ._patching import Fallback, Patch, Replacement, fused_backend, fused_rows, real_temperature
+
+TESTED = ("1.16.0", "1.17.0")  # >= first, < second
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits).gather(-1, index) without the [..., V] log-softmax. index is (...) or
-    (..., K); the (..., K) form takes K fused passes (one per column), each one read of the logits."""
+def _trl_kernel_serves(logits, index=None, row_mask=None) -> bool:
+    """TRL's own one-pass Triton kernel takes this call (CUDA/XPU): no reason to take it from TRL."""
+    utils = sys.modules.get("trl.trainer.utils")
+    supports = getattr(utils, "_supports_trl_loss_kernel", None)
+    triton_available = getattr(utils, "is_triton_available", None)
+    return bool(supports and triton_available and triton_available() and supports(logits, index, row_mask))
+
+
+def _selective_log_softmax(a, original):
+    logits, index, row_mask = a["logits"], a["index"], a.get("row_mask")
+    temperature = real_temperature(a.get("temperature", 1.0))
+    if not isinstance(index, torch.Tensor) or not isinstance(logits, torch.Tensor):
+        raise Fallback("logits or index is not a tensor")
+    if _trl_kernel_serves(logits, index, row_mask):
+        raise Fallback("TRL's own fused kernel serves it")
     if index.dim() == logits.dim() - 1:
-        return token_logprobs(logits, index, validate=False).to(logits.dtype)
-    columns = [token_logprobs(logits, index[..., k], validate=False) for k in range(index.shape[-1])]
-    return torch.stack(columns, dim=-1).to(logits.dtype)
+        logp = fused_rows(logits, index, temperature=temperature, row_mask=row_mask)
+    elif index.dim() == logits.dim() and index.shape[:-1] == logits.shape[:-1]:
+        # (..., K): K fused passes, each one read of the logits, never a [..., V] log-softmax
+        if row_mask is not None and (not isinstance(row_mask, torch.Tensor) or row_mask.shape != index.shape):
+            raise Fallback("row_mask does not match the index")
+        logp = torch.stack([fused_rows(logits, index[..., k], temperature=temperature,
+                                       row_mask=None if row_mask is None else row_mask[..., k])
+                            for k in range(index.shape[-1])], dim=-1)
+    else:
+        raise Fallback("index is neither (...) nor (..., K)")
+    return logp.to(logits.dtype)
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
-    """Entropy per row in the logits' dtype. chunk_size is accepted for TRL's signature; the fused
-    pass needs no chunks (it never holds more than one tile of a row)."""
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)  # only H is used
-    return token_logprobs(logits, labels, return_entropy=True, validate=False)[1].to(logits.dtype)
+def _entropy_from_logits(a, original):
+    logits = a["logits"]
+    if isinstance(logits, torch.Tensor) and _trl_kernel_serves(logits):
+        raise Fallback("TRL's own fused kernel serves it")
+    # chunk_size only bounds TRL's own memory; the fused pass holds one tile of a row at a time
+    return fused_rows(logits, None, return_entropy=True)[1].to(logits.dtype)
 
 
-def grpo_per_token_kl(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor) -> torch.Tensor:
-    """GRPO's k3, exp(ref - logp) - (ref - logp) - 1, unclamped, in the inputs' dtype."""
-    return kl_from_logprobs(per_token_logps, ref_per_token_logps, estimator="k3")
+def _selective_log_softmax_and_entropy(a, original):
+    logits, index, row_mask = a["logits"], a["index"], a.get("row_mask")
+    temperature = real_temperature(a.get("temperature", 1.0))
+    if not isinstance(index, torch.Tensor) or not isinstance(logits, torch.Tensor):
+        raise Fallback("logits or index is not a tensor")
+    if _trl_kernel_serves(logits, index, row_mask):
+        raise Fallback("TRL's own fused kernel serves it")
+    logp, entropy = fused_rows(logits, index, temperature=temperature, return_entropy=True, row_mask=row_mask)
+    if not a.get("entropy_requires_grad", True):
+        entropy = entropy.detach()
+    return logp.to(logits.dtype), entropy.to(logits.dtype)
 
 
-_TARGETS = {"trl.trainer.utils": {"selective_log_softmax": selective_log_softmax,
-                                  "entropy_from_logits": entropy_from_logits}}
+def _chunked_logprob(a, original):
+    """TRL's ChunkedLogProbFunction.apply: (log_probs, entropy or None, None, None, None)."""
+    outputs = tuple(a.get("outputs") or ())
+    if not set(outputs) <= {"log_probs", "entropy"}:
+        raise Fallback(f"outputs {outputs} beyond log_probs and entropy")
+    hidden, weight, bias = a["hidden"], a["weight"], a["bias"]
+    if not isinstance(hidden, torch.Tensor) or torch.is_autocast_enabled(hidden.device.type):
+        raise Fallback("autocast is on (TRL computes the tiles in the autocast dtype)")
+    if not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype or \
+            (bias is not None and bias.dtype != hidden.dtype):
+        raise Fallback("hidden, weight and bias dtypes differ")
+    fused_backend(hidden)
+    logit_scale = a.get("logit_scale", 1.0)
+    softcap = a.get("final_logit_softcapping")
+    try:
+        logp, entropy = linear_token_logprobs(
+            hidden, weight, a["targets"], bias=bias, temperature=real_temperature(a["temperature"]),
+            logit_scale=1.0 if logit_scale is None else logit_scale, softcap=softcap, return_entropy=True,
+            validate=False)
+    except (TypeError, ValueError) as error:  # a shape or type TRL's own function handles its own way
+        raise Fallback(str(error)) from None
+    return logp, entropy if "entropy" in outputs else None, None, None, None
 
 
-def patch() -> Patch:
-    """Swap these functions into the installed TRL; restores on exit (ImportError without trl)."""
-    return Patch("trl", _TARGETS)
+def _replacements():
+    utils = "trl.trainer.utils"
+    return [
+        Replacement(utils, "selective_log_softmax", _selective_log_softmax,
+                    ("logits", "index", "temperature", "row_mask")),
+        Replacement(utils, "entropy_from_logits", _entropy_from_logits, ("logits", "chunk_size")),
+        Replacement(utils, "selective_log_softmax_and_entropy", _selective_log_softmax_and_entropy,
+                    ("logits", "index", "entropy_requires_grad", "temperature", "row_mask")),
+        Replacement(utils, "_ChunkedLogProbFunction", _chunked_logprob,
+                    ("hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
+                     "logit_scale", "outputs")),
+    ]
+
+
+LEFT_ALONE = {
+    "trl GRPO/RLOO losses and the inline k3": "O(N) work on log-probs: the trainer's own code",
+    "trl.kernels.selective_log_softmax_and_entropy": "TRL's Triton kernel, already one pass (CUDA)",
+}
+
+
+def patch(quiet: bool = False) -> Patch:
+    """Wrap TRL's O(N x V) functions (see the module docstring); restores on exit. ImportError
+    without trl; a warning outside the tested versions."""
+    return Patch("trl", TESTED, _replacements(), LEFT_ALONE, quiet=quiet)
