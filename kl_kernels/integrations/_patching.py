@@ -213,6 +213,10 @@ class Patch:
         """'module.name' -> (calls served by the fused path, calls handed to the original)."""
         return {f"{r.module}.{r.name}": (r.fused_calls, r.original_calls) for r in self.replacements}
 
+    def fallback_reasons(self) -> dict[str, dict[str, int]]:
+        """'module.name' -> {why a call went to the original: how many times}."""
+        return {f"{r.module}.{r.name}": dict(r.fallback_reasons) for r in self.replacements if r.fallback_reasons}
+
     def report(self) -> str:
         lines = [f"kl_kernels patched {self.package} {self.version} (tested >= {self.tested[0]}, < {self.tested[1]}):"]
         lines += [f"  replaced {name}" for name in self.replaced] or ["  replaced nothing"]

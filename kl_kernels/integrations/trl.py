@@ -78,19 +78,23 @@ def _chunked_logprob(a, original):
     if not set(outputs) <= {"log_probs", "entropy"}:
         raise Fallback(f"outputs {outputs} beyond log_probs and entropy")
     hidden, weight, bias = a["hidden"], a["weight"], a["bias"]
-    if not isinstance(hidden, torch.Tensor) or torch.is_autocast_enabled(hidden.device.type):
-        raise Fallback("autocast is on (TRL computes the tiles in the autocast dtype)")
-    if not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype or \
-            (bias is not None and bias.dtype != hidden.dtype):
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise Fallback("hidden or weight is not a tensor")
+    device = hidden.device.type
+    autocast = torch.is_autocast_enabled(device)
+    # TRL computes the tiles in the autocast dtype when autocast is on, else in hidden's dtype
+    compute = torch.get_autocast_dtype(device) if autocast else hidden.dtype
+    if not autocast and (weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype)):
         raise Fallback("hidden, weight and bias dtypes differ")
-    fused_backend(hidden)
+    fused_backend(hidden.to(compute) if hidden.dtype != compute else hidden)
     logit_scale = a.get("logit_scale", 1.0)
-    softcap = a.get("final_logit_softcapping")
     try:
-        logp, entropy = linear_token_logprobs(
-            hidden, weight, a["targets"], bias=bias, temperature=real_temperature(a["temperature"]),
-            logit_scale=1.0 if logit_scale is None else logit_scale, softcap=softcap, return_entropy=True,
-            validate=False)
+        # autocast off inside: the forward and the backward's recomputed tiles must be the same numbers
+        with torch.autocast(device, enabled=False):
+            logp, entropy = linear_token_logprobs(
+                hidden.to(compute), weight.to(compute), a["targets"], bias=None if bias is None else bias.to(compute),
+                temperature=real_temperature(a["temperature"]), logit_scale=1.0 if logit_scale is None else logit_scale,
+                softcap=a.get("final_logit_softcapping"), return_entropy=True, validate=False)
     except (TypeError, ValueError) as error:  # a shape or type TRL's own function handles its own way
         raise Fallback(str(error)) from None
     return logp, entropy if "entropy" in outputs else None, None, None, None

@@ -1,0 +1,203 @@
+"""kl_kernels.integrations.trl inside the installed TRL (pinned in requirements.txt): each patched
+function against TRL's own and against float64, the calls patch() must hand back to TRL, and
+GRPOTrainer end to end on a tiny random Llama, with and without patch()."""
+import importlib
+
+import pytest
+import torch
+
+from conftest import require
+
+trl = require("trl")
+utils = importlib.import_module("trl.trainer.utils")
+from kl_kernels.integrations import trl as kl_trl  # noqa: E402
+
+
+def _truth(logits, index, temperature=1.0):
+    log_p = torch.log_softmax(logits.double() / temperature, -1)
+    return log_p.gather(-1, index.unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax(dtype, temperature):
+    logits = (torch.randn(3, 37, 1271) * 3).to(dtype)
+    index = torch.randint(0, 1271, (3, 37))
+    row_mask = torch.rand(3, 37) > 0.3
+    expected, _ = _truth(logits, index, temperature)
+    theirs = utils.selective_log_softmax(logits, index, temperature=temperature, row_mask=row_mask)
+    with kl_trl.patch(quiet=True) as handle:
+        ours = utils.selective_log_softmax(logits, index, temperature=temperature, row_mask=row_mask)
+        top_k = utils.selective_log_softmax(logits, torch.stack([index, index.flip(-1)], -1), temperature=temperature)
+    assert handle.counts()["trl.trainer.utils.selective_log_softmax"] == (2, 0)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+    assert torch.equal(ours[~row_mask], torch.zeros_like(ours[~row_mask]))
+    our_error = (ours.double() - expected)[row_mask].abs().max()
+    their_error = (theirs.double() - expected)[row_mask].abs().max()
+    # float32 inside, rounded once: never worse than TRL's own (which rounds every step in bf16)
+    assert our_error <= max(their_error, 1e-5)
+    top_k_expected = torch.stack([expected, _truth(logits, index.flip(-1), temperature)[0]], -1)
+    assert (top_k.double() - top_k_expected).abs().max() <= max(2 * their_error, 1e-5)
+
+
+def test_gradients_match_trl():
+    logits = torch.randn(2, 33, 517, requires_grad=True)
+    index = torch.randint(0, 517, (2, 33))
+    weights = torch.randn(2, 33)
+    logp, entropy = utils.selective_log_softmax_and_entropy(logits, index, temperature=0.9)
+    (logp * weights + entropy).sum().backward()
+    theirs, logits.grad = logits.grad, None
+    with kl_trl.patch(quiet=True) as handle:
+        logp2, entropy2 = utils.selective_log_softmax_and_entropy(logits, index, temperature=0.9)
+        (logp2 * weights + entropy2).sum().backward()
+        ent_only = utils.entropy_from_logits(logits.detach())
+        _, detached = utils.selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=False)
+    assert handle.counts()["trl.trainer.utils.selective_log_softmax_and_entropy"] == (2, 0)
+    assert handle.counts()["trl.trainer.utils.entropy_from_logits"] == (1, 0)
+    torch.testing.assert_close(logp2, logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy2, entropy, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_only, utils.entropy_from_logits(logits.detach()), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(logits.grad, theirs, atol=1e-6, rtol=1e-5)
+    assert not detached.requires_grad
+
+
+def test_calls_handed_back_to_trl():
+    logits, index = torch.randn(2, 5, 64), torch.randint(0, 64, (2, 5))
+    with kl_trl.patch(quiet=True) as handle:
+        # a tensor temperature is not a plain number: TRL decides what it means
+        out = utils.selective_log_softmax(logits, index, temperature=torch.tensor(2.0))
+        with pytest.raises(ValueError, match="temperature"):  # TRL's own error, unchanged
+            utils.selective_log_softmax(logits, index, temperature=0.0)
+        # integer logits: the fused path does not serve them, TRL's own code raises its own error
+        with pytest.raises(Exception) as patched_error:
+            utils.entropy_from_logits(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(Exception) as unpatched_error:
+        utils.entropy_from_logits(torch.ones(2, 3, dtype=torch.int64))
+    assert type(patched_error.value) is type(unpatched_error.value)
+    assert handle.counts()["trl.trainer.utils.selective_log_softmax"] == (0, 2)
+    torch.testing.assert_close(out, utils.selective_log_softmax(logits, index, temperature=torch.tensor(2.0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_logprob_function(dtype):
+    """TRL's hidden-state head: values and gradients of hidden, weight and bias, with Gemma's softcap
+    and a logit scale, against TRL's own ChunkedLogProbFunction and float64."""
+    n, h, v = 67, 48, 1031
+    hidden = torch.randn(n, h).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h) / h ** 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(v).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    args = (hidden, weight, bias, targets, 0.8, 256, 3.0, 0.5, ("log_probs", "entropy"))
+    g_logp, g_ent = torch.randn(n), torch.randn(n)
+
+    def run(function):
+        logp, entropy, *rest = function.apply(*args)
+        assert rest == [None, None, None]
+        (logp * g_logp + entropy * g_ent).sum().backward()
+        grads = [t.grad.clone() for t in (hidden, weight, bias)]
+        for t in (hidden, weight, bias):
+            t.grad = None
+        return logp.detach(), entropy.detach(), grads
+
+    theirs = run(utils._ChunkedLogProbFunction)
+    with kl_trl.patch(quiet=True) as handle:
+        ours = run(utils._ChunkedLogProbFunction)
+        # an output the fused path does not compute goes to TRL's own function
+        utils._ChunkedLogProbFunction.apply(*args[:-1], ("log_probs", "is_top1"))
+    assert handle.counts()["trl.trainer.utils._ChunkedLogProbFunction"] == (1, 1)
+    # float64 truth of the same head
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    z = 3.0 * torch.tanh(0.5 * torch.nn.functional.linear(h64, w64, b64) / 3.0) / 0.8
+    log_p = torch.log_softmax(z, -1)
+    logp64 = log_p.gather(-1, targets[:, None]).squeeze(-1)
+    ent64 = -(log_p.exp() * log_p).sum(-1)
+    (logp64 * g_logp.double() + ent64 * g_ent.double()).sum().backward()
+    truth = (logp64.detach(), ent64.detach(), [h64.grad, w64.grad, b64.grad])
+    for ours_t, theirs_t, true_t in zip([*ours[:2], *ours[2]], [*theirs[:2], *theirs[2]], [*truth[:2], *truth[2]]):
+        assert ours_t.dtype == theirs_t.dtype
+        our_error = (ours_t.double() - true_t).abs().max()
+        their_error = (theirs_t.double() - true_t).abs().max()
+        assert our_error <= 2 * their_error + 1e-5, (our_error, their_error)
+
+
+def test_grpo_end_to_end(tmp_path):
+    """GRPOTrainer (beta > 0, so a reference model too) on a tiny random Llama built here, 3 steps
+    on CPU: with patch() the fused head serves every policy and reference pass, and the logged
+    metrics agree with the unpatched run within 1e-4 relative."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = "a b c d e f g h i j k l m n o p".split()
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{w: 4 + i for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>", unk_token="<unk>", padding_side="left")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "model")
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = Dataset.from_dict({"prompt": ["a b c", "d e f", "g h i", "j k l"] * 4})
+
+    def train(patched, bf16=False):
+        torch.manual_seed(0)
+        args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
+                              max_completion_length=6, max_steps=3, beta=0.1, report_to="none", use_cpu=True,
+                              logging_steps=1, seed=0, save_strategy="no", learning_rate=1e-3, bf16=bf16)
+        trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+                                  args=args, train_dataset=prompts, processing_class=tokenizer)
+        if not patched:
+            trainer.train()
+            return trainer.state.log_history, None
+        with kl_trl.patch(quiet=True) as handle:
+            trainer.train()
+        return trainer.state.log_history, (handle.counts(), handle.fallback_reasons())
+
+    plain, _ = train(False)
+    fused, (counts, reasons) = train(True)
+    # one policy pass and one reference pass per step, all on the fused head
+    assert counts["trl.trainer.utils._ChunkedLogProbFunction"][0] >= 6, reasons
+    assert counts["trl.trainer.utils._ChunkedLogProbFunction"][1] == 0
+    steps = [(a, b) for a, b in zip(plain, fused) if "loss" in a]
+    assert len(steps) == 3
+    for a, b in steps:
+        for key in ("loss", "kl", "entropy", "reward", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    assert steps[-1][1]["kl"] > 0  # the policy moved: the KL term is live
+    # transformers' default on a CPU with bf16: TRL's head runs its tiles under bf16 autocast, and so
+    # does the replacement (no fallback)
+    _, (counts, reasons) = train(True, bf16=True)
+    assert counts["trl.trainer.utils._ChunkedLogProbFunction"] == (6, 0), reasons
+
+
+def test_chunked_logprob_under_autocast():
+    """bf16 autocast (transformers' CPU default with bf16=True): TRL projects in bf16; so does the
+    replacement, and the float32 parameters get float32 gradients."""
+    n, h, v = 40, 32, 517
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(v, h) / h ** 0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, entropy, *_ = utils._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 128, None, 1.0,
+                                                                   ("log_probs", "entropy"))
+        (logp.sum() + entropy.sum()).backward()
+        grads = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        return logp.detach(), entropy.detach(), grads
+
+    theirs = run()
+    with kl_trl.patch(quiet=True) as handle:
+        ours = run()
+    assert handle.counts()["trl.trainer.utils._ChunkedLogProbFunction"] == (1, 0)
+    assert ours[0].dtype == theirs[0].dtype == torch.float32
+    assert ours[2][1].dtype == torch.float32
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-4, rtol=1e-4)
+    for a, b in zip(ours[2], theirs[2]):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # bf16 tiles on both sides
