@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import require
+from trainer_env import require
 
 trl = require("trl")
 utils = importlib.import_module("trl.trainer.utils")

@@ -1,0 +1,140 @@
+"""kl_kernels.integrations.verl inside the installed verl (pinned in requirements.txt): each patched
+function against verl's own (values, dtypes, gradients, no writes into the caller's logits), the
+hidden-state head against float64, and verl's PPO pieces (log-probs -> kl_penalty -> agg_loss ->
+policy loss, apply_kl_penalty on a real DataProto) patched vs unpatched."""
+import importlib
+
+import pytest
+import torch
+
+from trainer_env import require
+
+require("verl")
+verl_F = importlib.import_module("verl.utils.torch_functional")
+from kl_kernels.integrations import verl as kl_verl  # noqa: E402
+
+FUNCTIONS = ["logprobs_from_logits", "logprobs_from_logits_v2", "logprobs_from_logits_naive", "entropy_from_logits",
+             "entropy_from_logits_with_chunking"]
+
+
+def _call(name, logits, labels):
+    function = getattr(verl_F, name)
+    return function(logits) if name.startswith("entropy") else function(logits, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_function_matches_verl(name, dtype):
+    shape = (67, 1031) if name == "entropy_from_logits_with_chunking" else (3, 29, 1031)
+    source = (torch.randn(shape) * 2).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1])
+    weights = torch.randn(shape[:-1])
+    logits = source.clone().requires_grad_()
+    theirs = _call(name, logits, labels)
+    (theirs.float() * weights).sum().backward()
+    their_grad, logits.grad = logits.grad, None
+    with kl_verl.patch(quiet=True) as handle:
+        ours = _call(name, logits, labels)
+        (ours.float() * weights).sum().backward()
+    assert handle.counts()[f"verl.utils.torch_functional.{name}"] == (1, 0)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    assert torch.equal(logits.detach(), source)  # verl's CPU path never writes into the logits: nor do we
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05  # bf16: verl rounds every step, we round once
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(logits.grad.float(), their_grad.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_inplace_backward_only_where_verl_would(monkeypatch):
+    """inplace_backward=True (verl's default) writes the gradient over the logits only on verl's
+    flash-attn path (float32 result) and only for an intermediate; a leaf, or logits another op
+    saved, keeps its values and gets the right gradient."""
+    x = torch.randn(2, 9, 301, requires_grad=True)
+    labels = torch.randint(0, 301, (2, 9))
+    expected_grad = torch.func.grad(
+        lambda t: (torch.log_softmax(t, -1).gather(-1, labels[..., None]).sum() + (t ** 2).sum()))(x.detach())
+    monkeypatch.setattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", True)  # as on a GPU with flash-attn
+    with kl_verl.patch(quiet=True):
+        leaf = x.detach().clone().requires_grad_()
+        logp = verl_F.logprobs_from_logits(leaf, labels)
+        assert logp.dtype == torch.float32
+        (logp.sum() + (leaf ** 2).sum()).backward()
+        torch.testing.assert_close(leaf.grad, expected_grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(leaf.detach(), x.detach())
+        intermediate = x * 1.0
+        verl_F.logprobs_from_logits(intermediate, labels).sum().backward()  # in place: nothing else saved it
+        torch.testing.assert_close(x.grad, expected_grad - 2 * x.detach(), atol=1e-5, rtol=1e-5)
+        bf16 = verl_F.logprobs_from_logits(x.detach().bfloat16(), labels)
+        assert bf16.dtype == torch.float32  # verl's flash path returns float32 for every dtype
+
+
+def test_linear_cross_entropy_against_float64():
+    """verl's hidden-state head (its Triton kernels need CUDA; on CPU the replacement serves it)."""
+    module = importlib.import_module("verl.utils.kernel.linear_cross_entropy")
+    hidden = torch.randn(2, 21, 40, requires_grad=True)
+    weight = (torch.randn(613, 40) / 40 ** 0.5).requires_grad_()
+    labels = torch.randint(0, 613, (2, 21))
+    with kl_verl.patch(quiet=True) as handle:
+        logp, entropy = module.linear_cross_entropy(hidden, weight, labels, 0.7, "none")
+    assert handle.counts()["verl.utils.kernel.linear_cross_entropy.linear_cross_entropy"] == (1, 0)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    log_p = torch.log_softmax((h64 @ w64.t()) / 0.7, -1).reshape(-1, 613)
+    logp64 = log_p.gather(-1, labels.reshape(-1, 1)).squeeze(-1)
+    ent64 = -(log_p.exp() * log_p).sum(-1)
+    (logp64.sum() + 0.5 * ent64.sum()).backward()
+    assert logp.shape == entropy.shape == (42,) and logp.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), logp64.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ent64.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
+
+
+def _ppo_step(patched):
+    """verl's own PPO pieces on log-probs from verl's functions: kl_penalty, agg_loss, the vanilla
+    policy loss, the entropy bonus; then apply_kl_penalty on a DataProto."""
+    from verl import DataProto
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+    from verl.workers.config.actor import ActorConfig
+
+    torch.manual_seed(3)
+    batch, length, vocab = 4, 12, 997
+    logits = torch.randn(batch, length, vocab, requires_grad=True)
+    ref_logits = torch.randn(batch, length, vocab)
+    labels = torch.randint(0, vocab, (batch, length))
+    mask = (torch.arange(length) < torch.tensor([12, 9, 5, 1])[:, None]).float()
+    advantages = torch.randn(batch, length)
+    handle = kl_verl.patch(quiet=True) if patched else None
+    try:
+        log_prob = verl_F.logprobs_from_logits(logits, labels)
+        ref_log_prob = verl_F.logprobs_from_logits(ref_logits, labels)
+        entropy = verl_F.entropy_from_logits(logits)
+        config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size=2, clip_ratio=0.2)
+        pg_loss, _ = core_algos.compute_policy_loss_vanilla(
+            old_log_prob=log_prob.detach(), log_prob=log_prob, advantages=advantages, response_mask=mask,
+            loss_agg_mode="seq-mean-token-sum-norm", config=config)
+        kl_loss = core_algos.agg_loss(core_algos.kl_penalty(log_prob, ref_log_prob, "low_var_kl"), mask,
+                                      "seq-mean-token-mean")
+        loss = pg_loss + 0.1 * kl_loss - 0.01 * core_algos.agg_loss(entropy, mask, "token-mean")
+        loss.backward()
+        data = DataProto.from_dict(tensors={"response_mask": mask, "token_level_scores": torch.randn(batch, length),
+                                            "old_log_probs": log_prob.detach(), "ref_log_prob": ref_log_prob})
+        controller = core_algos.AdaptiveKLController(init_kl_coef=0.05, target_kl=0.5, horizon=100)
+        data, metrics = apply_kl_penalty(data, controller, kl_penalty="kl")
+        counts = handle.counts() if handle else None
+    finally:
+        if handle:
+            handle.restore()
+    return loss.detach(), logits.grad, data.batch["token_level_rewards"], metrics, controller.value, counts
+
+
+def test_ppo_pieces_patched_vs_unpatched():
+    loss, grad, rewards, metrics, coef, _ = _ppo_step(False)
+    loss2, grad2, rewards2, metrics2, coef2, counts = _ppo_step(True)
+    assert counts["verl.utils.torch_functional.logprobs_from_logits"] == (2, 0)
+    assert counts["verl.utils.torch_functional.entropy_from_logits"] == (1, 0)
+    torch.testing.assert_close(loss2, loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad2, grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(rewards2, rewards, atol=1e-6, rtol=1e-5)
+    assert metrics2["actor/reward_kl_penalty"] == pytest.approx(metrics["actor/reward_kl_penalty"], rel=1e-5)
+    assert coef2 == pytest.approx(coef, rel=1e-6)
