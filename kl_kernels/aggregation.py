@@ -28,14 +28,14 @@ def _safe_divide(numerator, denominator):
     return torch.where(denominator != 0, numerator / torch.where(denominator != 0, denominator, 1), zero)
 
 
-def aggregate(values, mask, mode, *, global_tokens=None, global_sequences=None):
+def aggregate(values, mask, mode, *, global_tokens=None, global_sequences=None, loss_scale_factor=None):
     """Reduce [B, T] values to a differentiable 0-dim tensor with one of verl's modes.
 
     Values are weighted by the mask (verl multiplies by it); positions where the mask is 0 are
     selected out first so that NaN or inf there cannot leak into the result. The seq-mean modes
     average over sequences with at least one valid token unless global_sequences is given.
-    `seq-mean-token-sum-norm` is Dr. GRPO's constant normaliser, as verl computes it: the sum of
-    the sequences' token sums divided by the mask width T (no count; the globals do not apply).
+    `seq-mean-token-sum-norm` is Dr. GRPO's constant normaliser, as current verl computes it: the
+    seq-mean-token-sum value divided by loss_scale_factor (default: the mask width T).
     """
     check.tensor(values, "values")
     if not values.is_floating_point():
@@ -57,9 +57,6 @@ def aggregate(values, mask, mode, *, global_tokens=None, global_sequences=None):
             return total
         tokens = weights.sum() if global_tokens is None else _count(global_tokens, "global_tokens", dtype, device)
         return _safe_divide(total, tokens)
-    if mode == "seq-mean-token-sum-norm":
-        width = values.shape[-1]
-        return weighted.sum() / width if width else weighted.sum()
     token_sums = weighted.sum(dim=-1)
     token_counts = weights.sum(dim=-1)
     has_tokens = (mask != 0).any(dim=-1)
@@ -69,7 +66,13 @@ def aggregate(values, mask, mode, *, global_tokens=None, global_sequences=None):
         sequences = has_tokens.sum().to(dtype)
     else:
         sequences = _count(global_sequences, "global_sequences", dtype, device)
-    return _safe_divide(per_sequence.sum(), sequences)
+    result = _safe_divide(per_sequence.sum(), sequences)
+    if mode == "seq-mean-token-sum-norm":
+        # Dr. GRPO's constant normaliser, as verl (PR 5417 on): the sequence mean of token sums over
+        # loss_scale_factor, by default the mask width T
+        scale = values.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        result = _safe_divide(result, _count(scale, "loss_scale_factor", dtype, device))
+    return result
 
 
 def last_valid_index(valid: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,15 @@ def _number(value, arg: str, *, positive: bool) -> float:
 
 
 def _check_update(current_kl, n_steps) -> int:
+    """Any finite current_kl, negative included (a batch mean of k1 often is, early in training;
+    verl and OpenRLHF accept it); NaN or inf raises before the state changes."""
     try:
         finite = math.isfinite(float(current_kl))  # numbers, 0-dim tensors, numpy scalars
     except (TypeError, ValueError):
         finite = False
     if not finite:
-        raise ValueError(f"current_kl must be a finite number, got {current_kl!r}")
+        raise ValueError(f"current_kl must be a finite number (negative is fine), got {current_kl!r}; "
+                         "the controller's state is unchanged")
     if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 0:
         raise ValueError(f"n_steps must be an int >= 0, got {n_steps!r}")
     return int(n_steps)
@@ -64,7 +67,14 @@ class AdaptiveKLController:
     def update(self, current_kl, n_steps):
         n_steps = _check_update(current_kl, n_steps)
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        multiplier = 1.0 + error * n_steps / self.horizon
+        # below target the multiplier reaches 0 at n_steps = 5 * horizon: past that the coefficient
+        # would turn negative (and state_dict() would no longer load)
+        if not (multiplier > 0 and math.isfinite(self.value * multiplier)):
+            raise ValueError(f"n_steps={n_steps} with horizon={self.horizon:g} gives the update multiplier "
+                             f"{multiplier:g} (n_steps must stay below 5 * horizon while KL is below target); "
+                             "the controller's state is unchanged")
+        self.value *= multiplier
 
     def state_dict(self) -> dict:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}

@@ -12,15 +12,16 @@ def loop_aggregate(values, mask, mode, global_tokens=None, global_sequences=None
     width = len(values[0])
     if mode == "token-sum":
         return sum(r[0] for r in rows)
-    if mode == "seq-mean-token-sum-norm":  # Dr. GRPO / current verl: all token sums over the width
-        return sum(r[0] for r in rows) / width
     if mode == "token-mean":
         tokens = sum(r[1] for r in rows) if global_tokens is None else global_tokens
         return sum(r[0] for r in rows) / tokens if tokens else 0.0
-    per_seq = {"seq-mean-token-sum": lambda s, c: s, "seq-mean-token-mean": lambda s, c: s / c}[mode]
+    per_seq = {"seq-mean-token-sum": lambda s, c: s, "seq-mean-token-sum-norm": lambda s, c: s,
+               "seq-mean-token-mean": lambda s, c: s / c}[mode]
     kept = [per_seq(s, c) for s, c, has in rows if has]
     sequences = len(kept) if global_sequences is None else global_sequences
-    return sum(kept) / sequences if sequences else 0.0
+    seq_mean = sum(kept) / sequences if sequences else 0.0
+    # Dr. GRPO / current verl (PR 5417): the sequence mean of token sums over the mask width
+    return seq_mean / width if mode == "seq-mean-token-sum-norm" else seq_mean
 
 
 MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -53,7 +54,7 @@ def test_all_masked_is_zero(mode):
     assert out.item() == 0.0
     out.backward()
     assert (values.grad == 0).all()
-    if mode not in ("token-sum", "seq-mean-token-sum-norm"):  # the modes without a count denominator
+    if mode != "token-sum":  # the mode without a count denominator
         assert kl_kernels.aggregate(values, torch.ones(3, 4), mode, global_tokens=0, global_sequences=0).item() == 0
 
 

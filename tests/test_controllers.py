@@ -91,3 +91,21 @@ def test_diagnose_bad_input():
         kl_kernels.diagnose(kl_per_token=float("nan"))
     assert kl_kernels.diagnose().advice == "keep"
     assert kl_kernels.diagnose(kl_per_sequence=torch.tensor(2.0)).kl_per_sequence_band == "healthy"
+
+
+def test_update_takes_negative_kl_and_refuses_nan_inf_and_a_negative_multiplier():
+    ctl = kl_kernels.AdaptiveKLController(0.1, 3.0, 100)
+    ctl.update(-0.05, 10)  # a batch mean of k1 is often slightly negative early in training
+    assert ctl.value == pytest.approx(0.1 * (1 - 0.2 * 10 / 100), rel=1e-12)
+    before = ctl.state_dict()
+    for bad in (float("nan"), float("inf"), -float("inf"), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match="current_kl"):
+            ctl.update(bad, 1)
+    # below target, n_steps = 5 * horizon makes the multiplier 0, past it negative
+    for steps in (500, 501, 10_000):
+        with pytest.raises(ValueError, match=r"n_steps=\d+ with horizon=100"):
+            ctl.update(0.0, steps)
+    assert ctl.state_dict() == before
+    ctl.update(0.0, 499)  # the multiplier is still positive
+    assert ctl.value > 0
+    kl_kernels.AdaptiveKLController(1.0, 1.0, 1).load_state_dict(ctl.state_dict())

@@ -138,3 +138,35 @@ def test_ppo_pieces_patched_vs_unpatched():
     torch.testing.assert_close(rewards2, rewards, atol=1e-6, rtol=1e-5)
     assert metrics2["actor/reward_kl_penalty"] == pytest.approx(metrics["actor/reward_kl_penalty"], rel=1e-5)
     assert coef2 == pytest.approx(coef, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                  "seq-mean-token-sum-norm"])
+def test_aggregate_matches_installed_verl(mode):
+    """kl_kernels.aggregate (a public O(N) helper) against the installed verl's agg_loss, so it
+    cannot drift from the trainer again."""
+    import kl_kernels
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    values = torch.randn(6, 11, dtype=torch.float64)
+    mask = (torch.rand(6, 11) > 0.4).double()
+    mask[3] = 0  # a sequence with no valid token
+    expected = agg_loss(values, mask, mode)
+    torch.testing.assert_close(kl_kernels.aggregate(values, mask, mode), expected)
+    if mode.startswith("seq-mean"):
+        expected = agg_loss(values, mask, mode, global_batch_size=9, loss_scale_factor=7)
+        ours = kl_kernels.aggregate(values, mask, mode, global_sequences=9,
+                                    loss_scale_factor=7 if mode.endswith("norm") else None)
+        torch.testing.assert_close(ours, expected)
+
+
+def test_controller_follows_installed_verl():
+    """kl_kernels.AdaptiveKLController against the installed verl's, negative KL included."""
+    import kl_kernels
+    from verl.trainer.ppo.core_algos import AdaptiveKLController
+
+    ours, theirs = kl_kernels.AdaptiveKLController(0.05, 3.0, 1000), AdaptiveKLController(0.05, 3.0, 1000)
+    for current_kl, n_steps in [(-0.02, 64), (0.5, 64), (7.0, 128), (3.1, 32), (-1e-3, 256)]:
+        ours.update(current_kl, n_steps)
+        theirs.update(current_kl, n_steps)
+        assert ours.value == pytest.approx(theirs.value, rel=1e-12)
