@@ -32,7 +32,8 @@ class KLPenaltyOutput(NamedTuple):
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [B, T, V] with a contiguous vocabulary dim, a view whenever strides allow."""
     if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+        # clone, not contiguous(): an empty tensor counts as contiguous whatever its strides
+        logits = logits.clone(memory_format=torch.contiguous_format)
     if logits.dim() == 1:
         return logits.view(1, 1, -1)
     if logits.dim() == 2:
@@ -69,8 +70,10 @@ def _temperature(temperature, labels_shape, device, dtype, validate, per_sequenc
     return check.temperature_float(temperature)
 
 
-def _check_logits_labels(logits, labels, validate):
+def _check_logits_labels(logits, labels, validate, inplace_backward=False):
     check.floating(logits, "logits")
+    if inplace_backward:
+        check.inplace_target(logits)
     check.integer(labels, "labels")
     check.shape(labels, logits.shape[:-1], "labels", "the logits' shape without the vocabulary dim")
     check.same_device(logits.device, labels=labels)
@@ -81,7 +84,7 @@ def _check_logits_labels(logits, labels, validate):
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
                    validate=True, inplace_backward=False, backend=None):
     """Label log-probs z_y/T - lse(z/T) in float32 (float64 for float64 logits), optionally entropy."""
-    _check_logits_labels(logits, labels, validate)
+    _check_logits_labels(logits, labels, validate, inplace_backward)
     ignore_index = check.ignore_index(ignore_index)
     dtype = compute_dtype(logits.dtype)
     temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
@@ -106,7 +109,7 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
                kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
                ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, backend=None):
     """The fused KL penalty pass; see SPEC.md section 2 for every field of the result."""
-    _check_logits_labels(logits, labels, validate)
+    _check_logits_labels(logits, labels, validate, inplace_backward)
     if logits.dim() == 3:
         layout = "padded"
         if cu_seqlens is not None:
@@ -174,9 +177,11 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
         given = ref_logprobs.detach().reshape(-1).to(dtype)
         ref_logp = torch.where(labelled, given, torch.zeros((), dtype=dtype, device=device))
     valid = labelled if mask is None else labelled & (mask.reshape(-1) != 0)
-    # select, never multiply: a masked row's NaN must not reach any sum
+    # select before compute, never multiply: masked and ignored positions feed the estimator safe
+    # inputs (log-ratio 0), so neither their NaN nor an overflowing exp reaches a value or a gradient
     zero = torch.zeros((), dtype=dtype, device=device)
-    kl = torch.where(valid, estimate(est, logp, ref_logp, full_kl), zero)
+    safe = lambda t: None if t is None else torch.where(valid, t, zero)  # noqa: E731
+    kl = torch.where(valid, estimate(est, safe(logp), safe(ref_logp), safe(full_kl)), zero)
     shape = labels.shape
     if layout == "padded":
         kl_seq, valid_seq = kl.view(shape), valid.view(shape).to(dtype)

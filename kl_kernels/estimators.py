@@ -59,34 +59,71 @@ def parse_estimator(estimator, log_ratio_clamp=None, kl_clamp=None) -> Estimator
     return Estimator(name, straight_through, log_ratio_clamp, kl_clamp)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """verl's "+" forms: forward the named estimator's value, backward the gradient of the
+    unclamped k2, d * grad(d). Written as one Function, not k2 - k2.detach() + value, whose
+    inf - inf turns an infinite log-ratio into a NaN value; positions with a zero upstream
+    gradient (masked, ignored) get an exact 0 even where d is infinite."""
+
+    @staticmethod
+    def forward(ctx, value, log_ratio):
+        ctx.save_for_backward(log_ratio)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (log_ratio,) = ctx.saved_tensors
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        return None, torch.where(grad == 0, zero, grad * log_ratio)
+
+
+def _sampled_value(est: Estimator, logprobs, ref_logprobs):
+    if est.name == "k1" and est.log_ratio_clamp is None:
+        return logprobs - ref_logprobs  # one kernel, not a negated reverse ratio
+    # verl clamps the reverse log-ratio log(q/p) = ref_logp - logp before the estimator
+    log_ratio = ref_logprobs - logprobs
+    if est.log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-est.log_ratio_clamp, est.log_ratio_clamp)
+    if est.name == "k1":
+        return -log_ratio
+    if est.name == "abs":
+        return log_ratio.abs()
+    if est.name == "k2":
+        return 0.5 * log_ratio.square()
+    # k3 = exp(r) - r - 1 (expm1 keeps the digits that cancel); at r = +inf it is +inf, where
+    # expm1(r) - r would be inf - inf: that input is replaced before the arithmetic, not after
+    infinite = torch.isposinf(log_ratio)
+    safe = torch.where(infinite, torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device), log_ratio)
+    return torch.where(infinite, torch.full((), float("inf"), dtype=log_ratio.dtype, device=log_ratio.device),
+                       torch.expm1(safe) - safe)
+
+
 def estimate(est: Estimator, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, full_kl: torch.Tensor | None = None):
     """Per-token KL estimate from log-probs (elementwise, differentiable).
 
-    `full_kl` is the exact per-row KL from the fused pass, required for `full`.
+    `full_kl` is the exact per-row KL from the fused pass, required for `full`. Select before
+    compute: where kl_clamp is active the estimator is evaluated at a safe input (log-ratio 0) and
+    the clamp bound selected, so an exp that overflows there can never turn the zero gradient of
+    the clamp into 0 * inf = NaN.
     """
     if est.name == "full":
         value = full_kl
-    elif est.name == "k1" and est.log_ratio_clamp is None:
-        value = logprobs - ref_logprobs  # one kernel, not a negated reverse ratio
-    else:
-        # verl clamps the reverse log-ratio log(q/p) = ref_logp - logp before the estimator
-        log_ratio = ref_logprobs - logprobs
-        if est.log_ratio_clamp is not None:
-            log_ratio = log_ratio.clamp(-est.log_ratio_clamp, est.log_ratio_clamp)
-        if est.name == "k1":
-            value = -log_ratio
-        elif est.name == "abs":
-            value = log_ratio.abs()
-        elif est.name == "k2":
-            value = 0.5 * log_ratio.square()
-        else:  # k3 = exp(r) - r - 1; expm1 keeps the digits that cancel for small r
-            value = torch.expm1(log_ratio) - log_ratio
+        if est.kl_clamp is not None:
+            value = value.clamp(-est.kl_clamp, est.kl_clamp)
+        return value
     if est.kl_clamp is not None:
-        value = value.clamp(-est.kl_clamp, est.kl_clamp)
+        with torch.no_grad():
+            raw = _sampled_value(est, logprobs, ref_logprobs)
+            active = (raw > est.kl_clamp) | (raw < -est.kl_clamp)
+            bound = torch.where(raw > 0, est.kl_clamp, -est.kl_clamp).to(raw.dtype)
+        safe_logprobs = torch.where(active, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device), logprobs)
+        safe_ref = torch.where(active, torch.zeros((), dtype=ref_logprobs.dtype, device=ref_logprobs.device),
+                               ref_logprobs)
+        value = torch.where(active, bound, _sampled_value(est, safe_logprobs, safe_ref))
+    else:
+        value = _sampled_value(est, logprobs, ref_logprobs)
     if est.straight_through:
-        # verl's "+" forms: forward value of the named estimator, gradient of the unclamped k2
-        k2 = 0.5 * (logprobs - ref_logprobs).square()
-        value = k2 - k2.detach() + value.detach()
+        value = _StraightThrough.apply(value, logprobs - ref_logprobs)
     return value
 
 

@@ -132,7 +132,8 @@ def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
         if ref_rows is not None:
             log_q = _scaled(ref_rows, temperature, n0, n1, dtype) - ref_lse[n0:n1].unsqueeze(-1)
             g_f = grad_full[n0:n1].to(dtype).unsqueeze(-1)
-            g = g + g_f * _p_times(p, log_p - log_q - full_kl[n0:n1].unsqueeze(-1))
+            # full's term only where its gradient flows: a masked row's reference NaN stays out
+            g = g + torch.where(g_f != 0, g_f * _p_times(p, log_p - log_q - full_kl[n0:n1].unsqueeze(-1)), 0.0)
             any_grad = any_grad | (g_f.squeeze(-1) != 0)
         if isinstance(temperature, torch.Tensor):
             g = g / temperature[n0:n1].to(dtype).unsqueeze(-1)

@@ -99,3 +99,12 @@ def cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> None:
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()[:16]}")
     if last != total:
         raise ValueError(f"cu_seqlens must end at the number of tokens N={total}, got {last}")
+
+
+def inplace_target(logits: torch.Tensor) -> None:
+    """inplace_backward writes the gradient over the logits: rows sharing memory (an expand, a
+    stride-0 dim) would be written through each other."""
+    if torch._debug_has_internal_overlap(logits) != 0:
+        raise ValueError("inplace_backward=True needs logits whose elements do not share memory (got strides "
+                         f"{tuple(logits.stride())} for shape {tuple(logits.shape)}, e.g. an expand); "
+                         "pass inplace_backward=False for a fresh gradient")

@@ -303,9 +303,12 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
         continue;
       }
       r.inv_t = acc_t(1) / (temperature ? temperature[n] : scalar_temperature);
+      // full's term only where its gradient flows: a row whose kl is masked (g_full = 0) never reads
+      // its reference row, so NaN or -inf there cannot reach the logprobs' or entropy's gradient
+      const bool row_ref = use_ref && r.g_full != acc_t(0);
       const bool bad = label < 0 || label >= V;
       const char* row = policy.row(n);
-      const char* ref_row = use_ref ? reference.row(n) : nullptr;
+      const char* ref_row = row_ref ? reference.row(n) : nullptr;
       const Vec v_lse(r.lse), v_ref_lse(r.ref_lse), v_ent(r.entropy), v_kl(r.kl), v_inv_t(r.inv_t),
           v_gl(r.g_logp), v_gh(r.g_entropy), v_gf(r.g_full), zero(0);
       for (int64_t v0 = 0; v0 < V; v0 += kTile) {
@@ -313,14 +316,14 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
         // the tile is read whole before it is written: safe when grad aliases logits (in place)
         int64_t padded;
         const acc_t* xt = read.read(row, v0, count, x, padded);
-        const acc_t* xrt = use_ref ? read_ref.read(ref_row, v0, count, xr, padded) : nullptr;
+        const acc_t* xrt = row_ref ? read_ref.read(ref_row, v0, count, xr, padded) : nullptr;
         for (int64_t i = 0; i < padded; i += Vec::size()) {  // the RowGrad formula, a vector at a time
           __builtin_prefetch(reinterpret_cast<const char*>(xt + i) + kPrefetchBytes);
-          if (use_ref) __builtin_prefetch(reinterpret_cast<const char*>(xrt + i) + kPrefetchBytes);
+          if (row_ref) __builtin_prefetch(reinterpret_cast<const char*>(xrt + i) + kPrefetchBytes);
           const Vec log_p = Vec::loadu(xt + i) * v_inv_t - v_lse;
           const Vec p = log_p.exp_u20();
-          const Vec log_q = use_ref ? Vec::loadu(xrt + i) * v_inv_t - v_ref_lse : zero;
-          const Vec f = grad_weight(log_p, log_q, v_gl, v_gh, v_ent, v_gf, v_kl, use_ref);
+          const Vec log_q = row_ref ? Vec::loadu(xrt + i) * v_inv_t - v_ref_lse : zero;
+          const Vec f = grad_weight(log_p, log_q, v_gl, v_gh, v_ent, v_gf, v_kl, row_ref);
           Vec::blendv(p * f * v_inv_t, zero, p == zero).store(g + i);
         }
         if (bad) {

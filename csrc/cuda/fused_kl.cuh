@@ -215,12 +215,14 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
     return;
   }
   const bool bad = label < 0 || label >= p.V;
-  const ref_t* ref_row = use_ref ? ref_logits.row(n) : nullptr;
+  // full's term only where its gradient flows: a row whose kl is masked never reads its reference
+  const bool row_ref = use_ref && r.g_full != 0.0f;
+  const ref_t* ref_row = row_ref ? ref_logits.row(n) : nullptr;
   map_row(logits.row(n), ref_row, out, p.V, [&](int64_t v, float x, float xr) {
     const float log_p = x * r.inv_t - r.lse;
     const float prob = __expf(log_p);
     const float f = grad_weight(log_p, xr * r.inv_t - r.ref_lse, r.g_logp, r.g_entropy, r.entropy, r.g_full, r.kl,
-                                use_ref);
+                                row_ref);
     float g = prob == 0.0f ? 0.0f : prob * f * r.inv_t;  // a -inf logit: 0, not 0 * inf
     if (v == label) g += r.g_logp * r.inv_t;
     return bad ? __int_as_float(0x7fc00000) : g;

@@ -188,7 +188,8 @@ def _fused_kl_bwd_kernel(
             f -= g_entropy * (log_p + entropy)
         if HAS_GRAD_FULL:
             xr = tl.load(ref_row_ptr + cols, mask=cols < read_len, other=0.0).to(tl.float32)
-            f += g_full * (log_p - (xr * inv_t - ref_lse) - kl)
+            # full's term only where its gradient flows: a masked row's reference NaN stays out
+            f += tl.where(g_full != 0.0, g_full * (log_p - (xr * inv_t - ref_lse) - kl), 0.0)
         p = tl.exp(log_p)
         # p == 0 (a -inf logit): the term is 0, not 0 * inf; the label's own term needs no p
         g = tl.where(p == 0.0, 0.0, p * f) + tl.where(cols == label, g_logp, 0.0)

@@ -1,0 +1,136 @@
+"""Edge cases a differential fuzz found (issue 13), on every backend, and a seeded fuzz that keeps
+them from coming back: no NaN in a gradient whose float64 truth is finite, values against float64.
+KL_KERNELS_FUZZ_CASES raises the fuzz's case count (default 40 per backend, under a minute)."""
+import os
+import random
+
+import pytest
+import torch
+
+import kl_kernels
+from kl_kernels.estimators import ESTIMATOR_NAMES
+
+SAMPLED = [name for name in ESTIMATOR_NAMES if not name.startswith("full")]
+
+
+def test_clamped_k3_overflowing_exp_has_zero_gradient(backend):
+    """Reverse log-ratio ~ 105 (exp overflows float32), k3 with kl_clamp and a masked row: values
+    right, gradient 0 where the clamp is active and where masked, never NaN."""
+    z = torch.zeros(1, 2, 8)
+    z[0, :, 0] = 100.0
+    z.requires_grad_()
+    out = kl_kernels.kl_penalty(z, torch.tensor([[1, 1]]), ref_logprobs=torch.tensor([[-5.0, -5.0]]),
+                                estimator="k3", kl_clamp=10.0, mask=torch.tensor([[1, 0]]), backend=backend)
+    out.kl_sum.sum().backward()
+    assert out.kl.tolist() == [[10.0, 0.0]]
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k2+", "k1+", "abs+", "k3+", "low_var_kl+", "low_var_kl", "k3"])
+def test_poison_under_the_mask_never_reaches_a_gradient(backend, estimator):
+    logits = torch.randn(2, 5, 33)
+    logits[0, 1] = float("nan")
+    logits[1, 3, 4] = float("inf")
+    ref_logprobs = -torch.rand(2, 5)
+    ref_logprobs[0, 2] = float("inf")
+    ref_logprobs[1, 0] = float("nan")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 1] = mask[1, 3] = mask[0, 2] = mask[1, 0] = False
+    logits.requires_grad_()
+    out = kl_kernels.kl_penalty(logits, torch.randint(0, 33, (2, 5)), ref_logprobs=ref_logprobs, mask=mask,
+                                estimator=estimator, backend=backend)
+    (out.kl_sum.sum() + out.kl_mean.sum()).backward()
+    assert torch.isfinite(out.kl_sum).all()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("estimator", [name for name in SAMPLED if name.endswith("+")])
+def test_straight_through_value_is_the_named_estimator_at_infinite_log_ratio(estimator):
+    logprobs = torch.tensor([0.0, -3.0, -1.0], requires_grad=True)
+    ref = torch.tensor([float("inf"), -1.0, -float("inf")])
+    value = kl_kernels.kl_from_logprobs(logprobs, ref, estimator=estimator)
+    named = kl_kernels.kl_from_logprobs(logprobs.detach(), ref, estimator=estimator[:-1])
+    torch.testing.assert_close(value.detach(), named, equal_nan=False)  # exactly the named estimator, no NaN
+    value.sum().backward()
+    assert torch.equal(logprobs.grad, logprobs.detach() - ref)  # d * grad(logp), infinite where d is
+
+
+def test_full_backward_skips_the_reference_of_masked_rows(backend):
+    """`full` with a masked row whose reference holds NaN (or -inf where the policy has mass), and a
+    loss that also uses the log-probs: the masked row's gradient is the log-prob term alone."""
+    logits = torch.randn(1, 3, 16, requires_grad=True)
+    ref_logits = torch.randn(1, 3, 16)
+    ref_logits[0, 1] = float("nan")
+    ref_logits[0, 2, :4] = -float("inf")
+    mask = torch.tensor([[1, 0, 0]])
+    labels = torch.tensor([[1, 2, 3]])
+    out = kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits, mask=mask, estimator="full", backend=backend)
+    (out.kl_sum.sum() + out.logprobs.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+    log_p = torch.log_softmax(logits.detach().double(), -1)
+    expected = torch.nn.functional.one_hot(labels, 16).double() - log_p.exp()  # d logp / dz
+    torch.testing.assert_close(logits.grad[0, 1:].double(), expected[0, 1:], atol=1e-6, rtol=1e-5)
+
+
+def test_inplace_backward_refuses_overlapping_rows(backend):
+    logits = torch.randn(1, 1, 17).expand(2, 3, 17)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        kl_kernels.token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long), inplace_backward=True, backend=backend)
+
+
+def test_empty_input_with_a_strided_vocabulary(backend):
+    logits = torch.randn(0, 22)[:, ::2]
+    assert kl_kernels.token_logprobs(logits, torch.zeros(0, dtype=torch.long), backend=backend).shape == (0,)
+    out = kl_kernels.kl_penalty(logits, torch.zeros(0, dtype=torch.long), ref_logits=logits, backend=backend)
+    assert out.kl.shape == (0,) and out.kl_sum.shape == (1,) and out.kl_sum.item() == 0
+
+
+def _case(rng: random.Random):
+    batch, length, vocab = rng.randint(1, 3), rng.randint(1, 6), rng.choice([7, 64, 301])
+    estimator = rng.choice(ESTIMATOR_NAMES)
+    clamps = {"kl_clamp": rng.choice([None, 1.0, 10.0])}
+    if not estimator.startswith("full"):
+        clamps["log_ratio_clamp"] = rng.choice([None, 0.5, 20.0])
+    scale = rng.choice([1.0, 5.0, 40.0])  # 40: log-ratios far past exp's float32 range
+    return batch, length, vocab, estimator, clamps, scale, rng.choice([0.5, 1.0, 2.0])
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_fuzz(backend, seed):
+    cases = int(os.environ.get("KL_KERNELS_FUZZ_CASES", "40"))
+    rng = random.Random(seed)
+    for case in range(cases):
+        batch, length, vocab, estimator, clamps, scale, temperature = _case(rng)
+        if estimator == "full+":
+            continue
+        torch.manual_seed(case)
+        logits = torch.randn(batch, length, vocab) * scale
+        ref_logits = torch.randn(batch, length, vocab) * scale
+        labels = torch.randint(0, vocab, (batch, length))
+        mask = torch.rand(batch, length) > 0.3
+        poisoned = logits.clone()
+        poisoned[~mask] = float("nan")  # masked rows must not be read into any value or gradient
+        ref_poisoned = ref_logits.clone()
+        ref_poisoned[~mask] = float("inf")
+        poisoned.requires_grad_()
+        out = kl_kernels.kl_penalty(poisoned, labels, ref_logits=ref_poisoned, mask=mask, estimator=estimator,
+                                    temperature=temperature, backend=backend, **clamps)
+        weights = torch.randn(batch, length)
+        # the loss also uses the log-probs, as every PPO/GRPO loss does
+        ((out.kl * weights).sum() + out.logprobs[mask].sum()).backward()
+        what = f"case {case}: {estimator} {clamps} scale {scale} T {temperature}"
+        assert not torch.isnan(poisoned.grad).any(), what
+        assert (poisoned.grad[~mask] == 0).all(), what
+        # values at valid positions against float64 formulas on the clean inputs
+        truth = _truth(logits, ref_logits, labels, estimator, temperature, clamps)
+        kl = out.kl.detach().double()
+        finite = torch.isfinite(truth) & mask
+        torch.testing.assert_close(kl[finite], truth[finite], atol=1e-3, rtol=1e-3, msg=what)
+        assert (kl[~mask] == 0).all(), what
+
+
+def _truth(logits, ref_logits, labels, estimator, temperature, clamps):
+    from truth import kl_penalty as truth_kl_penalty
+
+    return truth_kl_penalty(logits.double(), labels, ref_logits=ref_logits.double(), estimator=estimator,
+                            temperature=temperature, **clamps)["kl"].detach()
