@@ -30,13 +30,19 @@ def _trl_kernel_serves(logits, index=None, row_mask=None) -> bool:
     return bool(supports and triton_available and triton_available() and supports(logits, index, row_mask))
 
 
-def _selective_log_softmax(a, original):
+def _indexed_call(a):
+    """(logits, index, row_mask, temperature) of a TRL call the fused path may serve, else Fallback."""
     logits, index, row_mask = a["logits"], a["index"], a.get("row_mask")
     temperature = real_temperature(a.get("temperature", 1.0))
     if not isinstance(index, torch.Tensor) or not isinstance(logits, torch.Tensor):
         raise Fallback("logits or index is not a tensor")
     if _trl_kernel_serves(logits, index, row_mask):
         raise Fallback("TRL's own fused kernel serves it")
+    return logits, index, row_mask, temperature
+
+
+def _selective_log_softmax(a, original):
+    logits, index, row_mask, temperature = _indexed_call(a)
     if index.dim() == logits.dim() - 1:
         logp = fused_rows(logits, index, temperature=temperature, row_mask=row_mask)
     elif index.dim() == logits.dim() and index.shape[:-1] == logits.shape[:-1]:
@@ -60,12 +66,7 @@ def _entropy_from_logits(a, original):
 
 
 def _selective_log_softmax_and_entropy(a, original):
-    logits, index, row_mask = a["logits"], a["index"], a.get("row_mask")
-    temperature = real_temperature(a.get("temperature", 1.0))
-    if not isinstance(index, torch.Tensor) or not isinstance(logits, torch.Tensor):
-        raise Fallback("logits or index is not a tensor")
-    if _trl_kernel_serves(logits, index, row_mask):
-        raise Fallback("TRL's own fused kernel serves it")
+    logits, index, row_mask, temperature = _indexed_call(a)
     logp, entropy = fused_rows(logits, index, temperature=temperature, return_entropy=True, row_mask=row_mask)
     if not a.get("entropy_requires_grad", True):
         entropy = entropy.detach()
