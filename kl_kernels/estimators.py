@@ -115,7 +115,7 @@ def estimate(est: Estimator, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
         with torch.no_grad():
             raw = _sampled_value(est, logprobs, ref_logprobs)
             active = (raw > est.kl_clamp) | (raw < -est.kl_clamp)
-            bound = torch.where(raw > 0, est.kl_clamp, -est.kl_clamp).to(raw.dtype)
+            bound = raw.clamp(-est.kl_clamp, est.kl_clamp)  # the bound in raw's own dtype where active
         safe_logprobs = torch.where(active, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device), logprobs)
         safe_ref = torch.where(active, torch.zeros((), dtype=ref_logprobs.dtype, device=ref_logprobs.device),
                                ref_logprobs)
