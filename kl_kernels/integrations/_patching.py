@@ -41,22 +41,21 @@ class Replacement:
     fused: Callable
     known: tuple[str, ...]
     fused_calls: int = field(default=0, init=False)
-    original_calls: int = field(default=0, init=False)
-    fallback_reasons: dict = field(default_factory=dict, init=False)
+    fallback_reasons: dict = field(default_factory=dict, init=False)  # why a call went to the original: count
+
+    @property
+    def original_calls(self) -> int:
+        return sum(self.fallback_reasons.values())
 
     def wrap(self, original):
-        if isinstance(original, type) and issubclass(original, torch.autograd.Function):
-            # an autograd Function called as Cls.apply(...): a class whose apply is the wrapper,
-            # bound to forward's signature without ctx
-            forward = inspect.signature(original.forward)
-            signature = forward.replace(parameters=list(forward.parameters.values())[1:])
-            apply = self._wrap_callable(original.apply, signature)
+        if _is_autograd_function(original):
+            # called as Cls.apply(...): a class whose apply is the wrapper
+            apply = self._wrap_callable(original.apply, _apply_signature(original))
             return type(original.__name__, (), {"apply": staticmethod(apply), "__kl_kernels_replacement__": self,
                                                 "__doc__": original.__doc__})
         owner = getattr(original, "__self__", None)
-        if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):  # `f = Cls.apply`
-            forward = inspect.signature(owner.forward)
-            return self._wrap_callable(original, forward.replace(parameters=list(forward.parameters.values())[1:]))
+        if _is_autograd_function(owner):  # `f = Cls.apply`
+            return self._wrap_callable(original, _apply_signature(owner))
         return self._wrap_callable(original, inspect.signature(original))
 
     def _wrap_callable(self, original, signature):
@@ -87,9 +86,18 @@ class Replacement:
         return replacement
 
     def _call_original(self, original, reason, args, kwargs):
-        self.original_calls += 1
         self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
         return original(*args, **kwargs)
+
+
+def _is_autograd_function(value) -> bool:
+    return isinstance(value, type) and issubclass(value, torch.autograd.Function)
+
+
+def _apply_signature(function: type) -> inspect.Signature:
+    """What Cls.apply takes: forward's signature without ctx."""
+    forward = inspect.signature(function.forward)
+    return forward.replace(parameters=list(forward.parameters.values())[1:])
 
 
 def _is_default(value, default) -> bool:
@@ -103,18 +111,19 @@ def _is_default(value, default) -> bool:
         return False
 
 
-def fused_backend(logits: torch.Tensor, *others: torch.Tensor):
-    """The backend for these logits, or Fallback when only the pure-PyTorch reference could serve
-    them (no faster than the trainer's own code, so the trainer keeps the call)."""
+def fused_backend(logits: torch.Tensor, dtype: torch.dtype | None = None):
+    """The backend for these logits (computed in `dtype`, default theirs), or Fallback when only
+    the pure-PyTorch reference could serve them (no faster than the trainer's own code, so the
+    trainer keeps the call)."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise Fallback("logits are not a floating tensor")
-    dtypes = (logits.dtype,) + tuple(t.dtype for t in others)
+    dtype = logits.dtype if dtype is None else dtype
     try:
-        chosen = select_backend(None, logits.device, dtypes)
+        chosen = select_backend(None, logits.device, (dtype,))
     except (RuntimeError, ValueError) as error:  # KL_KERNELS_BACKEND names one that cannot serve
         raise Fallback(str(error)) from None
     if chosen.name == "reference" and os.environ.get(ENV_VAR) != "reference":
-        raise Fallback(f"no fused kernel for {logits.device.type} / {logits.dtype}")
+        raise Fallback(f"no fused kernel for {logits.device.type} / {dtype}")
     return chosen.name
 
 
@@ -266,3 +275,9 @@ def fused_rows(logits, labels, *, temperature=1.0, return_entropy=False, inplace
 
 
 SKIP = -100  # the ignore_index fused_rows gives to skipped rows
+
+
+def entropy_in_logits_dtype(a, original):
+    """A trainer's entropy_from_logits(logits): fused, returned in the logits' dtype."""
+    logits = a["logits"]
+    return fused_rows(logits, None, return_entropy=True)[1].to(logits.dtype)

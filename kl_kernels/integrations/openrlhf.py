@@ -10,7 +10,8 @@ log-probs).
 """
 from __future__ import annotations
 
-from ._patching import Patch, Replacement, fused_backend, fused_rows, labels_for, real_temperature
+from ._patching import (Patch, Replacement, entropy_in_logits_dtype, fused_backend, fused_rows, labels_for,
+                        real_temperature)
 
 TESTED = ("0.11.2", "0.12.0")  # >= first, < second
 
@@ -25,11 +26,6 @@ def _log_probs_from_logits(a, original):
     return fused_rows(logits, labels).to(logits.dtype)
 
 
-def _compute_entropy(a, original):
-    logits = a["logits"]
-    return fused_rows(logits, None, return_entropy=True)[1].to(logits.dtype)
-
-
 LEFT_ALONE = {
     "openrlhf.models.utils.compute_approx_kl/compute_reward/masked_mean": "O(N) work on log-probs",
     "openrlhf.models.loss": "O(N)",
@@ -42,5 +38,5 @@ def patch(quiet: bool = False) -> Patch:
     utils = "openrlhf.models.utils"
     return Patch("openrlhf", TESTED, [
         Replacement(utils, "log_probs_from_logits", _log_probs_from_logits, ("logits", "labels", "temperature")),
-        Replacement(utils, "compute_entropy", _compute_entropy, ("logits",)),
+        Replacement(utils, "compute_entropy", entropy_in_logits_dtype, ("logits",)),
     ], LEFT_ALONE, quiet=quiet)

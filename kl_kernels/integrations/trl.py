@@ -17,7 +17,8 @@ import sys
 import torch
 
 from ..linear import linear_token_logprobs
-from ._patching import Fallback, Patch, Replacement, fused_backend, fused_rows, real_temperature
+from ._patching import (Fallback, Patch, Replacement, entropy_in_logits_dtype, fused_backend, fused_rows,
+                        real_temperature)
 
 TESTED = ("1.16.0", "1.17.0")  # >= first, < second
 
@@ -62,7 +63,7 @@ def _entropy_from_logits(a, original):
     if isinstance(logits, torch.Tensor) and _trl_kernel_serves(logits):
         raise Fallback("TRL's own fused kernel serves it")
     # chunk_size only bounds TRL's own memory; the fused pass holds one tile of a row at a time
-    return fused_rows(logits, None, return_entropy=True)[1].to(logits.dtype)
+    return entropy_in_logits_dtype(a, original)
 
 
 def _selective_log_softmax_and_entropy(a, original):
@@ -87,7 +88,7 @@ def _chunked_logprob(a, original):
     compute = torch.get_autocast_dtype(device) if autocast else hidden.dtype
     if not autocast and (weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype)):
         raise Fallback("hidden, weight and bias dtypes differ")
-    fused_backend(hidden.to(compute) if hidden.dtype != compute else hidden)
+    fused_backend(hidden, compute)
     logit_scale = a.get("logit_scale", 1.0)
     try:
         # autocast off inside: the forward and the backward's recomputed tiles must be the same numbers

@@ -20,7 +20,8 @@ import os
 import torch
 
 from ..linear import linear_token_logprobs
-from ._patching import Fallback, Patch, Replacement, fused_backend, fused_rows, real_temperature
+from ._patching import (Fallback, Patch, Replacement, entropy_in_logits_dtype, fused_backend, fused_rows,
+                        real_temperature)
 
 TESTED = ("0.9.1", "0.10.0")  # >= first, < second
 
@@ -45,11 +46,6 @@ def _logprobs_from_logits(a, original):
 def _logprobs_in_logits_dtype(a, original):
     logits = a["logits"]
     return fused_rows(logits, a["labels"]).to(logits.dtype)
-
-
-def _entropy(a, original):
-    logits = a["logits"]
-    return fused_rows(logits, None, return_entropy=True)[1].to(logits.dtype)
 
 
 def _entropy_with_chunking(a, original):
@@ -84,7 +80,7 @@ def _replacements():
         Replacement(functional, "logprobs_from_logits", _logprobs_from_logits, ("logits", "labels", "inplace_backward")),
         Replacement(functional, "logprobs_from_logits_v2", _logprobs_in_logits_dtype, ("logits", "labels")),
         Replacement(functional, "logprobs_from_logits_naive", _logprobs_in_logits_dtype, ("logits", "labels")),
-        Replacement(functional, "entropy_from_logits", _entropy, ("logits",)),
+        Replacement(functional, "entropy_from_logits", entropy_in_logits_dtype, ("logits",)),
         Replacement(functional, "entropy_from_logits_with_chunking", _entropy_with_chunking, ("logits", "chunk_size")),
         Replacement("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy", _linear_cross_entropy,
                     ("hidden", "weight", "labels", "temperature", "reduction", "dist_process_group")),
