@@ -6,10 +6,14 @@
 // them in raw logit units, m = max z, with the temperature inside exp (max(z/T) = max(z)/T for
 // T > 0), and convert once per row with scaled():
 //   s   = sum_v e^((z_v - m)/T)                    -> lse = m/T + log s
-//   sx  = sum_v e^((z_v - m)/T) z_v                -> entropy H = lse - (sx/T) / s
+//   sx  = sum_v e^((z_v - m)/T) (z_v - m)          -> entropy H = log s - (sx/T) / s
 //   sd  = sum_v e^((z_v - m)/T) (z_v - z'_v)       -> KL(p||q) = (sd/T) / s - lse + ref_lse
+// sx is shifted by m: each term is at most T/e in size, so it neither overflows for huge logits
+// (a raw sum of e * z does once |z| > ~3.4e38 / V) nor cancels against lse when logits are large.
 // Terms with e^(...) == 0 count as 0, so a -inf logit (a banned token) adds nothing rather
-// than 0 * -inf = NaN; NaN logits still propagate through m.
+// than 0 * -inf = NaN; NaN logits still propagate through m. A row whose lse is +inf (a +inf
+// logit, or one that overflows once divided by T) has no defined softmax: lse becomes NaN, and
+// with it every output and gradient of the row, as in every backend.
 #pragma once
 
 #include <cmath>
@@ -42,9 +46,14 @@ KL_HOST_DEVICE acc_t nan_max(acc_t a, acc_t b) {
 // The online log-sum-exp step: move the sums to the running max new_max (>= r.m, raw units).
 template <typename acc_t>
 KL_HOST_DEVICE void raise_max(RowSums<acc_t>& r, acc_t new_max, acc_t inv_t) {
-  const acc_t factor = r.m == -INFINITY ? acc_t(0) : std::exp((r.m - new_max) * inv_t);
+  if (r.m == -INFINITY) {  // nothing summed yet: every sum is 0 and stays 0
+    r.m = new_max;
+    return;
+  }
+  const acc_t factor = std::exp((r.m - new_max) * inv_t);
+  // sx is kept around m: sum e (z - m_new) = sum e (z - m) + (m - m_new) sum e
+  r.sx = (r.sx + (r.m - new_max) * r.s) * factor;
   r.s *= factor;
-  r.sx *= factor;
   r.sd *= factor;
   r.m = new_max;
 }
@@ -66,12 +75,13 @@ KL_HOST_DEVICE RowSums<acc_t> scaled(const RowSums<acc_t>& r, acc_t inv_t) {
 
 template <typename acc_t>
 KL_HOST_DEVICE acc_t log_sum_exp(const RowSums<acc_t>& r) {
-  return r.m + std::log(r.s);
+  const acc_t lse = r.m + std::log(r.s);
+  return lse == INFINITY ? acc_t(NAN) : lse;
 }
 
 template <typename acc_t>
 KL_HOST_DEVICE acc_t entropy(const RowSums<acc_t>& r, acc_t lse) {
-  return lse - r.sx / r.s;
+  return lse != lse ? lse : std::log(r.s) - r.sx / r.s;  // NaN with the row's lse
 }
 
 template <typename acc_t>

@@ -48,7 +48,9 @@ def _temperature(temperature, labels_shape, device, dtype, validate, per_sequenc
     packed layout, where a 1-D tensor of length B != N holds one temperature per sequence.
     """
     if isinstance(temperature, torch.Tensor):
-        check.real_mask(temperature, "temperature")
+        if not (temperature.is_floating_point() or temperature.dtype in check.INTEGER_DTYPES):
+            raise ValueError(f"temperature must be a float or a real (floating or integer) tensor, "
+                             f"got dtype {temperature.dtype}")
         check.same_device(device, temperature=temperature)
         n_tokens = 1
         for size in labels_shape:
@@ -70,7 +72,7 @@ def _temperature(temperature, labels_shape, device, dtype, validate, per_sequenc
     return check.temperature_float(temperature)
 
 
-def _check_logits_labels(logits, labels, validate, inplace_backward=False):
+def _check_logits_labels(logits, labels, inplace_backward=False):
     check.floating(logits, "logits")
     if inplace_backward:
         check.inplace_target(logits)
@@ -84,7 +86,8 @@ def _check_logits_labels(logits, labels, validate, inplace_backward=False):
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
                    validate=True, inplace_backward=False, backend=None):
     """Label log-probs z_y/T - lse(z/T) in float32 (float64 for float64 logits), optionally entropy."""
-    _check_logits_labels(logits, labels, validate, inplace_backward)
+    _check_logits_labels(logits, labels, inplace_backward)
+    validate = validate and check.has_values(logits)
     ignore_index = check.ignore_index(ignore_index)
     dtype = compute_dtype(logits.dtype)
     temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
@@ -99,17 +102,21 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
 
 
 def _sequence_sums(values, layout, offsets):
-    """Per-sequence sums, deterministic: a reduction over T (padded) or segment_reduce (packed)."""
+    """Per-sequence sums, deterministic: a reduction over T (padded) or segment_reduce (packed).
+
+    segment_reduce adds one value at a time, so packed sums accumulate in float64 (a float32 sum
+    over a 262k-token sequence drifted 7e-5 relative; the padded reduction is pairwise)."""
     if layout == "padded":
         return values.sum(dim=-1)
-    return torch.segment_reduce(values, "sum", offsets=offsets, initial=0)
+    return torch.segment_reduce(values.double(), "sum", offsets=offsets, initial=0).to(values.dtype)
 
 
 def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
                kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
                ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, backend=None):
     """The fused KL penalty pass; see SPEC.md section 2 for every field of the result."""
-    _check_logits_labels(logits, labels, validate, inplace_backward)
+    _check_logits_labels(logits, labels, inplace_backward)
+    validate = validate and check.has_values(logits)
     if logits.dim() == 3:
         layout = "padded"
         if cu_seqlens is not None:

@@ -19,6 +19,7 @@ import torch
 
 from . import validation as check
 from .dispatch import select_backend
+from .ops import first_order_only
 from .reference import compute_dtype
 
 TILE_BYTES = 64 << 20  # the logits tile and its gradient: what one tile may hold at a time
@@ -71,6 +72,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        first_order_only()
         hidden, weight, bias, labels, lse, entropy, tensor_temperature = ctx.saved_tensors
         temperature = tensor_temperature if tensor_temperature is not None else ctx.scalar_temperature
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]

@@ -9,6 +9,16 @@ from __future__ import annotations
 import torch
 
 
+def first_order_only() -> None:
+    """Called first in every kernel-backed backward. The kernels compute first derivatives only:
+    with create_graph=True autograd would record them as constants, and a double backward (a
+    gradient penalty, a Hessian-vector product) would be silently wrong, so it is an error."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("kl_kernels computes first-order gradients only: backward with create_graph=True "
+                           "(double backward) is not supported by any backend; for second-order terms compute "
+                           "the log-probs with torch.log_softmax instead")
+
+
 class FusedKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full, inplace):
@@ -26,6 +36,7 @@ class FusedKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
+        first_order_only()
         logits, labels, ref_logits, tensor_temperature, lse, ref_lse, entropy, full_kl = ctx.saved_tensors
         temperature = tensor_temperature if tensor_temperature is not None else ctx.scalar_temperature
         if grad_logp is None and grad_entropy is None and grad_full is None:

@@ -60,6 +60,18 @@ def _p_times(p: torch.Tensor, values: torch.Tensor):
     return torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device), p * values)
 
 
+def _log_softmax(x: torch.Tensor):
+    """(log p, lse) of a block of rows. log_softmax shifts by the row max before exp, so log p keeps
+    its digits even where lse is huge (x - lse would round them away). An lse of +inf (a +inf
+    logit, or one that overflows once divided by T) leaves no softmax: the row is NaN, as on every
+    backend (csrc/fused_kl_math.h)."""
+    lse = torch.logsumexp(x, dim=-1)
+    undefined = lse == float("inf")
+    lse = torch.where(undefined, float("nan"), lse)
+    log_p = torch.where(undefined.unsqueeze(-1), float("nan"), torch.log_softmax(x, dim=-1))
+    return log_p, lse
+
+
 def _label_logprob(log_probs: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor):
     V = log_probs.shape[-1]
     safe = torch.where(valid & ~bad, labels, torch.zeros_like(labels)).clamp_(0, max(V - 1, 0))
@@ -86,8 +98,7 @@ def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_ent
         valid = y != ignore_index
         bad = valid & ((y < 0) | (y >= V))  # only reachable with validate=False: NaN, never a crash
         x = _scaled(rows, temperature, n0, n1, dtype)
-        row_lse = torch.logsumexp(x, dim=-1)
-        log_p = x - row_lse.unsqueeze(-1)
+        log_p, row_lse = _log_softmax(x)
         lse[n0:n1] = row_lse
         logp[n0:n1] = _label_logprob(log_p, y, valid, bad)
         p = torch.exp(log_p) if (need_entropy or need_full) else None
@@ -96,8 +107,7 @@ def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_ent
             entropy[n0:n1] = torch.where(valid, torch.where(bad, torch.nan, h), 0.0)
         if ref_rows is not None:
             xr = _scaled(ref_rows, temperature, n0, n1, dtype)
-            row_ref_lse = torch.logsumexp(xr, dim=-1)
-            log_q = xr - row_ref_lse.unsqueeze(-1)
+            log_q, row_ref_lse = _log_softmax(xr)
             ref_lse[n0:n1] = row_ref_lse
             ref_logp[n0:n1] = _label_logprob(log_q, y, valid, bad)
             if need_full:
@@ -116,10 +126,10 @@ def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
     for n0, n1, (rows, out, ref_rows) in _row_blocks(logits, grad, ref_logits):
         y = labels[n0:n1]
         valid = (y != ignore_index)
-        x = _scaled(rows, temperature, n0, n1, dtype)
-        log_p = x - lse[n0:n1].unsqueeze(-1)
+        # recomputed rather than x - saved lse, for the digits (see _log_softmax)
+        log_p = _log_softmax(_scaled(rows, temperature, n0, n1, dtype))[0]
         p = torch.exp(log_p)
-        g_logp = grad_logp[n0:n1].to(dtype) if grad_logp is not None else torch.zeros(n1 - n0, dtype=dtype, device=x.device)
+        g_logp = grad_logp[n0:n1].to(dtype) if grad_logp is not None else torch.zeros(n1 - n0, dtype=dtype, device=p.device)
         g = -p * g_logp.unsqueeze(-1)
         in_range = valid & (y >= 0) & (y < V)
         idx = torch.where(in_range, y, torch.zeros_like(y)).clamp_(0, max(V - 1, 0)).unsqueeze(-1)
@@ -130,7 +140,7 @@ def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
             g = g - g_h * _p_times(p, log_p + entropy[n0:n1].unsqueeze(-1))
             any_grad = any_grad | (g_h.squeeze(-1) != 0)
         if ref_rows is not None:
-            log_q = _scaled(ref_rows, temperature, n0, n1, dtype) - ref_lse[n0:n1].unsqueeze(-1)
+            log_q = _log_softmax(_scaled(ref_rows, temperature, n0, n1, dtype))[0]
             g_f = grad_full[n0:n1].to(dtype).unsqueeze(-1)
             # full's term only where its gradient flows: a masked row's reference NaN stays out
             g = g + torch.where(g_f != 0, g_f * _p_times(p, log_p - log_q - full_kl[n0:n1].unsqueeze(-1)), 0.0)

@@ -27,11 +27,20 @@ def floating(value, arg: str) -> torch.Tensor:
     return value
 
 
+# the integer dtypes ATen computes with (uint16/32/64 lack comparisons and conversions on CPU)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def integer(value, arg: str) -> torch.Tensor:
     tensor(value, arg)
-    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-        raise TypeError(f"{arg} must be an integer tensor, got dtype {value.dtype}")
+    if value.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{arg} must be an integer tensor (int64, int32, int16, int8 or uint8), got dtype {value.dtype}")
     return value
+
+
+def has_values(value: torch.Tensor) -> bool:
+    """Whether value checks can read this tensor: meta tensors (shape-only tracing) have no values."""
+    return value.device.type != "meta"
 
 
 def real_mask(value, arg: str) -> torch.Tensor:
@@ -69,6 +78,8 @@ def nonnegative_coef(value, arg: str = "kl_coef", validate: bool = True) -> None
 def ignore_index(value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"ignore_index must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:  # the kernels compare it with int64 labels
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
     return int(value)
 
 

@@ -1,6 +1,7 @@
 """Edge cases a differential fuzz found (issue 13), on every backend, and a seeded fuzz that keeps
 them from coming back: no NaN in a gradient whose float64 truth is finite, values against float64.
 KL_KERNELS_FUZZ_CASES raises the fuzz's case count (default 40 per backend, under a minute)."""
+import math
 import os
 import random
 
@@ -85,6 +86,76 @@ def test_empty_input_with_a_strided_vocabulary(backend):
     assert out.kl.shape == (0,) and out.kl_sum.shape == (1,) and out.kl_sum.item() == 0
 
 
+def test_entropy_of_huge_logits(backend):
+    """|z| near float32's limit: the entropy sums stay around the row max (a raw sum of p * z
+    overflowed to -inf on cpu), and ties far from 0 keep their digits: H = log(ties) exactly."""
+    logits = torch.randn(2, 3, 40)
+    logits[0, 0] = 3e37
+    logits[0, 0, :25] = -3e37  # 15 tied at the max
+    logits[1, 2] = -1e6 * torch.rand(40)
+    logits[1, 2, :4] = 2e6  # 4 tied at the max, the rest far below
+    labels = torch.randint(0, 40, (2, 3))
+    _, entropy = kl_kernels.token_logprobs(logits, labels, return_entropy=True, backend=backend)
+    log_p = torch.log_softmax(logits.double(), -1)
+    want = -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+    want[0, 0], want[1, 2] = math.log(15), math.log(4)
+    torch.testing.assert_close(entropy.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_a_plus_inf_logit_makes_its_row_nan(backend):
+    """+inf has no softmax: every backend gives NaN in that row's outputs and gradient row (as for a
+    NaN logit), while the other rows are untouched; masked, the row is not read at all."""
+    logits = torch.randn(1, 4, 19)
+    logits[0, 1, 7] = float("inf")
+    labels = torch.randint(0, 19, (1, 4))
+    logits.requires_grad_()
+    out = kl_kernels.kl_penalty(logits, labels, ref_logits=torch.randn(1, 4, 19), estimator="k3", return_entropy=True,
+                                backend=backend)
+    (out.logprobs.sum() + out.entropy.sum() + out.kl_sum.sum()).backward()
+    for field in (out.logprobs, out.kl, out.entropy):
+        assert torch.isnan(field[0, 1]) and torch.isfinite(field[0, [0, 2, 3]]).all()
+    assert torch.isnan(out.kl_sum).all()
+    assert torch.isnan(logits.grad[0, 1]).all() and torch.isfinite(logits.grad[0, [0, 2, 3]]).all()
+    masked = kl_kernels.kl_penalty(logits.detach(), labels, ref_logits=torch.randn(1, 4, 19), estimator="k3",
+                                   mask=torch.tensor([[1, 0, 1, 1]]), backend=backend)
+    assert torch.isfinite(masked.kl_sum).all()
+
+
+def test_bad_label_without_validate_is_nan_in_values_and_gradient(backend):
+    logits = torch.randn(2, 3, 13, requires_grad=True)
+    labels = torch.randint(0, 13, (2, 3))
+    labels[0, 1], labels[1, 2] = 13, -5
+    logp, entropy = kl_kernels.token_logprobs(logits, labels, return_entropy=True, validate=False, backend=backend)
+    (logp.sum() + entropy.sum()).backward()
+    bad = torch.zeros(2, 3, dtype=torch.bool)
+    bad[0, 1] = bad[1, 2] = True
+    assert torch.isnan(logp[bad]).all() and torch.isnan(entropy[bad]).all()
+    assert torch.isfinite(logp[~bad]).all() and torch.isfinite(entropy[~bad]).all()
+    assert torch.isnan(logits.grad[bad]).all() and torch.isfinite(logits.grad[~bad]).all()
+
+
+def test_double_backward_is_an_error_not_a_silent_constant(backend):
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    logp = kl_kernels.token_logprobs(logits, torch.randint(0, 11, (2, 3)), backend=backend)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(logp.sum(), logits, create_graph=True)
+    (grad,) = torch.autograd.grad(logp.sum(), logits)  # first order is unaffected
+    assert torch.isfinite(grad).all()
+
+
+def test_packed_sums_accumulate_in_float64():
+    """One 2^18-token packed sequence: kl_sum within float32 rounding of the float64 sum of the same
+    kl values (a float32 running sum was 7e-5 off); the reduction is shared by every backend."""
+    n_tokens = 1 << 18
+    logits = torch.randn(n_tokens, 4)
+    labels = torch.randint(0, 4, (n_tokens,))
+    out = kl_kernels.kl_penalty(logits, labels, ref_logprobs=-torch.rand(n_tokens) * 3, estimator="k3",
+                                cu_seqlens=torch.tensor([0, 5, n_tokens]))
+    want = torch.stack([out.kl[:5].double().sum(), out.kl[5:].double().sum()])
+    torch.testing.assert_close(out.kl_sum.double(), want, rtol=2e-7, atol=0)
+    assert out.kl_sum.dtype == torch.float32
+
+
 def _case(rng: random.Random):
     batch, length, vocab = rng.randint(1, 3), rng.randint(1, 6), rng.choice([7, 64, 301])
     estimator = rng.choice(ESTIMATOR_NAMES)
@@ -121,16 +192,24 @@ def test_fuzz(backend, seed):
         what = f"case {case}: {estimator} {clamps} scale {scale} T {temperature}"
         assert not torch.isnan(poisoned.grad).any(), what
         assert (poisoned.grad[~mask] == 0).all(), what
-        # values at valid positions against float64 formulas on the clean inputs
-        truth = _truth(logits, ref_logits, labels, estimator, temperature, clamps)
+        # values and gradients at valid positions against float64 formulas on the clean inputs
+        truth, truth_grad = _truth(logits, ref_logits, labels, mask, weights, estimator, temperature, clamps)
         kl = out.kl.detach().double()
         finite = torch.isfinite(truth) & mask
         torch.testing.assert_close(kl[finite], truth[finite], atol=1e-3, rtol=1e-3, msg=what)
         assert (kl[~mask] == 0).all(), what
+        rows = mask & torch.isfinite(truth_grad).all(-1)
+        scale = truth_grad[rows].abs().max().item() if rows.any() else 0.0
+        torch.testing.assert_close(poisoned.grad[rows].double(), truth_grad[rows], rtol=1e-3,
+                                   atol=1e-5 * (1 + scale), msg=what)
 
 
-def _truth(logits, ref_logits, labels, estimator, temperature, clamps):
+def _truth(logits, ref_logits, labels, mask, weights, estimator, temperature, clamps):
+    """kl and the gradient of the fuzz's loss, in float64 by tests/truth.py."""
     from truth import kl_penalty as truth_kl_penalty
 
-    return truth_kl_penalty(logits.double(), labels, ref_logits=ref_logits.double(), estimator=estimator,
-                            temperature=temperature, **clamps)["kl"].detach()
+    logits = logits.double().requires_grad_()
+    out = truth_kl_penalty(logits, labels, ref_logits=ref_logits.double(), mask=mask, estimator=estimator,
+                           temperature=temperature, **clamps)
+    ((out["kl"] * weights.double()).sum() + out["logprobs"][mask].sum()).backward()
+    return out["kl"].detach(), logits.grad

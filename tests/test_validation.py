@@ -91,6 +91,11 @@ def test_checks_without_validate():
     (dict(temperature=-2.0), ValueError, "temperature"),
     (dict(labels=torch.full((3,), 4)), ValueError, "labels"),
     (dict(ignore_index=1.5), ValueError, "ignore_index"),
+    (dict(ignore_index=2**63), ValueError, "ignore_index"),  # does not fit the kernels' int64
+    (dict(labels=torch.randint(0, 4, (3,)).to(torch.uint16)), TypeError, "labels"),  # ATen cannot compare these
+    (dict(labels=torch.randint(0, 4, (3,)).to(torch.uint32)), TypeError, "labels"),
+    (dict(labels=torch.randint(0, 4, (3,)).to(torch.uint64)), TypeError, "labels"),
+    (dict(temperature=torch.tensor(True)), ValueError, "temperature"),
 ])
 def test_bad_input_token_logprobs(changes, error, words):
     kwargs = dict(logits=torch.randn(3, 4), labels=torch.randint(0, 4, (3,)))
@@ -126,3 +131,16 @@ def test_available_backends_report():
         assert isinstance(info, kl_kernels.BackendInfo)
         assert (info.reason is None) == info.available
     assert infos[0].available
+
+
+def test_meta_tensors_trace_shapes_with_validate():
+    """Meta tensors have no values to check: validate=True traces shapes instead of failing in .item()."""
+    logits = torch.empty(2, 5, 11, device="meta")
+    labels = torch.empty(2, 5, dtype=torch.long, device="meta")
+    logp = kl_kernels.token_logprobs(logits, labels, temperature=torch.ones(2, 1, device="meta"))
+    assert logp.device.type == "meta" and logp.shape == (2, 5)
+    out = kl_kernels.kl_penalty(logits, labels, ref_logits=logits, estimator="k3", kl_coef=torch.tensor(0.1, device="meta"))
+    assert out.kl.device.type == "meta" and out.kl_sum.shape == (2,)
+    packed_out = kl_kernels.kl_penalty(logits[0], labels[0], ref_logprobs=torch.empty(5, device="meta"),
+                                       cu_seqlens=torch.empty(3, dtype=torch.long, device="meta"))
+    assert packed_out.kl_sum.shape == (2,)

@@ -137,7 +137,7 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
 }
 
 // Adds one tile of raw logits to a row's sums (s; sx when entropy, sd when full), in the raw
-// units of fused_kl_math.h.
+// units of fused_kl_math.h (sx around the max).
 template <typename acc_t>
 void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t n, acc_t inv_t, bool need_sx,
                      bool need_sd) {
@@ -148,10 +148,11 @@ void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t
   Vec s(0), sx(0), sd(0);
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const Vec xv = Vec::loadu(x + i);
-    const Vec e = ((xv - vm) * v_inv_t).exp_u20();
+    const Vec shifted = xv - vm;
+    const Vec e = (shifted * v_inv_t).exp_u20();
     s += e;
     const Vec is_zero = e == zero;  // e^(-inf): the term is 0 even though x is -inf
-    if (need_sx) sx += Vec::blendv(e * xv, zero, is_zero);
+    if (need_sx) sx += Vec::blendv(e * shifted, zero, is_zero);  // around the tile's max: merge shifts it
     if (need_sd) sd += Vec::blendv(e * (xv - Vec::loadu(xr + i)), zero, is_zero);
   }
   const RowSums<acc_t> tile{m, horizontal_sum(s), need_sx ? horizontal_sum(sx) : acc_t(0),

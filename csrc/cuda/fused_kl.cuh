@@ -108,7 +108,7 @@ __device__ __forceinline__ void add_value(RowSums<float>& r, float x, float w_sd
   const float e = r.m == -INFINITY ? 0.0f : __expf((x - r.m) * inv_t);
   r.s += e;
   if (e != 0.0f) {  // a -inf logit adds nothing (not 0 * -inf)
-    if (need_sx) r.sx += e * x;
+    if (need_sx) r.sx += e * (x - r.m);  // kept around the running max (fused_kl_math.h)
     if (need_sd) r.sd += e * w_sd;
   }
 }

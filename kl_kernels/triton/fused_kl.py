@@ -3,8 +3,8 @@
 Forward, one program per row: the policy row and (when given) the reference row are read once,
 tile by tile, into running online log-sum-exp sums kept in raw logit units with the temperature
 inside exp, as csrc/fused_kl_math.h does for the C++ kernels:
-    s  = sum_v e_v,  sx = sum_v e_v z_v,  sd = sum_v e_v (z_v - z'_v),   e_v = exp((z_v - m) / T)
-    lse = m/T + log s,  H = lse - (sx/T)/s,  KL(p||q) = (sd/T)/s - lse + ref_lse.
+    s  = sum_v e_v,  sx = sum_v e_v (z_v - m),  sd = sum_v e_v (z_v - z'_v),   e_v = exp((z_v - m) / T)
+    lse = m/T + log s,  H = log s - (sx/T)/s,  KL(p||q) = (sd/T)/s - lse + ref_lse.
 The label logits are single loads. Outputs are [N] float32. The estimator, masks and sequence
 sums are O(N) and stay in api.py's epilogue, shared by every backend (one definition of each
 estimator), so these kernels never depend on the estimator.
@@ -107,10 +107,14 @@ def _fused_kl_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         in_row = cols < V
         x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        m_old = m
         m, scale, e = _online_lse_step(m, x, inv_t)
-        s = s * scale + tl.sum(e, axis=0)
         if NEED_ENTROPY:
-            sx = sx * scale + _weighted(e, x)
+            # sx around the running max: sum e (x - m_new) = (sum e_old (x - m_old) + (m_old - m_new) s_old)
+            # * scale; nothing summed while m_old is -inf (and -inf * 0 would be NaN)
+            shift = tl.where(m_old == float("-inf"), 0.0, m_old - m)
+            sx = (sx + shift * s) * scale + _weighted(e, x - m)
+        s = s * scale + tl.sum(e, axis=0)
         if HAS_REF:
             xr = tl.load(ref_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
             if NEED_FULL:
@@ -119,6 +123,7 @@ def _fused_kl_fwd_kernel(
             ref_s = ref_s * ref_scale + tl.sum(ref_e, axis=0)
 
     lse = m * inv_t + tl.log(s)
+    lse = tl.where(lse == float("inf"), float("nan"), lse)  # no softmax: the row is NaN (fused_kl_math.h)
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     # a label outside [0, V) only gets here with validate=False: its row is NaN, nothing is read
     in_range = (label >= 0) & (label < V)
@@ -127,9 +132,10 @@ def _fused_kl_fwd_kernel(
     z_y = tl.load(row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
     tl.store(logp_ptr + row, tl.where(valid, z_y * inv_t - lse + bad, 0.0))
     if NEED_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(valid, lse - sx * inv_t / s + bad, 0.0))
+        tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - sx * inv_t / s + (lse - lse) + bad, 0.0))
     if HAS_REF:
         ref_lse = ref_m * inv_t + tl.log(ref_s)
+        ref_lse = tl.where(ref_lse == float("inf"), float("nan"), ref_lse)
         tl.store(ref_lse_ptr + row, tl.where(valid, ref_lse, 0.0))
         ref_z_y = tl.load(ref_row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
         tl.store(ref_logp_ptr + row, tl.where(valid, ref_z_y * inv_t - ref_lse + bad, 0.0))
