@@ -79,6 +79,14 @@ KL_HOST_DEVICE acc_t log_sum_exp(const RowSums<acc_t>& r) {
   return lse == INFINITY ? acc_t(NAN) : lse;
 }
 
+// log p_y from the scaled sums and the label's scaled logit: (z_y/T - m/T) - log s, not z_y/T - lse.
+// A confident token (z_y = m, p_y ~ 1) keeps its digits: z_y/T - lse rounds to a multiple of
+// lse's ulp (1.5e-5 at lse = 250), the difference with the max is exact. NaN with the row's lse.
+template <typename acc_t>
+KL_HOST_DEVICE acc_t label_logprob(const RowSums<acc_t>& r, acc_t scaled_label_logit, acc_t lse) {
+  return lse != lse ? lse : (scaled_label_logit - r.m) - std::log(r.s);
+}
+
 template <typename acc_t>
 KL_HOST_DEVICE acc_t entropy(const RowSums<acc_t>& r, acc_t lse) {
   return lse != lse ? lse : std::log(r.s) - r.sx / r.s;  // NaN with the row's lse

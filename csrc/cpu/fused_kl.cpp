@@ -236,11 +236,11 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
         return value * inv_t;
       };
       lse[n] = row_lse;
-      logp[n] = bad ? nan : label_logit(read, row) - row_lse;
+      logp[n] = bad ? nan : label_logprob(p, label_logit(read, row), row_lse);
       if (need_entropy) ent[n] = bad ? nan : entropy(p, row_lse);
       if (has_ref) {
         ref_lse[n] = log_sum_exp(q);
-        ref_logp[n] = bad ? nan : label_logit(read_ref, ref_row) - ref_lse[n];
+        ref_logp[n] = bad ? nan : label_logprob(q, label_logit(read_ref, ref_row), ref_lse[n]);
         if (need_full) kl[n] = bad ? nan : full_kl(p, row_lse, ref_lse[n]);
       }
     }

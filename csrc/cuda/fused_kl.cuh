@@ -177,12 +177,13 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
   const bool bad = label < 0 || label >= p.V;
   const float nan = __int_as_float(0x7fc00000);
   auto out = [&](float value) { return bad ? nan : value; };
-  p.logp[n] = out(!bad ? to_float(row[label]) * inv_t - lse : 0.0f);
+  p.logp[n] = out(!bad ? label_logprob(ps, to_float(row[label]) * inv_t, lse) : 0.0f);
   if (p.need_entropy) p.entropy[n] = out(entropy(ps, lse));
   if (has_ref) {
-    const float ref_lse = log_sum_exp(scaled(reference, inv_t));
+    const RowSums<float> qs = scaled(reference, inv_t);
+    const float ref_lse = log_sum_exp(qs);
     p.ref_lse[n] = ref_lse;
-    p.ref_logp[n] = out(!bad ? to_float(ref_row[label]) * inv_t - ref_lse : 0.0f);
+    p.ref_logp[n] = out(!bad ? label_logprob(qs, to_float(ref_row[label]) * inv_t, ref_lse) : 0.0f);
     if (p.need_full) p.full_kl[n] = out(full_kl(ps, lse, ref_lse));
   }
 }

@@ -130,7 +130,8 @@ def _fused_kl_fwd_kernel(
     safe_label = tl.where(in_range, label, 0)
     bad = tl.where(in_range, 0.0, float("nan"))  # added to each output of the row
     z_y = tl.load(row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
-    tl.store(logp_ptr + row, tl.where(valid, z_y * inv_t - lse + bad, 0.0))
+    # (z_y - m)/T - log s, not z_y/T - lse: a confident token (z_y = m) keeps its digits (fused_kl_math.h)
+    tl.store(logp_ptr + row, tl.where(valid, (z_y * inv_t - m * inv_t) - tl.log(s) + (lse - lse) + bad, 0.0))
     if NEED_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - sx * inv_t / s + (lse - lse) + bad, 0.0))
     if HAS_REF:
@@ -138,7 +139,7 @@ def _fused_kl_fwd_kernel(
         ref_lse = tl.where(ref_lse == float("inf"), float("nan"), ref_lse)
         tl.store(ref_lse_ptr + row, tl.where(valid, ref_lse, 0.0))
         ref_z_y = tl.load(ref_row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
-        tl.store(ref_logp_ptr + row, tl.where(valid, ref_z_y * inv_t - ref_lse + bad, 0.0))
+        tl.store(ref_logp_ptr + row, tl.where(valid, (ref_z_y * inv_t - ref_m * inv_t) - tl.log(ref_s) + (ref_lse - ref_lse) + bad, 0.0))
         if NEED_FULL:
             tl.store(full_kl_ptr + row, tl.where(valid, sd * inv_t / s - lse + ref_lse + bad, 0.0))
 
