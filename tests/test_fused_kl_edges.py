@@ -199,16 +199,24 @@ def test_fuzz(backend, seed):
         # values and gradients at valid positions against float64 formulas on the clean inputs
         truth, truth_grad = _truth(logits, ref_logits, labels, mask, weights, estimator, temperature, clamps, layout)
         kl = out.kl.detach().double()
-        finite = torch.isfinite(truth["kl"]) & mask
-        torch.testing.assert_close(kl[finite], truth["kl"][finite], atol=1e-3, rtol=1e-3, msg=lambda detail: f"{what}\n{detail}")
+        finite = _representable(truth["kl"]) & mask  # k3's exp(-d) passes float32's range at d < -88.7
+        torch.testing.assert_close(kl[finite], truth["kl"][finite], atol=1e-3, rtol=1e-3,
+                                   msg=lambda detail: f"{what}\n{detail}")
         assert (kl[~mask] == 0).all(), what
         if finite.sum() == mask.sum():  # every counted value finite: the sums are too
-            torch.testing.assert_close(out.kl_sum.detach().double(), truth["kl_sum"], atol=1e-3, rtol=1e-3, msg=lambda detail: f"{what}\n{detail}")
-        rows = mask & torch.isfinite(truth_grad).all(-1)
+            sums = _representable(truth["kl_sum"])
+            torch.testing.assert_close(out.kl_sum.detach().double()[sums], truth["kl_sum"][sums], atol=1e-3, rtol=1e-3,
+                                       msg=lambda detail: f"{what}\n{detail}")
+        rows = mask & _representable(truth_grad).all(-1)
         scale = truth_grad[rows].abs().max().item() if rows.any() else 0.0
         error = (poisoned.grad.double() - truth_grad).abs()
         allowed = 1e-3 * truth_grad.abs() + 1e-5 * (1 + scale) + truth["grad_rounding"].unsqueeze(-1)
         assert (error[rows] <= allowed[rows]).all(), f"{what}: gradient off by {(error - allowed)[rows].max():.3g}"
+
+
+def _representable(values):
+    # float64 truth that float32 outputs can hold at all
+    return values.abs() < torch.finfo(torch.float32).max / 2
 
 
 def _truth(logits, ref_logits, labels, mask, weights, estimator, temperature, clamps, layout):
