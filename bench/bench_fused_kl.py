@@ -45,14 +45,4 @@ def bench_fused_kl(benchmark, providers, provider, tokens, vocab, dtype, mode):
     else:
         # every provider reads the same rounded inputs; float32 accumulation is the error left
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
-    step = bench.make_step(fn, inputs, mode)
-    step.prepare()
-    step.run()  # warm-up (and compile)
-    benchmark.group = f"{tokens}x{vocab} {str(dtype)[6:]} {mode}"
-
-    def run():
-        step.prepare()
-        step.run()
-        bench._sync(DEVICE)
-
-    benchmark(run)
+    bench.run_benchmark(benchmark, bench.make_step(fn, inputs, mode), DEVICE, f"{tokens}x{vocab} {str(dtype)[6:]} {mode}")

@@ -8,11 +8,12 @@ from .controllers import AdaptiveKLController, FixedKLController
 from .diagnostics import Diagnosis, diagnose
 from .dispatch import BackendInfo, available_backends
 from .estimators import kl_from_logprobs
-from .linear import linear_token_logprobs
+from .linear import linear_kl_penalty, linear_token_logprobs
 
 __all__ = [
     "AdaptiveKLController", "BackendInfo", "Diagnosis", "FixedKLController", "KLPenaltyOutput",
-    "aggregate", "available_backends", "diagnose", "kl_from_logprobs", "kl_penalty", "kl_rewards", "linear_token_logprobs",
+    "aggregate", "available_backends", "diagnose", "kl_from_logprobs", "kl_penalty", "kl_rewards", "linear_kl_penalty",
+    "linear_token_logprobs",
     "token_logprobs",
 ]
 __version__ = "0.1.0"

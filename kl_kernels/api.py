@@ -111,29 +111,38 @@ def _sequence_sums(values, layout, offsets):
     return torch.segment_reduce(values.double(), "sum", offsets=offsets, initial=0).to(values.dtype)
 
 
-def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
-               kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
-               ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, backend=None):
-    """The fused KL penalty pass; see SPEC.md section 2 for every field of the result."""
-    _check_logits_labels(logits, labels, inplace_backward)
-    validate = validate and check.has_values(logits)
-    if logits.dim() == 3:
+class _PenaltyPlan(NamedTuple):
+    """What kl_penalty and linear_kl_penalty decide before the fused pass, from checked arguments."""
+    layout: str  # "padded" ([B, T] labels) or "packed" ([N] labels)
+    offsets: torch.Tensor | None  # packed: sequence boundaries [B+1], clamped into range
+    estimator: object  # estimators.Estimator
+    temperature: object  # float, or [N] tensor in the compute dtype
+    ignore_index: int
+    dtype: torch.dtype  # compute dtype of the outputs
+
+
+def _plan_penalty(labels, device, vocab, dtype, *, source, ref_logprobs, mask, cu_seqlens, kl_coef, estimator,
+                  temperature, log_ratio_clamp, kl_clamp, ignore_index, validate, has_ref_model):
+    """The checks and choices shared by the logits and hidden-state forms of the penalty.
+
+    source: (name, shape) of the policy input for messages ("logits" or "hidden"); has_ref_model:
+    whether the reference comes as logits / hidden states (else ref_logprobs)."""
+    name, shape = source
+    if labels.dim() == 2:
         layout = "padded"
         if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is for the packed layout (logits [N, V]); got padded logits "
-                             f"of shape {tuple(logits.shape)}")
-    elif logits.dim() == 2:
+            raise ValueError(f"cu_seqlens is for the packed layout ({name} [N, ...]); got padded {name} "
+                             f"of shape {tuple(shape)}")
+    elif labels.dim() == 1:
         layout = "packed"
     else:
-        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
-    device, vocab = logits.device, logits.shape[-1]
-    if (ref_logits is None) == (ref_logprobs is None):
-        raise ValueError("exactly one of ref_logits or ref_logprobs must be given, got "
-                         + ("both" if ref_logits is not None else "neither"))
-    if ref_logits is not None:
-        check.floating(ref_logits, "ref_logits")
-        check.shape(ref_logits, logits.shape, "ref_logits", "the logits' shape")
-    else:
+        last = "V" if name == "logits" else "H"
+        raise ValueError(f"{name} must be [B, T, {last}] (padded) or [N, {last}] (packed), got shape {tuple(shape)}")
+    if has_ref_model == (ref_logprobs is not None):
+        ref_name = "ref_logits" if name == "logits" else "ref_hidden"
+        raise ValueError(f"exactly one of {ref_name} or ref_logprobs must be given, got "
+                         + ("both" if has_ref_model else "neither"))
+    if ref_logprobs is not None:
         check.tensor(ref_logprobs, "ref_logprobs")
         if not ref_logprobs.is_floating_point():
             raise TypeError(f"ref_logprobs must be a floating tensor, got dtype {ref_logprobs.dtype}")
@@ -146,21 +155,19 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
         check.integer(cu_seqlens, "cu_seqlens")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"cu_seqlens must be 1-D [B+1], got shape {tuple(cu_seqlens.shape)}")
-    check.same_device(device, ref_logits=ref_logits, ref_logprobs=ref_logprobs, mask=mask, cu_seqlens=cu_seqlens)
+    check.same_device(device, ref_logprobs=ref_logprobs, mask=mask, cu_seqlens=cu_seqlens)
     est = parse_estimator(estimator, log_ratio_clamp, kl_clamp)
-    if est.name == "full" and ref_logits is None:
-        raise ValueError("estimator 'full' needs ref_logits (the exact KL sums over the vocabulary); "
-                         "got ref_logprobs")
+    if est.name == "full" and not has_ref_model:
+        raise ValueError(f"estimator 'full' needs {'ref_logits' if name == 'logits' else 'ref_hidden'} "
+                         "(the exact KL sums over the vocabulary); got ref_logprobs")
     check.nonnegative_coef(kl_coef, "kl_coef", validate)
     ignore_index = check.ignore_index(ignore_index)
-    dtype = compute_dtype(logits.dtype)
 
+    per_sequence = None
     if layout == "padded":
-        n_seqs, offsets = logits.shape[0], None
-        per_sequence = None
+        offsets = None
     elif cu_seqlens is None:
-        n_seqs, offsets = 1, torch.tensor([0, n_tokens], dtype=torch.int64, device=device)
-        per_sequence = None
+        offsets = torch.tensor([0, n_tokens], dtype=torch.int64, device=device)
     else:
         n_seqs = cu_seqlens.numel() - 1
         if validate:
@@ -172,15 +179,15 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
     temp = _temperature(temperature, labels.shape, device, dtype, validate, per_sequence)
     if validate:
         check.label_values(labels, vocab, ignore_index)
-    dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
-    chosen = select_backend(backend, device, dtypes)
+    return _PenaltyPlan(layout, offsets, est, temp, ignore_index, dtype)
 
-    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
-        chosen.impl, _as_rows(logits), flat_labels, None if ref_logits is None else _as_rows(ref_logits),
-        temp, ignore_index, bool(return_entropy), est.name == "full", bool(inplace_backward))
-    labelled = flat_labels != ignore_index
-    if ref_logits is None:
+
+def _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy, full_kl, ref_logprobs, mask, kl_coef):
+    """The O(N) end of the pass, shared by every backend and both forms: the estimator on selected
+    inputs, the mask, the penalty and the per-sequence sums."""
+    dtype, device = plan.dtype, logp.device
+    labelled = flat_labels != plan.ignore_index
+    if ref_logprobs is not None:
         given = ref_logprobs.detach().reshape(-1).to(dtype)
         ref_logp = torch.where(labelled, given, torch.zeros((), dtype=dtype, device=device))
     valid = labelled if mask is None else labelled & (mask.reshape(-1) != 0)
@@ -188,18 +195,46 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
     # inputs (log-ratio 0), so neither their NaN nor an overflowing exp reaches a value or a gradient
     zero = torch.zeros((), dtype=dtype, device=device)
     safe = lambda t: None if t is None else torch.where(valid, t, zero)  # noqa: E731
-    kl = torch.where(valid, estimate(est, safe(logp), safe(ref_logp), safe(full_kl)), zero)
+    kl = torch.where(valid, estimate(plan.estimator, safe(logp), safe(ref_logp), safe(full_kl)), zero)
     shape = labels.shape
-    if layout == "padded":
+    if plan.layout == "padded":
         kl_seq, valid_seq = kl.view(shape), valid.view(shape).to(dtype)
     else:
         kl_seq, valid_seq = kl, valid.to(dtype)
-    kl_sum = _sequence_sums(kl_seq, layout, offsets)
-    counts = _sequence_sums(valid_seq, layout, offsets)
+    kl_sum = _sequence_sums(kl_seq, plan.layout, plan.offsets)
+    counts = _sequence_sums(valid_seq, plan.layout, plan.offsets)
     # a sequence with no valid token has kl_sum exactly 0 (selected), so 0 / 1 = 0: no select needed
     kl_mean = kl_sum / counts.clamp(min=1)
     coef = kl_coef.to(device=device, dtype=dtype) if isinstance(kl_coef, torch.Tensor) else float(kl_coef)
     penalty = -coef * kl
     return KLPenaltyOutput(
         logp.view(shape), ref_logp.view(shape), kl.view(shape), penalty.view(shape), kl_sum, kl_mean,
-        entropy.view(shape) if return_entropy else None)
+        None if entropy is None else entropy.view(shape))
+
+
+def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
+               kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
+               ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, backend=None):
+    """The fused KL penalty pass; see SPEC.md section 2 for every field of the result."""
+    _check_logits_labels(logits, labels, inplace_backward)
+    validate = validate and check.has_values(logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+    if ref_logits is not None:
+        check.floating(ref_logits, "ref_logits")
+        check.shape(ref_logits, logits.shape, "ref_logits", "the logits' shape")
+        check.same_device(logits.device, ref_logits=ref_logits)
+    plan = _plan_penalty(
+        labels, logits.device, logits.shape[-1], compute_dtype(logits.dtype), source=("logits", logits.shape),
+        ref_logprobs=ref_logprobs, mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator,
+        temperature=temperature, log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index,
+        validate=validate, has_ref_model=ref_logits is not None)
+    dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
+    chosen = select_backend(backend, logits.device, dtypes)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
+        chosen.impl, _as_rows(logits), flat_labels, None if ref_logits is None else _as_rows(ref_logits),
+        plan.temperature, plan.ignore_index, bool(return_entropy), plan.estimator.name == "full",
+        bool(inplace_backward))
+    return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
+                            ref_logprobs, mask, kl_coef)

@@ -217,16 +217,18 @@ class Step:
         self.prepare, self.run = prepare, run
 
 
-def make_step(fn, inputs, mode):
+def make_step(fn, inputs, mode, leaves=1):
     """fwd: time the forward; fwd+bwd: forward and backward; bwd: only the backward of a forward
-    run (untimed) just before."""
-    logits, ref_logits, labels, mask = inputs
-    leaf = logits.requires_grad_(mode != "fwd")
+    run (untimed) just before. The first `leaves` inputs receive gradients (the logits here; hidden
+    states and weight in bench_linear)."""
+    grads = [t.requires_grad_(mode != "fwd") for t in inputs[:leaves]]
+    rest = inputs[leaves:]
     state = {}
 
     def forward():
-        leaf.grad = None  # the previous step's gradient is not part of this step's memory
-        state["out"] = fn(leaf, ref_logits, labels, mask)
+        for leaf in grads:
+            leaf.grad = None  # the previous step's gradient is not part of this step's memory
+        state["out"] = fn(*grads, *rest)
         return state["out"]
 
     def backward():
@@ -238,8 +240,22 @@ def make_step(fn, inputs, mode):
         step = Step(forward, backward)
     else:
         step = Step(lambda: None, lambda: (forward(), backward()))
-    step.leaf, step.state = leaf, state
+    step.leaves, step.state = grads, state
     return step
+
+
+def run_benchmark(benchmark, step, device, group):
+    """One pytest-benchmark case (bench/): a warm-up (and compile) step, then the timed steps."""
+    step.prepare()
+    step.run()
+    benchmark.group = group
+
+    def run():
+        step.prepare()
+        step.run()
+        _sync(device)
+
+    benchmark(run)
 
 
 def bench_case(fn, provider, estimator, tokens, vocab, dtype, mode, device, repeats, bandwidth):
@@ -264,10 +280,14 @@ def bench_case(fn, provider, estimator, tokens, vocab, dtype, mode, device, repe
 
 def peak_extra_bytes(fn, tokens, vocab, dtype, mode, device):
     """Peak memory the timed part of one step adds over its inputs (after a warm-up step)."""
-    step = make_step(fn, make_inputs(tokens, vocab, dtype, device), mode)
+    return step_peak_bytes(make_step(fn, make_inputs(tokens, vocab, dtype, device), mode), device)
+
+
+def step_peak_bytes(step, device):
     step.prepare()
     step.run()
-    step.leaf.grad = None
+    for leaf in step.leaves:
+        leaf.grad = None
     step.state.clear()
     step.prepare()
     with PeakMemory(device) as peak:
@@ -309,7 +329,8 @@ def environment(device):
 
 
 def row_key(row):
-    return (row["provider"], row.get("estimator", "k1"), row["dtype"], row["vocab"], row["tokens"], row["mode"])
+    return (row["provider"], row.get("estimator", "k1"), row["dtype"], row["vocab"], row["tokens"], row["mode"],
+            row.get("hidden"))
 
 
 def compare(rows, baseline_file, threshold):
@@ -383,35 +404,60 @@ def main(argv=None):
     parser.add_argument("--compare", metavar="FILE", help="a previous --json file: flag rows slower than it")
     parser.add_argument("--threshold", type=float, default=0.15,
                         help="--compare flags a row slower by more than this fraction (default 0.15)")
+    parser.add_argument("--linear", action="store_true",
+                        help="from hidden states: F.linear + penalty (eager, compile), TRL's chunked head, "
+                             "logits+<backend>, and linear_kl_penalty per backend (kl_kernels/bench_linear.py)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024], help="hidden sizes for --linear")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    providers = args.providers or default_providers(device)
     env = environment(device)
     bandwidth = read_bandwidth(device)
     print(f"# {env['device']}, {env['threads']} threads, torch {env['torch']}, commit {env['commit']}; "
           f"{'copy' if device.type == 'cuda' else 'read'} bandwidth {bandwidth:.1f} GB/s; estimator {args.estimator}")
-    print(f"{'provider':<10} {'dtype':<9} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>15} "
-          f"{'GB/s':>7} {'%bw':>5} {'peak MB':>8} {'max err':>9} {'vs eager':>8}")
-    providers = [p for p in providers if not (args.estimator == "full" and p in SAMPLED_ONLY)]
-    fns = {provider: make_provider(provider, args.estimator) for provider in providers}
+    if args.linear:
+        from . import bench_linear as suite
+        providers = args.providers or suite.default_providers(device)
+        hidden_sizes = args.hidden
+        print(f"{'provider':<12} {'dtype':<9} {'hidden':>6} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>17} "
+              f"{'peak MB':>8} {'max err':>9} {'vs eager':>8}")
+    else:
+        suite = None
+        providers = args.providers or default_providers(device)
+        hidden_sizes = [None]
+        print(f"{'provider':<10} {'dtype':<9} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>15} "
+              f"{'GB/s':>7} {'%bw':>5} {'peak MB':>8} {'max err':>9} {'vs eager':>8}")
+    providers = [p for p in providers if not (args.estimator == "full" and p in SAMPLED_ONLY | {"trl"})]
+    fns = {provider: (suite or sys.modules[__name__]).make_provider(provider, args.estimator) for provider in providers}
     rows = []
     for dtype in args.dtype:
-        for vocab in args.vocab:
-            for mode in args.modes:
-                eager_ms = None
-                for provider in providers:
-                    if mode != "fwd" and provider in FORWARD_ONLY:
-                        continue
-                    row = bench_case(fns[provider], provider, args.estimator, args.tokens, vocab, DTYPES[dtype], mode,
-                                     device, args.repeats, bandwidth)
-                    eager_ms = row["median_ms"] if provider == "eager" else eager_ms
-                    row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else None
-                    rows.append(row)
+        for hidden_size in hidden_sizes:
+            for vocab in args.vocab:
+                for mode in args.modes:
+                    eager_ms = None
+                    for provider in providers:
+                        if mode != "fwd" and provider in FORWARD_ONLY:
+                            continue
+                        if suite:
+                            row = suite.bench_case(fns[provider], provider, args.estimator, args.tokens, hidden_size,
+                                                   vocab, DTYPES[dtype], mode, device, args.repeats)
+                        else:
+                            row = bench_case(fns[provider], provider, args.estimator, args.tokens, vocab,
+                                             DTYPES[dtype], mode, device, args.repeats, bandwidth)
+                        eager_ms = row["median_ms"] if provider == "eager" else eager_ms
+                        row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else None
+                        rows.append(row)
     fix_malloc_for_peaks()
     for row in rows:
+        speedup = f"{row['speedup_vs_eager']:.2f}x" if row["speedup_vs_eager"] else "-"
+        if suite:
+            row["peak_extra_mb"] = suite.peak_extra_bytes(fns[row["provider"]], args.tokens, row["hidden"],
+                                                          row["vocab"], DTYPES[row["dtype"]], row["mode"], device) / 2**20
+            print(f"{row['provider']:<12} {row['dtype']:<9} {row['hidden']:>6} {row['vocab']:>7} {row['mode']:<8} "
+                  f"{row['median_ms']:>10.2f} {row['p20_ms']:>8.2f}-{row['p80_ms']:<8.2f} {row['peak_extra_mb']:>8.1f} "
+                  f"{row['max_abs_error']:>9.2e} {speedup:>8}", flush=True)
+            continue
         row["peak_extra_mb"] = peak_extra_bytes(fns[row["provider"]], args.tokens, row["vocab"], DTYPES[row["dtype"]],
                                                 row["mode"], device) / 2**20
-        speedup = f"{row['speedup_vs_eager']:.2f}x" if row["speedup_vs_eager"] else "-"
         print(f"{row['provider']:<10} {row['dtype']:<9} {row['vocab']:>7} {row['mode']:<8} {row['median_ms']:>10.2f} "
               f"{row['p20_ms']:>7.2f}-{row['p80_ms']:<7.2f} {row['gb_per_s']:>7.1f} "
               f"{row['pct_bandwidth']:>5.1f} {row['peak_extra_mb']:>8.1f} {row['max_abs_error']:>9.2e} "

@@ -8,8 +8,10 @@ z recomputed, the backend's fused_kl_bwd written over it in place (dlogits), g's
 grad_hidden_tile = dlogits @ weight and grad_weight += dlogits^T @ hidden_tile in float32. Tiles
 come from the shapes and a memory budget only, in a fixed order: results are bitwise reproducible.
 
-integrations.trl and integrations.verl serve the trainers' hidden-state heads (TRL's
-ChunkedLogProbFunction, verl's linear_cross_entropy) with it.
+linear_kl_penalty adds the reference model's tiles (frozen) and finishes with kl_penalty's O(N)
+epilogue (api._penalty_outputs): same estimators, masks, sums and outputs. integrations.trl and
+integrations.verl serve the trainers' hidden-state heads (TRL's ChunkedLogProbFunction, verl's
+linear_cross_entropy) with linear_token_logprobs.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ from .reference import compute_dtype
 TILE_BYTES = 64 << 20  # the logits tile and its gradient: what one tile may hold at a time
 
 
-def _rows_per_tile(vocab: int, element_bytes: int, tile_bytes: int) -> int:
+def _rows_per_tile(vocab: int, element_bytes: int, tile_bytes: int, has_ref: bool) -> int:
     # the tile (input dtype), its float32 transform when g is not the identity, and the
-    # backward's gradient over it: about three tile-sized buffers
-    return max(1, tile_bytes // max(1, 3 * vocab * max(element_bytes, 4)))
+    # backward's gradient over it: about three tile-sized buffers, one more for a reference tile
+    buffers = 4 if has_ref else 3
+    return max(1, tile_bytes // max(1, buffers * vocab * max(element_bytes, 4)))
 
 
 def _logits_tile(hidden_tile, weight, bias, logit_scale, softcap):
@@ -46,63 +49,83 @@ def _logits_tile(hidden_tile, weight, bias, logit_scale, softcap):
     return tanh * softcap, tanh
 
 
-class LinearLogprobsFunction(torch.autograd.Function):
+class LinearKLFunction(torch.autograd.Function):
+    """The fused pass over logits made tile by tile from hidden states: the backend's fused_kl_fwd /
+    fused_kl_bwd (the reference.py contract) on each [rows, V] tile of the policy (and, when given,
+    of the frozen reference model: ref_hidden, ref_weight, ref_bias, no gradient). Same four outputs
+    as ops.FusedKLFunction: logp, ref_logp (None without a reference), entropy, full_kl."""
+
     @staticmethod
-    def forward(ctx, impl, hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index,
-                need_entropy, rows):
-        n_tokens = hidden.shape[0]
+    def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature,
+                logit_scale, softcap, ignore_index, need_entropy, need_full, rows):
+        n_tokens, has_ref = hidden.shape[0], ref_hidden is not None
         dtype = compute_dtype(hidden.dtype)
-        logp = hidden.new_empty((n_tokens,), dtype=dtype)
-        entropy = hidden.new_empty((n_tokens if need_entropy else 0,), dtype=dtype)
-        lse = hidden.new_empty((n_tokens,), dtype=dtype)
+        new = lambda needed: hidden.new_empty((n_tokens if needed else 0,), dtype=dtype)  # noqa: E731
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = (
+            new(True), new(has_ref), new(need_entropy), new(need_full), new(True), new(has_ref))
         for n0 in range(0, n_tokens, rows):
             n1 = min(n0 + rows, n_tokens)
             z, _ = _logits_tile(hidden[n0:n1], weight, bias, logit_scale, softcap)
-            tile_logp, _, tile_entropy, _, tile_lse, _ = impl.fused_kl_fwd(
-                z.unsqueeze(0), labels[n0:n1], None, _rows(temperature, n0, n1), ignore_index, need_entropy, False)
-            logp[n0:n1], lse[n0:n1] = tile_logp, tile_lse
-            if need_entropy:
-                entropy[n0:n1] = tile_entropy
+            ref_z = _logits_tile(ref_hidden[n0:n1], ref_weight, ref_bias, logit_scale, softcap)[0] if has_ref else None
+            tile = impl.fused_kl_fwd(z.unsqueeze(0), labels[n0:n1], None if ref_z is None else ref_z.unsqueeze(0),
+                                     _rows(temperature, n0, n1), ignore_index, need_entropy, need_full)
+            for out, value in zip((logp, ref_logp, entropy, full_kl, lse, ref_lse), tile):
+                if value is not None and out.numel():
+                    out[n0:n1] = value
         ctx.set_materialize_grads(False)
         ctx.impl, ctx.logit_scale, ctx.softcap, ctx.ignore_index, ctx.rows = impl, logit_scale, softcap, ignore_index, rows
         ctx.scalar_temperature = None if isinstance(temperature, torch.Tensor) else temperature
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy,
+        # the reference model is saved only for `full`, whose gradient reads its logits
+        ctx.save_for_backward(hidden, weight, bias, *((ref_hidden, ref_weight, ref_bias) if need_full else (None,) * 3),
+                              labels, lse, ref_lse if need_full else None, entropy, full_kl,
                               temperature if isinstance(temperature, torch.Tensor) else None)
-        return logp, entropy
+        if has_ref:
+            ctx.mark_non_differentiable(ref_logp)
+        return logp, ref_logp if has_ref else None, entropy if need_entropy else None, full_kl if need_full else None
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
         first_order_only()
-        hidden, weight, bias, labels, lse, entropy, tensor_temperature = ctx.saved_tensors
+        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, entropy, full_kl,
+         tensor_temperature) = ctx.saved_tensors
         temperature = tensor_temperature if tensor_temperature is not None else ctx.scalar_temperature
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 11
+        if grad_logp is None and grad_entropy is None and grad_full is None:
+            return (None,) * 15
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        use_ref = grad_full is not None and ref_hidden is not None
+        # rows nothing flows back from (masked, ignored) have dlogits 0, but 0 * NaN is NaN in the
+        # weight gradient's matmul: their hidden rows are replaced by 0 there (select, not multiply)
+        live = labels != ctx.ignore_index
+        flows = [g != 0 for g in (grad_logp, grad_entropy, grad_full) if g is not None]
+        live = live & torch.stack(flows).any(0)
+        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
         for n0 in range(0, hidden.shape[0], ctx.rows):
             n1 = min(n0 + ctx.rows, hidden.shape[0])
             hidden_tile = hidden[n0:n1]
             z, tanh = _logits_tile(hidden_tile, weight, bias, ctx.logit_scale, ctx.softcap)
+            ref_z = _logits_tile(ref_hidden[n0:n1], ref_weight, ref_bias, ctx.logit_scale, ctx.softcap)[0] \
+                if use_ref else None
             dz = ctx.impl.fused_kl_bwd(
-                _rows(grad_logp, n0, n1), _rows(grad_entropy, n0, n1), None, z.unsqueeze(0), labels[n0:n1], None,
-                _rows(temperature, n0, n1), ctx.ignore_index, lse[n0:n1], None,
-                entropy[n0:n1] if entropy.numel() else None, None, True)
+                _rows(grad_logp, n0, n1), _rows(grad_entropy, n0, n1), _rows(grad_full, n0, n1), z.unsqueeze(0),
+                labels[n0:n1], None if ref_z is None else ref_z.unsqueeze(0), _rows(temperature, n0, n1),
+                ctx.ignore_index, lse[n0:n1], ref_lse[n0:n1] if use_ref else None,
+                entropy[n0:n1] if entropy.numel() else None, full_kl[n0:n1] if full_kl.numel() else None, True)
             dz = z if dz is None else dz.view(z.shape)  # the in-place op returns nothing: z holds dlogits
-            if tanh is not None:
-                dz = dz * (1.0 - tanh * tanh)
+            if tanh is not None:  # selected: a dead row's tanh may be NaN (NaN hidden states under the mask)
+                dz = torch.where(live[n0:n1, None], dz * (1.0 - tanh * tanh), 0.0)
             if ctx.logit_scale != 1.0:
                 dz = dz * ctx.logit_scale
             dz = dz.to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[n0:n1] = dz @ weight
             if grad_weight is not None:
-                grad_weight += (dz.t() @ hidden_tile).float()
+                grad_weight += (dz.t() @ torch.where(live[n0:n1, None], hidden_tile, zero)).float()
             if grad_bias is not None:
                 grad_bias += dz.float().sum(0)
-        return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias),
-                None, None, None, None, None, None, None)
+        return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 11
 
 
 def _rows(value, n0, n1):
@@ -127,7 +150,11 @@ def _check_linear(hidden, weight, bias, labels, arg_prefix=""):
         check.floating(bias, f"{arg_prefix}bias")
         check.shape(bias, (weight.shape[0],), f"{arg_prefix}bias", f"[V] = [{weight.shape[0]}]")
     check.shape(labels, hidden.shape[:-1], "labels", f"{arg_prefix}hidden's shape without the hidden dim")
-    check.same_device(hidden.device, **{f"{arg_prefix}weight": weight, f"{arg_prefix}bias": bias, "labels": labels})
+    check.same_device(labels.device, **{f"{arg_prefix}hidden": hidden, f"{arg_prefix}weight": weight,
+                                        f"{arg_prefix}bias": bias})
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(f"{arg_prefix}weight and {arg_prefix}bias must have {arg_prefix}hidden's dtype {hidden.dtype} "
+                        f"(as F.linear), got {weight.dtype}{'' if bias is None else ' / ' + str(bias.dtype)}")
 
 
 def _check_transform(logit_scale, softcap):
@@ -141,6 +168,21 @@ def _check_transform(logit_scale, softcap):
     return float(logit_scale), None if softcap is None else float(softcap)
 
 
+def _check_common(labels, hidden, process_group, logit_scale, softcap, tile_bytes):
+    check.integer(labels, "labels")
+    if process_group is not None:
+        raise NotImplementedError("process_group (a tensor-parallel vocabulary) is not served by the "
+                                  "hidden-state functions yet; pass the full weight")
+    if isinstance(tile_bytes, bool) or not isinstance(tile_bytes, numbers.Integral) or tile_bytes <= 0:
+        raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
+    return _check_transform(logit_scale, softcap)
+
+
+def _tile_dtype(dtype, logit_scale, softcap):
+    # the logits tile keeps the matmul's dtype under the identity transform, else it is float32
+    return dtype if softcap is None and logit_scale == 1.0 else torch.float32
+
+
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                           ignore_index=-100, return_entropy=False, validate=True, process_group=None, backend=None,
                           tile_bytes=TILE_BYTES):
@@ -151,29 +193,66 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     tile_bytes bounds the logits tile and its gradient (about rows x V x 12 bytes)."""
     from .api import _temperature
 
-    check.integer(labels, "labels")
+    logit_scale, softcap = _check_common(labels, hidden, process_group, logit_scale, softcap, tile_bytes)
     _check_linear(hidden, weight, bias, labels)
-    if process_group is not None:
-        raise NotImplementedError("process_group (a tensor-parallel vocabulary) is not served by "
-                                  "linear_token_logprobs yet; pass the full weight")
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise TypeError(f"weight and bias must have hidden's dtype {hidden.dtype} (as F.linear), got "
-                        f"{weight.dtype}{'' if bias is None else ' / ' + str(bias.dtype)}")
-    logit_scale, softcap = _check_transform(logit_scale, softcap)
-    if isinstance(tile_bytes, bool) or not isinstance(tile_bytes, numbers.Integral) or tile_bytes <= 0:
-        raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
+    validate = validate and check.has_values(hidden)
     ignore_index = check.ignore_index(ignore_index)
     vocab = weight.shape[0]
-    dtype = compute_dtype(hidden.dtype)
-    temp = _temperature(temperature, labels.shape, hidden.device, dtype, validate)
+    temp = _temperature(temperature, labels.shape, hidden.device, compute_dtype(hidden.dtype), validate)
     if validate:
         check.label_values(labels, vocab, ignore_index)
-    tile_dtype = hidden.dtype if softcap is None and logit_scale == 1.0 else torch.float32
-    chosen = select_backend(backend, hidden.device, (tile_dtype,))
-    rows = _rows_per_tile(vocab, hidden.element_size(), tile_bytes)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    logp, entropy = LinearLogprobsFunction.apply(
-        chosen.impl, flat_hidden, weight, bias, labels.reshape(-1).to(torch.int64).contiguous(), temp, logit_scale,
-        softcap, ignore_index, bool(return_entropy), rows)
+    chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
+    rows = _rows_per_tile(vocab, hidden.element_size(), tile_bytes, has_ref=False)
+    logp, _, entropy, _ = LinearKLFunction.apply(
+        chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None,
+        labels.reshape(-1).to(torch.int64).contiguous(), temp, logit_scale, softcap, ignore_index,
+        bool(return_entropy), False, rows)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+                      ref_logprobs=None, mask=None, cu_seqlens=None, kl_coef=0.1, estimator="k1", temperature=1.0,
+                      logit_scale=1.0, softcap=None, log_ratio_clamp=None, kl_clamp=None, ignore_index=-100,
+                      return_entropy=False, validate=True, process_group=None, backend=None, tile_bytes=TILE_BYTES):
+    """kl_penalty of z = g(hidden @ weight^T + bias) against z' = g(ref_hidden @ ref_weight^T + ref_bias)
+    (or given ref_logprobs), never materialising either (SPEC section 9). Same KLPenaltyOutput.
+
+    hidden [B, T, H] (padded) or [N, H] (packed, with cu_seqlens); ref_hidden has hidden's leading
+    dims and its own hidden size; the reference model is frozen (no gradient reaches it)."""
+    from .api import _penalty_outputs, _plan_penalty
+
+    logit_scale, softcap = _check_common(labels, hidden, process_group, logit_scale, softcap, tile_bytes)
+    _check_linear(hidden, weight, bias, labels)
+    if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError("ref_hidden and ref_weight come together (the reference model's hidden states and "
+                             f"lm_head.weight), got only {'ref_hidden' if ref_weight is None else 'ref_weight'}"
+                             + (" and ref_bias" if ref_bias is not None else ""))
+        check.tensor(ref_weight, "ref_weight")
+        if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight must be [V, H_ref] with weight's vocabulary size V = {weight.shape[0]}, "
+                             f"got shape {tuple(ref_weight.shape)}")
+        _check_linear(ref_hidden, ref_weight, ref_bias, labels, "ref_")
+        check.same_device(hidden.device, ref_hidden=ref_hidden)
+    validate = validate and check.has_values(hidden)
+    plan = _plan_penalty(
+        labels, hidden.device, weight.shape[0], compute_dtype(hidden.dtype), source=("hidden", hidden.shape),
+        ref_logprobs=ref_logprobs, mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator,
+        temperature=temperature, log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index,
+        validate=validate, has_ref_model=ref_hidden is not None)
+    dtypes = [_tile_dtype(hidden.dtype, logit_scale, softcap)]
+    if ref_hidden is not None:
+        dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
+    chosen = select_backend(backend, hidden.device, tuple(dtypes))
+    rows = _rows_per_tile(weight.shape[0], max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size()),
+                          tile_bytes, has_ref=ref_hidden is not None)
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
+    detached = lambda t: None if t is None else t.detach()  # noqa: E731
+    logp, ref_logp, entropy, full_kl = LinearKLFunction.apply(
+        chosen.impl, flat(hidden), weight, bias, flat(detached(ref_hidden)), detached(ref_weight), detached(ref_bias),
+        flat_labels, plan.temperature, logit_scale, softcap, plan.ignore_index, bool(return_entropy),
+        plan.estimator.name == "full", rows)
+    return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
+                            ref_logprobs, mask, kl_coef)

@@ -58,3 +58,30 @@ def test_plot(tmp_path):
             for p in ("eager", "cpu") for m in ("fwd", "fwd+bwd") for v in (50, 80)]
     bench.plot(rows, tmp_path / "plot.png", "test")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("estimator", ["k1", "low_var_kl", "full"])
+def test_linear_providers_agree(estimator):
+    from kl_kernels import bench_linear
+
+    torch.manual_seed(0)
+    inputs = bench_linear.make_inputs(64, 16, 50, torch.float32, torch.device("cpu"))
+    want = bench_linear.eager_linear(*(t.double() if i < 4 else t for i, t in enumerate(inputs)), estimator=estimator,
+                                     dtype=torch.float64)
+    providers = ["eager", "logits+cpu", "cpu", "reference"] + ([] if estimator == "full" else ["trl"])
+    for name in providers:
+        if name == "trl":
+            pytest.importorskip("trl.kernels.chunked_logprob")
+        got = bench_linear.make_provider(name, estimator)(*inputs)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_cli_linear_mode(tmp_path):
+    out = tmp_path / "rows.json"
+    args = ["--linear", "--tokens", "64", "--hidden", "16", "24", "--vocab", "50", "--providers", "eager",
+            "logits+cpu", "cpu", "--repeats", "2", "--modes", "fwd", "fwd+bwd", "--json", str(out)]
+    assert bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 3 * 2 and {row["hidden"] for row in rows} == {16, 24}
+    for row in rows:
+        assert row["median_ms"] > 0 and row["peak_extra_mb"] >= 0 and row["max_abs_error"] < 1e-3

@@ -83,3 +83,176 @@ def test_bad_input():
         kl_kernels.linear_token_logprobs(hidden, weight, labels, softcap=0.0)
     with pytest.raises(NotImplementedError, match="process_group"):
         kl_kernels.linear_token_logprobs(hidden, weight, labels, process_group=object())
+
+
+# linear_kl_penalty: (estimator, layout, reference, transform, tensor temperature)
+PENALTY_CASES = [
+    ("k1", "padded", "model", (1.0, None), False),
+    ("low_var_kl", "packed", "model", (1.0, None), True),
+    ("full", "padded", "model", (0.5, 3.0), False),
+    ("k3+", "padded", "logprobs", (1.0, None), True),
+    ("k2", "packed", "logprobs", (0.5, 3.0), False),
+]
+
+
+def _penalty_inputs(dtype, layout, reference, batch=2, length=13, hidden_size=24, ref_hidden_size=20, vocab=1271):
+    shape = (batch * length,) if layout == "packed" else (batch, length)
+    inputs = dict(
+        hidden=torch.randn(*shape, hidden_size).to(dtype),
+        weight=(torch.randn(vocab, hidden_size) / hidden_size ** 0.5).to(dtype),
+        bias=(torch.randn(vocab) * 0.1).to(dtype),
+        labels=torch.randint(0, vocab, shape),
+        mask=torch.rand(shape) > 0.25)
+    inputs["labels"].view(-1)[:2] = -100
+    if layout == "packed":
+        inputs["cu_seqlens"] = torch.tensor([0, 5, 5, batch * length])
+    if reference == "model":  # the reference model may have its own hidden size
+        inputs["ref_hidden"] = torch.randn(*shape, ref_hidden_size).to(dtype)
+        inputs["ref_weight"] = (torch.randn(vocab, ref_hidden_size) / ref_hidden_size ** 0.5).to(dtype)
+        inputs["ref_bias"] = (torch.randn(vocab) * 0.1).to(dtype)
+    else:
+        inputs["ref_logprobs"] = -torch.rand(shape) * 8
+    return inputs
+
+
+def _penalty_truth(inputs, logit_scale, softcap, **options):
+    """tests/truth.py's kl_penalty on logits made in float64 from the same hidden states and weights."""
+    from truth import kl_penalty as truth_kl_penalty
+
+    def logits(hidden, weight, bias):
+        z = torch.nn.functional.linear(hidden.double(), weight.double(), bias.double()) * logit_scale
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    leaves = [inputs[name].detach().double().requires_grad_() for name in ("hidden", "weight", "bias")]
+    reference = {}
+    if "ref_hidden" in inputs:
+        reference["ref_logits"] = logits(inputs["ref_hidden"], inputs["ref_weight"], inputs["ref_bias"])
+    else:
+        reference["ref_logprobs"] = inputs["ref_logprobs"]
+    out = truth_kl_penalty(logits(*leaves), inputs["labels"], mask=inputs["mask"], cu_seqlens=inputs.get("cu_seqlens"),
+                           **reference, **options)
+    return out, leaves
+
+
+def _penalty_loss(out, mask, weights):
+    # every differentiable output with its own upstream gradient; log-probs and entropy where
+    # counted (a masked row's log-prob is NaN when its hidden states are)
+    g_kl, g_logp, g_entropy, g_sum, g_mean = weights
+    return ((out["kl"] * g_kl).sum() + (out["logprobs"] * g_logp)[mask].sum() + (out["entropy"] * g_entropy)[mask].sum()
+            + (out["kl_sum"] * g_sum).sum() + (out["kl_mean"] * g_mean).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("estimator,layout,reference,transform,tensor_temperature", PENALTY_CASES,
+                         ids=[case[0] for case in PENALTY_CASES])
+def test_kl_penalty_against_float64(backend, dtype, estimator, layout, reference, transform, tensor_temperature):
+    logit_scale, softcap = transform
+    inputs = _penalty_inputs(dtype, layout, reference)
+    shape = inputs["labels"].shape
+    temperature = torch.rand(shape) + 0.5 if tensor_temperature else 0.8
+    options = dict(estimator=estimator, temperature=temperature, kl_coef=0.05,
+                   kl_clamp=5.0 if estimator == "k2" else None)
+    # NaN hidden states in masked rows (policy and reference) must not reach any sum or gradient
+    poisoned = {name: value.clone() for name, value in inputs.items()}
+    for name in ("hidden", "ref_hidden"):
+        if name in poisoned:
+            poisoned[name][~inputs["mask"]] = float("nan")
+    leaves = {name: poisoned[name].requires_grad_() for name in ("hidden", "weight", "bias")}
+    if "ref_hidden" in poisoned:
+        poisoned["ref_weight"].requires_grad_()  # frozen: must receive nothing
+    out = kl_kernels.linear_kl_penalty(**poisoned, logit_scale=logit_scale, softcap=softcap, return_entropy=True,
+                                       backend=backend, tile_bytes=1271 * 4 * 4 * 5, **options)  # 5 rows a tile
+    weights = [torch.randn(shape), torch.randn(shape), torch.randn(shape), torch.randn(3 if layout == "packed" else 2),
+               torch.randn(3 if layout == "packed" else 2)]
+    _penalty_loss(out._asdict(), inputs["mask"], weights).backward()
+    want, exact = _penalty_truth(inputs, logit_scale, softcap, **options)
+    _penalty_loss(want, inputs["mask"], [w.double() for w in weights]).backward()
+
+    tolerance = 2e-5 if dtype == torch.float32 else 5e-2  # bf16: the matmul itself rounds to bf16
+    counted = inputs["mask"] & (inputs["labels"] != -100)
+    for field in ("kl", "penalty", "kl_sum", "kl_mean"):
+        got = getattr(out, field)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), field
+        torch.testing.assert_close(got.double(), want[field].detach(), atol=tolerance, rtol=tolerance, msg=field)
+    for field in ("logprobs", "ref_logprobs", "entropy"):
+        torch.testing.assert_close(getattr(out, field).double()[counted], want[field].detach()[counted],
+                                   atol=tolerance, rtol=tolerance, msg=field)
+    for name, truth_leaf in zip(("hidden", "weight", "bias"), exact):
+        grad = leaves[name].grad
+        assert grad.dtype == dtype and torch.isfinite(grad).all(), name
+        scale = truth_leaf.grad.abs().max().item()
+        error = (grad.double() - truth_leaf.grad).abs().max().item()
+        assert error <= tolerance * max(scale, 1.0) * 4, (name, error, scale)
+    if "ref_hidden" in poisoned:
+        assert poisoned["ref_weight"].grad is None and out.ref_logprobs.grad_fn is None
+
+
+def test_kl_penalty_equals_logits_path_and_is_deterministic(backend):
+    inputs = _penalty_inputs(torch.float32, "padded", "model", vocab=301)
+    inputs["hidden"].requires_grad_()
+
+    def run():
+        out = kl_kernels.linear_kl_penalty(**inputs, estimator="full", return_entropy=True, backend=backend,
+                                           tile_bytes=301 * 16 * 3)
+        (out.kl_sum.sum() + out.entropy.sum()).backward()
+        grad, inputs["hidden"].grad = inputs["hidden"].grad, None
+        return out, grad
+
+    (first, grad), (second, grad_again) = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and torch.equal(grad, grad_again)
+    logits = torch.nn.functional.linear(inputs["hidden"].detach(), inputs["weight"], inputs["bias"])
+    ref_logits = torch.nn.functional.linear(inputs["ref_hidden"], inputs["ref_weight"], inputs["ref_bias"])
+    logits_path = kl_kernels.kl_penalty(logits, inputs["labels"], ref_logits=ref_logits, mask=inputs["mask"],
+                                        estimator="full", return_entropy=True, backend=backend)
+    for field, got, want in zip(first._fields, first, logits_path):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=field)
+
+
+def test_kl_penalty_bad_input():
+    inputs = _penalty_inputs(torch.float32, "padded", "model", vocab=11)
+    cases = [
+        (dict(ref_weight=None), ValueError, "ref_weight"),
+        (dict(ref_hidden=None), ValueError, "ref_hidden"),
+        (dict(ref_weight=torch.randn(12, 20)), ValueError, "ref_weight"),
+        (dict(ref_hidden=torch.randn(2, 12, 20)), ValueError, "labels"),
+        (dict(ref_hidden=torch.randn(2, 13, 21)), ValueError, "ref_hidden"),
+        (dict(ref_bias=torch.randn(10)), ValueError, "ref_bias"),
+        (dict(ref_weight=torch.randn(11, 20, dtype=torch.float64)), TypeError, "ref_weight"),
+        (dict(ref_logprobs=torch.zeros(2, 13)), ValueError, "ref_logprobs"),
+        (dict(ref_hidden=None, ref_weight=None, ref_bias=None, ref_logprobs=torch.zeros(2, 13), estimator="full"),
+         ValueError, "ref_hidden"),
+        (dict(cu_seqlens=torch.tensor([0, 26])), ValueError, "cu_seqlens"),
+        (dict(estimator="k4"), ValueError, "estimator"),
+        (dict(hidden=torch.randn(2, 13, 25)), ValueError, "hidden"),
+    ]
+    for changes, error, words in cases:
+        with pytest.raises(error, match=words):
+            kl_kernels.linear_kl_penalty(**{**inputs, **changes})
+
+
+def test_torch_compile_fullgraph():
+    """The tiled hidden-state path traces whole (its tiles come from shapes only), forward and backward,
+    on the cpu backend (test_fused_kl_ops asserts CI builds it)."""
+    backend = "cpu"
+    if not {b.name: b for b in kl_kernels.available_backends()}[backend].available:
+        pytest.skip("the cpu backend is not built")
+    inputs = _penalty_inputs(torch.float32, "packed", "model", vocab=301)
+    del inputs["mask"]
+
+    def loss(hidden, weight):
+        out = kl_kernels.linear_kl_penalty(hidden, weight, **{k: v for k, v in inputs.items() if k not in ("hidden", "weight")},
+                                           estimator="k3", return_entropy=True, validate=False, backend=backend,
+                                           tile_bytes=301 * 16 * 7)
+        logp = kl_kernels.linear_token_logprobs(hidden, weight, inputs["labels"], softcap=5.0, validate=False,
+                                                backend=backend, tile_bytes=301 * 12 * 9)
+        return out.kl_mean.sum() + 0.1 * out.entropy.sum() + logp.sum()
+
+    eager_leaves = [inputs[k].clone().requires_grad_() for k in ("hidden", "weight")]
+    compiled_leaves = [inputs[k].clone().requires_grad_() for k in ("hidden", "weight")]
+    eager = loss(*eager_leaves)
+    compiled = torch.compile(loss, fullgraph=True)(*compiled_leaves)
+    eager.backward()
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for compiled_leaf, eager_leaf in zip(compiled_leaves, eager_leaves):
+        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)

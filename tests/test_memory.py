@@ -42,3 +42,44 @@ def test_peak_memory(backend, estimator):
     # the backward may add the gradient itself (1x) and one block
     assert backward_extra < 1.35 * logits_bytes, backward_extra / logits_bytes
 
+
+
+LINEAR_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch, kl_kernels
+    torch.set_num_threads(2)
+    N, H, V = 4096, 1024, 128256  # eager: 2.1 GB of float32 logits, 2.1 GB more for their gradient
+    # made in place: a freed temporary would raise the high-water mark the measurement starts from
+    hidden = torch.randn(N, H).requires_grad_(True)
+    weight = torch.randn(V, H).div_(H ** 0.5).requires_grad_(True)
+    ref_hidden, ref_weight = torch.randn(N, H), torch.randn(V, H).div_(H ** 0.5)
+    labels = torch.randint(0, V, (N,))
+    small = torch.randn(64, H)  # warm the kernels and BLAS without a V x H gradient
+    kl_kernels.linear_kl_penalty(hidden[:8], small, labels[:8] % 64, ref_hidden=ref_hidden[:8], ref_weight=small,
+                                 estimator="k3").kl_sum.sum().backward()
+    hidden.grad = None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = kl_kernels.linear_kl_penalty(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                       estimator="k3", return_entropy=True, tile_bytes=int(sys.argv[1]))
+    forward = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (out.kl_sum.sum() + out.entropy.sum()).backward()
+    backward = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((forward - base) * 1024, (backward - base) * 1024)
+""")
+
+
+@pytest.mark.slow  # ~5 TFLOP of matmuls: about a minute on 2 cores
+@pytest.mark.skipif(not kl_kernels.available_backends()[1].available, reason="the cpu backend is not built")
+def test_linear_peak_memory():
+    """SPEC section 9: forward + backward from hidden states at N = 4096, H = 1024, V = 128256 float32
+    hold at most the tile budget + O(N x H + V x H) (the gradients) beyond the inputs."""
+    tile_bytes = 64 << 20
+    result = subprocess.run([sys.executable, "-c", LINEAR_SCRIPT, str(tile_bytes)], capture_output=True, text=True,
+                            check=True)
+    forward_extra, total_extra = map(int, result.stdout.split())
+    n_tokens, hidden_size, vocab = 4096, 1024, 128256
+    gradients = 4 * (n_tokens * hidden_size + vocab * hidden_size)  # float32 grads of hidden and weight
+    logits_bytes = 4 * n_tokens * vocab
+    print(f"peak extra: forward {forward_extra / 2**20:.0f} MiB, forward+backward {total_extra / 2**20:.0f} MiB "
+          f"(eager logits alone: {logits_bytes / 2**20:.0f} MiB)")
+    assert forward_extra < tile_bytes + 16 * 2**20, forward_extra
+    assert total_extra < gradients + tile_bytes + 32 * 2**20, total_extra

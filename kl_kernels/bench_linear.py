@@ -1,0 +1,109 @@
+"""kl-bench --linear: the KL penalty from hidden states (policy and frozen reference model).
+
+Providers: `eager` (F.linear to [N, V] logits for policy and reference, then the eager penalty of
+kl-bench: what a trainer without a fused head runs), `compile` (torch.compile of it), `trl` (TRL's
+ChunkedLogProbFunction for both models, then the estimator and masked sum; when TRL is installed),
+`logits+<backend>` (F.linear to logits, then kl_penalty on that backend: the matmul plus our fused
+kernel on materialised logits) and each backend's `linear_kl_penalty` (tiles of rows, logits never
+whole). Peak memory is the headline: the logits and their gradient are what the fused head saves.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import kl_kernels
+
+from .bench import _estimate, eager_penalty, make_step, measure, step_peak_bytes
+
+TRL_CHUNK_SIZE = 32768  # the vocabulary tile TRL's trainers pass (trl.trainer.utils, TRL 1.16)
+
+
+def make_inputs(tokens, hidden_size, vocab, dtype, device):
+    """hidden and weight as a model gives them ([B, T, H], [V, H]); the reference model a perturbed copy."""
+    batch = max(1, tokens // 512)
+    seq = tokens // batch
+    scale = hidden_size ** -0.5
+    hidden = torch.randn(batch, seq, hidden_size, device=device).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, device=device) * (2 * scale)).to(dtype)
+    ref_hidden = (hidden.float() + 0.1 * torch.randn_like(hidden, dtype=torch.float32)).to(dtype)
+    ref_weight = (weight.float() + 0.1 * scale * torch.randn_like(weight, dtype=torch.float32)).to(dtype)
+    labels = torch.randint(0, vocab, (batch, seq), device=device)
+    mask = (torch.rand(batch, seq, device=device) > 0.1).float()
+    return hidden, weight, ref_hidden, ref_weight, labels, mask
+
+
+def eager_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", dtype=torch.float32):
+    logits = torch.nn.functional.linear(hidden, weight)
+    with torch.no_grad():
+        ref_logits = torch.nn.functional.linear(ref_hidden, ref_weight)
+    return eager_penalty(logits, ref_logits, labels, mask, estimator=estimator, dtype=dtype)
+
+
+def trl_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1"):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    def logprobs(h, w):
+        flat = ChunkedLogProbFunction.apply(h.reshape(-1, h.shape[-1]), w, None, labels.reshape(-1), 1.0,
+                                            TRL_CHUNK_SIZE, None, 1.0, ())[0]
+        return flat.view(labels.shape).float()
+
+    with torch.no_grad():
+        ref_logp = logprobs(ref_hidden, ref_weight)
+    return _estimate(logprobs(hidden, weight), ref_logp, mask, estimator)
+
+
+def logits_then_kernel(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", backend=None):
+    logits = torch.nn.functional.linear(hidden, weight)
+    with torch.no_grad():
+        ref_logits = torch.nn.functional.linear(ref_hidden, ref_weight)
+    return kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits, mask=mask, estimator=estimator,
+                                 validate=False, backend=backend).kl_sum
+
+
+def fused_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", backend=None):
+    return kl_kernels.linear_kl_penalty(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                        mask=mask, estimator=estimator, validate=False, backend=backend).kl_sum
+
+
+def default_providers(device):
+    backends = [b.name for b in kl_kernels.available_backends()
+                if b.available and b.name != "reference" and (b.name == "cpu") == (device.type == "cpu")]
+    names = ["eager", "compile"]
+    try:
+        import trl.kernels.chunked_logprob  # noqa: F401
+        names.append("trl")
+    except ImportError:
+        pass
+    return names + [f"logits+{name}" for name in backends] + backends
+
+
+def make_provider(name, estimator):
+    if name == "eager":
+        return functools.partial(eager_linear, estimator=estimator)
+    if name == "compile":
+        return torch.compile(functools.partial(eager_linear, estimator=estimator))
+    if name == "trl":
+        return functools.partial(trl_linear, estimator=estimator)
+    if name.startswith("logits+"):
+        return functools.partial(logits_then_kernel, estimator=estimator, backend=name.split("+", 1)[1])
+    return functools.partial(fused_linear, estimator=estimator, backend=name)
+
+
+def bench_case(fn, provider, estimator, tokens, hidden_size, vocab, dtype, mode, device, repeats):
+    inputs = make_inputs(tokens, hidden_size, vocab, dtype, device)
+    with torch.no_grad():
+        out = fn(*inputs)  # warm-up, compile, and the error check
+        truth = eager_linear(*(t.double() if t.is_floating_point() and i < 4 else t for i, t in enumerate(inputs)),
+                             estimator=estimator, dtype=torch.float64)
+    error = (out.double() - truth).abs().max().item()
+    del out
+    median, p20, p80 = measure(make_step(fn, inputs, mode, leaves=2), device, repeats)
+    return dict(provider=provider, estimator=estimator, tokens=inputs[-1].numel(), hidden=hidden_size, vocab=vocab,
+                dtype=str(dtype).replace("torch.", ""), mode=mode, median_ms=median, p20_ms=p20, p80_ms=p80,
+                max_abs_error=error)
+
+
+def peak_extra_bytes(fn, tokens, hidden_size, vocab, dtype, mode, device):
+    return step_peak_bytes(make_step(fn, make_inputs(tokens, hidden_size, vocab, dtype, device), mode, leaves=2), device)
