@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kl_kernels
+from kl_kernels.estimators import ESTIMATOR_NAMES
 
 
 def truth(hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index=-100):
@@ -256,3 +257,42 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
     for compiled_leaf, eager_leaf in zip(compiled_leaves, eager_leaves):
         torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)
+
+
+@pytest.mark.parametrize("estimator", [name for name in ESTIMATOR_NAMES if name != "full+"])
+def test_every_estimator_against_float64(backend, estimator):
+    inputs = _penalty_inputs(torch.float32, "padded", "model", vocab=301)
+    inputs["hidden"].requires_grad_()
+    clamps = {} if estimator.startswith("full") else dict(log_ratio_clamp=3.0, kl_clamp=2.0)
+    out = kl_kernels.linear_kl_penalty(**inputs, estimator=estimator, backend=backend, tile_bytes=301 * 16 * 4,
+                                       **clamps)
+    weights = torch.randn(2, 13)
+    ((out.kl * weights).sum() + out.kl_mean.sum()).backward()
+    want, (hidden64, _, _) = _penalty_truth(inputs, 1.0, None, estimator=estimator, **clamps)
+    ((want["kl"] * weights.double()).sum() + want["kl_mean"].sum()).backward()
+    torch.testing.assert_close(out.kl.double(), want["kl"].detach(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(inputs["hidden"].grad.double(), hidden64.grad, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(513, 96, 1271), (5, 32, 70001)], ids=["N513-H96-V1271", "V70001"])
+def test_odd_shapes_and_strided_hidden(backend, dtype, shape):
+    """SPEC section 9 at odd sizes and a vocabulary past 2^16, from hidden states that are a view with
+    a strided row (a slice of a wider buffer), fp32 and fp16."""
+    n_tokens, hidden_size, vocab = shape
+    if backend == "triton" and n_tokens > 100:
+        n_tokens = 97  # the interpreter runs a program per row
+    inputs = _penalty_inputs(dtype, "padded", "model", batch=1, length=n_tokens, hidden_size=hidden_size,
+                             ref_hidden_size=hidden_size, vocab=vocab)
+    inputs["hidden"] = torch.randn(1, n_tokens, hidden_size + 8).to(dtype)[..., :hidden_size]  # strided rows
+    assert not inputs["hidden"].is_contiguous()
+    leaf = inputs["hidden"].requires_grad_()
+    out = kl_kernels.linear_kl_penalty(**inputs, estimator="k3", temperature=0.9, backend=backend)
+    weights = torch.randn(1, n_tokens)
+    ((out.kl * weights).sum()).backward()
+    want, (hidden64, _, _) = _penalty_truth(inputs, 1.0, None, estimator="k3", temperature=0.9)
+    ((want["kl"] * weights.double()).sum()).backward()
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2  # fp16: the logits tile rounds to fp16
+    torch.testing.assert_close(out.kl.double(), want["kl"].detach(), atol=tolerance, rtol=tolerance)
+    scale = hidden64.grad.abs().max().item()
+    assert (leaf.grad.double() - hidden64.grad).abs().max().item() <= tolerance * max(scale, 1.0) * 4
