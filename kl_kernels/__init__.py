@@ -1,6 +1,6 @@
 """kl_kernels: the fused KL penalty pass of RLHF trainers (PPO, GRPO, RLOO).
 
-Public names only (SPEC.md); nothing is computed at import.
+Public names only (docs/contract.md); nothing is computed at import.
 """
 from .aggregation import aggregate, kl_rewards
 from .api import KLPenaltyOutput, kl_penalty, token_logprobs

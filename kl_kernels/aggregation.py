@@ -1,4 +1,4 @@
-"""Around the fused pass: verl's loss aggregation modes and token-level KL rewards (SPEC section 3)."""
+"""Around the fused pass: verl's loss aggregation modes and token-level KL rewards (docs/contract.md section 3)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Public entry points of the fused pass: token_logprobs and kl_penalty (SPEC sections 1-2).
+"""Public entry points of the fused pass: token_logprobs and kl_penalty (docs/contract.md sections 1-2).
 
 Each validates its inputs before any work, picks a backend (dispatch.py), runs that backend's
 fused pass over the logits through one autograd Function (ops.py), and finishes with O(N)
@@ -215,7 +215,7 @@ def _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy, full_kl
 def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
                kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
                ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, backend=None):
-    """The fused KL penalty pass; see SPEC.md section 2 for every field of the result."""
+    """The fused KL penalty pass; see docs/contract.md section 2 for every field of the result."""
     _check_logits_labels(logits, labels, inplace_backward)
     validate = validate and check.has_values(logits)
     if logits.dim() not in (2, 3):

@@ -1,4 +1,4 @@
-"""KL coefficient controllers (SPEC section 3): fixed, and the adaptive proportional controller of
+"""KL coefficient controllers (docs/contract.md section 3): fixed, and the adaptive proportional controller of
 Ziegler et al. 2019 as verl and OpenRLHF implement it.
 
 The controllers have no unit: feed current_kl in the unit of the target (verl and OpenRLHF pass the

@@ -1,4 +1,4 @@
-"""The bands of shared kl-guide.md, made checkable on a real run (SPEC section 3: diagnose)."""
+"""The bands of shared kl-guide.md, made checkable on a real run (docs/contract.md section 3: diagnose)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Backend records and the choice between them (SPEC section 4).
+"""Backend records and the choice between them (docs/contract.md section 4).
 
 Each backend declares what it serves and, when it cannot serve some inputs, says why. The choice
 uses static facts only (device, dtype), never tensor values, so it costs no host sync.

@@ -128,7 +128,7 @@ def estimate(est: Estimator, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 
 def kl_from_logprobs(logprobs, ref_logprobs, *, estimator, log_ratio_clamp=None, kl_clamp=None):
-    """KL estimate per token for callers that already hold log-probs (SPEC section 3).
+    """KL estimate per token for callers that already hold log-probs (docs/contract.md section 3).
 
     Returns a tensor of the promoted dtype of the inputs; gradients flow to both inputs.
     """

@@ -1,4 +1,4 @@
-"""Label log-probs and entropy straight from hidden states (SPEC section 9): logits are made one tile
+"""Label log-probs and entropy straight from hidden states (docs/contract.md section 9): logits are made one tile
 of tokens at a time, consumed by a backend's fused row pass, and dropped; never [N, V].
 
 Forward, per tile of rows: z = hidden_tile @ weight^T (+ bias) in the input dtype (a BLAS matmul
@@ -186,7 +186,7 @@ def _tile_dtype(dtype, logit_scale, softcap):
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                           ignore_index=-100, return_entropy=False, validate=True, process_group=None, backend=None,
                           tile_bytes=TILE_BYTES):
-    """token_logprobs of z = g(hidden @ weight^T + bias) without materialising z (SPEC section 9).
+    """token_logprobs of z = g(hidden @ weight^T + bias) without materialising z (docs/contract.md section 9).
 
     hidden [..., H] (leading dims as labels), weight [V, H], bias [V]; returns float32 [...] log-probs
     (and entropy with return_entropy). Gradients reach hidden, weight and bias in their dtypes.
@@ -216,7 +216,7 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
                       logit_scale=1.0, softcap=None, log_ratio_clamp=None, kl_clamp=None, ignore_index=-100,
                       return_entropy=False, validate=True, process_group=None, backend=None, tile_bytes=TILE_BYTES):
     """kl_penalty of z = g(hidden @ weight^T + bias) against z' = g(ref_hidden @ ref_weight^T + ref_bias)
-    (or given ref_logprobs), never materialising either (SPEC section 9). Same KLPenaltyOutput.
+    (or given ref_logprobs), never materialising either (docs/contract.md section 9). Same KLPenaltyOutput.
 
     hidden [B, T, H] (padded) or [N, H] (packed, with cu_seqlens); ref_hidden has hidden's leading
     dims and its own hidden size; the reference model is frozen (no gradient reaches it)."""

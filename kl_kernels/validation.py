@@ -1,4 +1,4 @@
-"""Input checks shared by the public functions (SPEC section 5).
+"""Input checks shared by the public functions (docs/contract.md section 5).
 
 Shape, dtype and device checks always run; checks that read tensor values (and so sync with the
 device) run only when the caller passes validate=True. Every message names the argument, what was

@@ -1,4 +1,4 @@
-"""linear_token_logprobs (SPEC section 9, log-probs and entropy from hidden states) on every
+"""linear_token_logprobs (docs/contract.md section 9, log-probs and entropy from hidden states) on every
 backend against float64 formulas: values, gradients of hidden, weight and bias, several row tiles,
 softcap and logit scale, per-token temperature, ignore_index, determinism and bad input."""
 import pytest
@@ -277,7 +277,7 @@ def test_every_estimator_against_float64(backend, estimator):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(513, 96, 1271), (5, 32, 70001)], ids=["N513-H96-V1271", "V70001"])
 def test_odd_shapes_and_strided_hidden(backend, dtype, shape):
-    """SPEC section 9 at odd sizes and a vocabulary past 2^16, from hidden states that are a view with
+    """docs/contract.md section 9 at odd sizes and a vocabulary past 2^16, from hidden states that are a view with
     a strided row (a slice of a wider buffer), fp32 and fp16."""
     n_tokens, hidden_size, vocab = shape
     if backend == "triton" and n_tokens > 100:

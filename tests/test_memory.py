@@ -1,4 +1,4 @@
-"""SPEC section 6 on the CPU: no [N, V] temporary. Measured as the resident high-water mark of a
+"""docs/contract.md section 6 on the CPU: no [N, V] temporary. Measured as the resident high-water mark of a
 fresh process, since the CPU allocator has no peak counter."""
 import subprocess
 import sys
@@ -70,7 +70,7 @@ LINEAR_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow  # ~5 TFLOP of matmuls: about a minute on 2 cores
 @pytest.mark.skipif(not kl_kernels.available_backends()[1].available, reason="the cpu backend is not built")
 def test_linear_peak_memory():
-    """SPEC section 9: forward + backward from hidden states at N = 4096, H = 1024, V = 128256 float32
+    """docs/contract.md section 9: forward + backward from hidden states at N = 4096, H = 1024, V = 128256 float32
     hold at most the tile budget + O(N x H + V x H) (the gradients) beyond the inputs."""
     tile_bytes = 64 << 20
     result = subprocess.run([sys.executable, "-c", LINEAR_SCRIPT, str(tile_bytes)], capture_output=True, text=True,

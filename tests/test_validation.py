@@ -1,4 +1,4 @@
-"""SPEC section 5: every bad input raises the named exception, naming the argument, before any work."""
+"""docs/contract.md section 5: every bad input raises the named exception, naming the argument, before any work."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Float64 formulas of SPEC.md, written plainly and independently of the package's code.
+"""Float64 formulas of docs/contract.md, written plainly and independently of the package's code.
 
 Everything here is unchunked, unfused eager PyTorch in float64 with autograd: the truth that
 every backend is compared with.
@@ -58,7 +58,7 @@ def estimator_value(name, logp, ref_logp, log_ratio_clamp=None, kl_clamp=None, f
 def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
                kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
                ignore_index=-100):
-    """Returns a dict of the SPEC fields in float64."""
+    """Returns a dict of the KLPenaltyOutput fields (docs/contract.md section 2) in float64."""
     temp = per_token_temperature(temperature, labels.shape, cu_seqlens)
     logp, entropy, log_p = row_stats(logits, labels, temp, ignore_index)
     valid = labels != ignore_index

@@ -1,5 +1,5 @@
 """patch(): swap the fused path into an installed trainer where it does O(N x V) work, and put the
-originals back (SPEC section 7).
+originals back (docs/contract.md section 7).
 
 Each replacement wraps the trainer's own function: it binds the call to the installed function's
 signature (read from it, not written here), serves what the fused path supports, and calls the

@@ -1,0 +1,32 @@
+"""Every `python` code block of README.md and docs/*.md runs: in order, one namespace per file,
+as a reader pasting them into one Python session would. A block that imports a trainer runs where
+the pinned trainers are installed (always in CI, see tests/trainers/trainer_env.py)."""
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+TRAINER_IMPORT = re.compile(r"from kl_kernels\.integrations import (\w+)")
+
+
+def blocks(path):
+    return BLOCK.findall(path.read_text())
+
+
+def test_the_readme_has_code_to_run():
+    assert len(blocks(ROOT / "README.md")) >= 2
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=[p.name for p in DOCUMENTS])
+def test_code_blocks_run(path, monkeypatch):
+    from trainers.trainer_env import require
+
+    monkeypatch.chdir(ROOT)
+    namespace = {"__name__": f"docs_{path.stem}"}
+    for number, code in enumerate(blocks(path), 1):
+        for trainer in TRAINER_IMPORT.findall(code):
+            require(trainer)
+        exec(compile(code, f"{path.name}, python block {number}", "exec"), namespace)  # noqa: S102
