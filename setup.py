@@ -53,4 +53,22 @@ if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
                              extra_compile_args=compile_args, extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
+
+
+def record_commit():
+    """kl_kernels/_build_info.py holds the commit the package was built from, so that kl-bench rows
+    from an installed wheel (no .git beside it) still say which code ran."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    commit = commit or os.environ.get("KL_KERNELS_COMMIT") or None
+    with open(os.path.join("kl_kernels", "_build_info.py"), "w") as f:
+        f.write(f'"""Written by setup.py at build time."""\nCOMMIT = {commit!r}\n')
+
+
+record_commit()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -114,9 +114,10 @@ def make_provider(name, estimator):
 
 
 def default_providers(device):
+    # `reference` (the pure-PyTorch truth, slow by design) only when asked for
     names = ["eager", "trl", "compile"] + [
         b.name for b in kl_kernels.available_backends()
-        if b.available and (b.name == "reference" or (b.name == "cpu") == (device.type == "cpu"))]
+        if b.available and b.name != "reference" and (b.name == "cpu") == (device.type == "cpu")]
     if device.type == "cuda":
         for name, module in PEERS.items():
             if module != "always":
@@ -317,15 +318,33 @@ def environment(device):
                                 cwd=os.path.dirname(__file__)).stdout.strip() or commit
     except OSError:
         pass
-    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or platform.machine())
-    versions = dict(torch=torch.__version__)
+    if commit is None:  # an installed wheel: the commit setup.py recorded at build time
+        try:
+            from . import _build_info
+            commit = _build_info.COMMIT
+        except ImportError:
+            pass
+    name = torch.cuda.get_device_name() if device.type == "cuda" else _cpu_model()
+    versions = dict(torch=torch.__version__, kl_kernels=kl_kernels.__version__)
+    for package in ("triton", "trl", "liger_kernel", "flash_attn"):
+        try:
+            versions[package] = __import__(package).__version__
+        except (ImportError, AttributeError):
+            pass
+    return dict(device=f"{device.type}: {name}", cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                threads=torch.get_num_threads(), **versions, python=platform.python_version(), commit=commit,
+                date=time.strftime("%Y-%m-%d"))
+
+
+def _cpu_model():
     try:
-        import triton
-        versions["triton"] = triton.__version__
-    except ImportError:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
         pass
-    return dict(device=f"{device.type}: {name}", threads=torch.get_num_threads(), **versions,
-                python=platform.python_version(), commit=commit, date=time.strftime("%Y-%m-%d"))
+    return platform.processor() or platform.machine()
 
 
 def row_key(row):
@@ -348,6 +367,37 @@ def compare(rows, baseline_file, threshold):
         lines.append(f"{verdict:<10} {row['provider']:<10} {row['dtype']:<9} {row['vocab']:>7} {row['mode']:<8} "
                      f"{old['median_ms']:>9.2f} -> {row['median_ms']:>9.2f} ms ({ratio:.2f}x)")
     return lines, regressions
+
+
+def summary(rows):
+    """The paragraph that answers "how much faster and leaner than my trainer's code": for each
+    kl_kernels provider and case, the speed-up and the peak memory against eager and torch.compile."""
+    ours = {b.name for b in kl_kernels.available_backends()}
+    by_case = {}
+    for row in rows:
+        case = (row["dtype"], row.get("hidden"), row["vocab"], row["mode"])
+        by_case.setdefault(case, {})[row["provider"]] = row
+    lines = []
+    for (dtype, hidden, vocab, mode), providers in by_case.items():
+        for name, row in providers.items():
+            if name.split("+")[-1] not in ours:
+                continue
+            where = f"{dtype}{'' if hidden is None else f' H={hidden}'} V={vocab} {mode}"
+            parts = []
+            for peer in ("eager", "compile"):
+                if peer in providers:
+                    other = providers[peer]
+                    if row["peak_extra_mb"] > 0.5:
+                        memory = f"{other['peak_extra_mb'] / row['peak_extra_mb']:.2f}x less peak memory"
+                    elif other["peak_extra_mb"] > 0.5:
+                        memory = f"{other['peak_extra_mb']:.0f} MB less peak memory (none extra)"
+                    else:
+                        memory = "no extra memory either"
+                    parts.append(f"{other['median_ms'] / row['median_ms']:.2f}x the speed of {peer} with {memory}")
+            if "pct_bandwidth" in row:
+                parts.append(f"{row['pct_bandwidth']:.0f}% of the measured bandwidth")
+            lines.append(f"  {name}, {where}: " + ("; ".join(parts) or "no eager/compile row to compare with"))
+    return "# summary (peak memory: extra bytes over the inputs)\n" + "\n".join(lines) if lines else ""
 
 
 def plot(rows, path, title):
@@ -387,45 +437,54 @@ def plot(rows, path, title):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="kl-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32000])
-    parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["float32"])
-    parser.add_argument("--estimator", choices=ESTIMATORS, default="k1")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"])
+    parser = argparse.ArgumentParser(prog="kl-bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens N per step (sequences of 512)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000], help="vocabulary sizes V")
+    parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["float32"], help="logits dtypes")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="k1", help="the KL estimator")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"],
+                        help="fwd, bwd (the backward alone) and fwd+bwd")
     parser.add_argument("--providers", nargs="+", default=None,
-                        help="default: eager, trl, compile, every kl_kernels backend available here, and on a GPU "
-                             "liger and flash_attn when installed")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="default: eager, trl, compile, every kl_kernels backend native to the device (reference "
+                             "only when named), and on a GPU liger and flash_attn when installed")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row, after warm-up")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--json", metavar="FILE", help="also write the rows (with the environment) as JSON")
     parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV, the environment in each row")
-    parser.add_argument("--plot", metavar="PNG", help="also plot time and peak memory against vocabulary size")
+    parser.add_argument("--plot", metavar="PNG", help="also plot time and peak memory against vocabulary size "
+                                                      "(needs matplotlib: the bench extra)")
     parser.add_argument("--compare", metavar="FILE", help="a previous --json file: flag rows slower than it")
     parser.add_argument("--threshold", type=float, default=0.15,
-                        help="--compare flags a row slower by more than this fraction (default 0.15)")
+                        help="--compare flags a row slower by more than this fraction")
     parser.add_argument("--linear", action="store_true",
                         help="from hidden states: F.linear + penalty (eager, compile), TRL's chunked head, "
                              "logits+<backend>, and linear_kl_penalty per backend (kl_kernels/bench_linear.py)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[1024], help="hidden sizes for --linear")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024], help="hidden sizes H for --linear")
     args = parser.parse_args(argv)
+    if args.plot:
+        try:  # before the run, not after minutes of it
+            import matplotlib  # noqa: F401
+        except ImportError as error:
+            parser.error(f"--plot needs matplotlib (pip install matplotlib, or the package's bench extra): {error}")
     device = torch.device(args.device)
     env = environment(device)
     bandwidth = read_bandwidth(device)
-    print(f"# {env['device']}, {env['threads']} threads, torch {env['torch']}, commit {env['commit']}; "
+    print(f"# {env['device']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}, "
+          f"commit {env['commit']}; "
           f"{'copy' if device.type == 'cuda' else 'read'} bandwidth {bandwidth:.1f} GB/s; estimator {args.estimator}")
     if args.linear:
         from . import bench_linear as suite
         providers = args.providers or suite.default_providers(device)
         hidden_sizes = args.hidden
         print(f"{'provider':<12} {'dtype':<9} {'hidden':>6} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>17} "
-              f"{'peak MB':>8} {'max err':>9} {'vs eager':>8}")
+              f"{'peak MB':>8} {'err vs f64':>10} {'speed-up':>8}")
     else:
         suite = None
         providers = args.providers or default_providers(device)
         hidden_sizes = [None]
         print(f"{'provider':<10} {'dtype':<9} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>15} "
-              f"{'GB/s':>7} {'%bw':>5} {'peak MB':>8} {'max err':>9} {'vs eager':>8}")
+              f"{'GB/s':>7} {'%bw':>5} {'peak MB':>8} {'err vs f64':>10} {'speed-up':>8}")
     providers = [p for p in providers if not (args.estimator == "full" and p in SAMPLED_ONLY | {"trl"})]
     fns = {provider: (suite or sys.modules[__name__]).make_provider(provider, args.estimator) for provider in providers}
     rows = []
@@ -454,14 +513,15 @@ def main(argv=None):
                                                           row["vocab"], DTYPES[row["dtype"]], row["mode"], device) / 2**20
             print(f"{row['provider']:<12} {row['dtype']:<9} {row['hidden']:>6} {row['vocab']:>7} {row['mode']:<8} "
                   f"{row['median_ms']:>10.2f} {row['p20_ms']:>8.2f}-{row['p80_ms']:<8.2f} {row['peak_extra_mb']:>8.1f} "
-                  f"{row['max_abs_error']:>9.2e} {speedup:>8}", flush=True)
+                  f"{row['max_abs_error']:>10.2e} {speedup:>8}", flush=True)
             continue
         row["peak_extra_mb"] = peak_extra_bytes(fns[row["provider"]], args.tokens, row["vocab"], DTYPES[row["dtype"]],
                                                 row["mode"], device) / 2**20
         print(f"{row['provider']:<10} {row['dtype']:<9} {row['vocab']:>7} {row['mode']:<8} {row['median_ms']:>10.2f} "
               f"{row['p20_ms']:>7.2f}-{row['p80_ms']:<7.2f} {row['gb_per_s']:>7.1f} "
-              f"{row['pct_bandwidth']:>5.1f} {row['peak_extra_mb']:>8.1f} {row['max_abs_error']:>9.2e} "
+              f"{row['pct_bandwidth']:>5.1f} {row['peak_extra_mb']:>8.1f} {row['max_abs_error']:>10.2e} "
               f"{speedup:>8}", flush=True)
+    print(summary(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, read_bandwidth_gb_per_s=bandwidth, rows=rows), f, indent=1)

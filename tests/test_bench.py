@@ -85,3 +85,19 @@ def test_cli_linear_mode(tmp_path):
     assert len(rows) == 2 * 3 * 2 and {row["hidden"] for row in rows} == {16, 24}
     for row in rows:
         assert row["median_ms"] > 0 and row["peak_extra_mb"] >= 0 and row["max_abs_error"] < 1e-3
+
+
+def test_summary_and_environment(capsys, monkeypatch):
+    env = bench.environment(torch.device("cpu"))
+    assert env["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256", "NEON", "SVE") \
+        and env["kl_kernels"] and env["device"].startswith("cpu: ")
+    rows = [dict(provider=p, dtype="float32", vocab=50, mode="fwd", median_ms=ms, peak_extra_mb=mb, pct_bandwidth=40.0)
+            for p, ms, mb in (("eager", 4.0, 100.0), ("compile", 2.0, 0.0), ("cpu", 1.0, 0.0))]
+    text = bench.summary(rows)
+    assert "cpu, float32 V=50 fwd: 4.00x the speed of eager with 100 MB less peak memory" in text
+    assert "2.00x the speed of compile with no extra memory either; 40% of the measured bandwidth" in text
+    # --plot without matplotlib fails before any measurement
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(SystemExit):
+        bench.main(["--plot", "x.png", "--tokens", "64", "--vocab", "50"])
+    assert "matplotlib" in capsys.readouterr().err
