@@ -56,12 +56,12 @@ python -c "import kl_kernels; [print(b) for b in kl_kernels.available_backends()
 
 # GPU_CHECK_TESTS / _BENCH / _PROVIDERS override what runs (a CPU smoke test of this script uses both)
 # the GPU backends' tests (CI runs the CPU ones; the compile-only checks need no GPU)
-gpu_tests=(tests -k "(triton or cuda) and not compile_for_gpu and not plain_nvcc and not lower_without")
+gpu_names=$(python -c "from kl_kernels.dispatch import BACKENDS; print(' or '.join(n for n, b in BACKENDS.items() if b.home == 'cuda'))")
+gpu_tests=(tests -k "($gpu_names) and not compile_for_gpu and not plain_nvcc and not lower_without")
 if [ -n "${GPU_CHECK_TESTS:-}" ]; then gpu_tests=($GPU_CHECK_TESTS); fi
 step tests 200 python -m pytest "${gpu_tests[@]}" -q -x -p no:cacheprovider -m "not slow" -rs
 
-providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "import kl_kernels; print(' '.join(b.name for b in kl_kernels.available_backends()
-  if b.available and b.name in ('triton', 'cuda')))")}"
+providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "from kl_kernels.dispatch import native_backends; print(' '.join(native_backends('cuda')))")}"
 [ -z "${GPU_CHECK_PROVIDERS:-}" ] && python -c "import liger_kernel" 2>/dev/null && providers="$providers liger"
 step bench 200 python -m kl_kernels.bench ${GPU_CHECK_BENCH:---tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 \
   --repeats 10} --providers $providers --json "$OUT/bench.json" --csv "$OUT/bench.csv"

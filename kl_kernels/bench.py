@@ -26,6 +26,7 @@ import time
 import torch
 
 import kl_kernels
+from kl_kernels.dispatch import native_backends
 from kl_kernels.estimators import kl_from_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,9 +116,7 @@ def make_provider(name, estimator):
 
 def default_providers(device):
     # `reference` (the pure-PyTorch truth, slow by design) only when asked for
-    names = ["eager", "trl", "compile"] + [
-        b.name for b in kl_kernels.available_backends()
-        if b.available and b.name != "reference" and (b.name == "cpu") == (device.type == "cpu")]
+    names = ["eager", "trl", "compile"] + native_backends(device.type)
     if device.type == "cuda":
         for name, module in PEERS.items():
             if module != "always":

@@ -16,6 +16,7 @@ import torch
 import kl_kernels
 
 from .bench import _estimate, eager_penalty, make_step, measure, step_peak_bytes
+from .dispatch import native_backends
 
 TRL_CHUNK_SIZE = 32768  # the vocabulary tile TRL's trainers pass (trl.trainer.utils, TRL 1.16)
 
@@ -68,8 +69,7 @@ def fused_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator
 
 
 def default_providers(device):
-    backends = [b.name for b in kl_kernels.available_backends()
-                if b.available and b.name != "reference" and (b.name == "cpu") == (device.type == "cpu")]
+    backends = native_backends(device.type)
     names = ["eager", "compile"]
     try:
         import trl.kernels.chunked_logprob  # noqa: F401

@@ -56,11 +56,19 @@ _LOADED: dict = {}  # backend name -> (implementation module or None, reason it 
 
 @dataclass(frozen=True)
 class Backend:
+    """One backend: the single source of its name, where it runs and what it serves. Tests, kl-bench,
+    the pytest-benchmark suite and bench/gpu_check.sh derive their backend lists from these records."""
     name: str
     devices: tuple[str, ...]  # torch device types it serves; empty = any
     dtypes: tuple[torch.dtype, ...]
     loader: Callable
+    home: str  # the device type it is built for ("any" for the pure-PyTorch reference)
     device_note: str = ""  # said when it cannot serve a device
+
+    @property
+    def is_kernel(self) -> bool:
+        """A compiled kernel (C++ or Triton), not the pure-PyTorch reference."""
+        return self.home != "any"
 
     @property
     def _loaded(self):
@@ -92,16 +100,23 @@ class Backend:
 BACKENDS = {
     backend.name: backend
     for backend in (
-        Backend("reference", (), _FLOATS, _load_reference),
-        Backend("cpu", ("cpu",), _FLOATS, _load_cpu),
+        Backend("reference", (), _FLOATS, _load_reference, home="any"),
+        Backend("cpu", ("cpu",), _FLOATS, _load_cpu, home="cpu"),
         # TRITON_INTERPRET=1 (read when triton is first imported, with this module) runs the Triton
         # kernels on CPU tensors, slowly: how CI tests them
         Backend("triton", ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",),
-                (torch.float16, torch.bfloat16, torch.float32), _load_triton,
-                " (cpu tensors only under TRITON_INTERPRET=1)"),
-        Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_cuda),
+                (torch.float16, torch.bfloat16, torch.float32), _load_triton, home="cuda",
+                device_note=" (cpu tensors only under TRITON_INTERPRET=1)"),
+        Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), _load_cuda, home="cuda"),
     )
 }
+
+
+def native_backends(device_type: str, kernels_only: bool = True) -> list[str]:
+    """Names of the available backends built for this device type (kl-bench's and the benchmark
+    suite's providers, the GPU check's list); with kernels_only=False the reference too."""
+    return [b.name for b in BACKENDS.values() if b.unavailable_reason is None
+            and (b.home == device_type or (not kernels_only and not b.is_kernel))]
 
 
 def available_backends() -> list[BackendInfo]:

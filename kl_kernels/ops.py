@@ -46,6 +46,38 @@ class FusedKLFunction(torch.autograd.Function):
         return None, grad, None, None, None, None, None, None, None
 
 
+def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
+    """fused_kl_fwd / fused_kl_bwd of the reference.py contract over a backend's three registered ops
+    (the C++ ops and the Triton ops share one schema). The ops' temperature convention, the same for
+    every backend: T itself, as an [N] tensor (None when scalar) plus a float (1.0 when a tensor).
+    row_dtype: the dtype the ops want [N] inputs in (the Triton kernels read fp32), None for as given."""
+    def rows(t):
+        return None if t is None else (t if row_dtype is None else t.to(row_dtype)).contiguous()
+
+    def split(temperature):
+        if isinstance(temperature, torch.Tensor):
+            return rows(temperature), 1.0
+        return None, float(temperature)
+
+    def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full):
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(
+            logits, labels, ref_logits, *split(temperature), ignore_index, need_entropy, need_full)
+        has_ref = ref_logits is not None
+        return (logp, ref_logp if has_ref else None, entropy if need_entropy else None,
+                full_kl if need_full else None, lse, ref_lse if has_ref else None)
+
+    def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
+                     ignore_index, lse, ref_lse, entropy, full_kl, inplace):
+        args = (rows(grad_logp), rows(grad_entropy), rows(grad_full), logits, labels, ref_logits, *split(temperature),
+                ignore_index, lse, ref_lse, entropy, full_kl)
+        if inplace:
+            bwd_inplace_op(*args)
+            return logits
+        return bwd_op(*args)
+
+    return fused_kl_fwd, fused_kl_bwd
+
+
 def fwd_outputs(logits, has_ref, need_entropy, need_full):
     """The forward's six [N] outputs (logp, ref_logp, entropy, full_kl, lse, ref_lse), uninitialised,
     in the compute dtype; one not asked for is empty. Every fused forward op allocates (or fakes) these."""

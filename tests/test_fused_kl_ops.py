@@ -9,6 +9,8 @@ from torch.library import opcheck
 import kl_kernels
 
 import truth
+from conftest import BACKENDS_UNDER_TEST, GPU_BACKENDS
+from kl_kernels.dispatch import BACKENDS
 
 
 def info(name):
@@ -33,13 +35,12 @@ def test_triton_backend_is_available():
 
 needs_cpu = pytest.mark.skipif(not cpu_available().available, reason=str(cpu_available().reason))
 # the cuda kernels need a GPU to run, even where they are built
-KERNEL_BACKENDS = [name for name in ("cpu", "triton", "cuda")
-                   if info(name).available and (name != "cuda" or torch.cuda.is_available())]
+KERNEL_BACKENDS = [name for name in BACKENDS_UNDER_TEST if BACKENDS[name].is_kernel]
 
 
 def on_device(backend):
     """Tensors of a GPU backend live on CUDA when there is a GPU (else: triton interpreted on CPU)."""
-    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend in GPU_BACKENDS and torch.cuda.is_available() else "cpu"
 
 
 @needs_cpu
@@ -140,7 +141,7 @@ def test_triton_ops_opcheck():
     temperature = torch.rand(10, device=device) + 0.5
     fwd = torch.ops.kl_kernels.triton_fused_kl_fwd
     opcheck(fwd.default, (logits, labels, ref_logits, temperature, 1.0, -100, True, True))
-    opcheck(fwd.default, (logits[:, :-1], labels[:8].clone(), None, None, 1 / 0.7, -100, False, False))
+    opcheck(fwd.default, (logits[:, :-1], labels[:8].clone(), None, None, 0.7, -100, False, False))
     logp, _, entropy, full, lse, ref_lse = fwd(logits, labels, ref_logits, temperature, 1.0, -100, True, True)
     grads = [torch.randn_like(logp) for _ in range(3)]
     args = (*grads, logits, labels, ref_logits, temperature, 1.0, -100, lse, ref_lse, entropy, full)
@@ -171,7 +172,7 @@ def test_triton_rows_past_2_pow_31_elements():
     torch.testing.assert_close(view.double(), expected_grad, rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", [name for name in ("triton", "cuda") if name in KERNEL_BACKENDS])
+@pytest.mark.parametrize("backend", [name for name in KERNEL_BACKENDS if torch.float64 not in BACKENDS[name].dtypes])
 def test_float64_is_refused(backend):
     logits = torch.randn(2, 3, 11, dtype=torch.float64, device=on_device(backend))
     labels = torch.randint(0, 11, (2, 3), device=logits.device)

@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 import kl_kernels
+from kl_kernels.dispatch import native_backends
 
 SCRIPT = textwrap.dedent("""
     import resource, sys, torch, kl_kernels
@@ -30,8 +31,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("estimator", ["k3", "full"])
 # the CPU backends (the GPU ones are measured by kl-bench with max_memory_allocated)
-@pytest.mark.parametrize("backend", [b.name for b in kl_kernels.available_backends()
-                                     if b.available and b.name in ("reference", "cpu")])
+@pytest.mark.parametrize("backend", native_backends("cpu", kernels_only=False))
 def test_peak_memory(backend, estimator):
     result = subprocess.run([sys.executable, "-c", SCRIPT, backend, estimator], capture_output=True, text=True,
                             check=True)

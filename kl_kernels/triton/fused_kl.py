@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-from ..ops import fwd_outputs
+from ..ops import fwd_outputs, op_backend
 
 # TRITON_INTERPRET=1 (CPU tests): @triton.jit gives interpreted kernels, which wrap_triton hands
 # back unwrapped, so torch.compile would run them on fake tensors. There the ops are plain custom
@@ -211,7 +211,7 @@ def _launch_config(V: int) -> tuple[int, int]:
 
 @_register_op("kl_kernels::triton_fused_kl_fwd", mutates_args=())
 def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor],
-            temperature: Optional[torch.Tensor], inv_temperature: float, ignore_index: int,
+            temperature: Optional[torch.Tensor], scalar_temperature: float, ignore_index: int,
             need_entropy: bool, need_full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                           torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = logits.shape
@@ -225,13 +225,13 @@ def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[tor
             logits, ref, labels, logp if temperature is None else temperature,
             logp, ref_logp, entropy, full_kl, lse, ref_lse,
             T, V, ignore_index, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
-            INV_TEMPERATURE=inv_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None, HAS_REF=has_ref,
+            INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None, HAS_REF=has_ref,
             NEED_ENTROPY=need_entropy, NEED_FULL=need_full, BLOCK_V=block_v, num_warps=num_warps)
     return logp, ref_logp, entropy, full_kl, lse, ref_lse
 
 
 def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                inv_temperature, ignore_index, lse, ref_lse, entropy, full_kl):
+                scalar_temperature, ignore_index, lse, ref_lse, entropy, full_kl):
     B, T, V = logits.shape
     if B * T == 0:
         return
@@ -245,7 +245,7 @@ def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_lo
         lse if full_kl is None else full_kl,
         T, V, ignore_index, grad.stride(0), grad.stride(1), logits.stride(0), logits.stride(1),
         ref.stride(0), ref.stride(1),
-        INV_TEMPERATURE=inv_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None,
+        INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         HAS_GRAD_FULL=grad_full is not None, BLOCK_V=block_v, num_warps=num_warps)
 
@@ -253,12 +253,12 @@ def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_lo
 @_register_op("kl_kernels::triton_fused_kl_bwd", mutates_args=())
 def _bwd_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
             grad_full: Optional[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
-            ref_logits: Optional[torch.Tensor], temperature: Optional[torch.Tensor], inv_temperature: float,
+            ref_logits: Optional[torch.Tensor], temperature: Optional[torch.Tensor], scalar_temperature: float,
             ignore_index: int, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
             entropy: Optional[torch.Tensor], full_kl: Optional[torch.Tensor]) -> torch.Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                inv_temperature, ignore_index, lse, ref_lse, entropy, full_kl)
+                scalar_temperature, ignore_index, lse, ref_lse, entropy, full_kl)
     return grad
 
 
@@ -267,43 +267,21 @@ def _bwd_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tens
 def _bwd_inplace_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                     grad_full: Optional[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
                     ref_logits: Optional[torch.Tensor], temperature: Optional[torch.Tensor],
-                    inv_temperature: float, ignore_index: int, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
+                    scalar_temperature: float, ignore_index: int, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
                     entropy: Optional[torch.Tensor], full_kl: Optional[torch.Tensor]) -> None:
     _launch_bwd(logits, grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                inv_temperature, ignore_index, lse, ref_lse, entropy, full_kl)
+                scalar_temperature, ignore_index, lse, ref_lse, entropy, full_kl)
 
 
-def _split(temperature):
-    """A float temperature becomes a kernel constant 1/T (compiled once per value, which trainers
-    keep fixed); a tensor one stays an [N] fp32 tensor."""
-    if isinstance(temperature, torch.Tensor):
-        return temperature.to(torch.float32), 1.0
-    return None, 1.0 / float(temperature)
-
-
-def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full):
-    tensor_temperature, inv_temperature = _split(temperature)
-    logp, ref_logp, entropy, full_kl, lse, ref_lse = torch.ops.kl_kernels.triton_fused_kl_fwd(
-        logits, labels, ref_logits, tensor_temperature, inv_temperature, ignore_index, need_entropy, need_full)
-    has_ref = ref_logits is not None
-    return (logp, ref_logp if has_ref else None, entropy if need_entropy else None,
-            full_kl if need_full else None, lse, ref_lse if has_ref else None)
-
-
-def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                 ignore_index, lse, ref_lse, entropy, full_kl, inplace):
-    tensor_temperature, inv_temperature = _split(temperature)
-    f32 = lambda g: None if g is None else g.to(torch.float32).contiguous()  # noqa: E731
-    args = (f32(grad_logp), f32(grad_entropy), f32(grad_full), logits, labels, ref_logits, tensor_temperature,
-            inv_temperature, ignore_index, lse, ref_lse, entropy, full_kl)
-    if inplace:
-        torch.ops.kl_kernels.triton_fused_kl_bwd_(*args)
-        return logits
-    return torch.ops.kl_kernels.triton_fused_kl_bwd(*args)
+# the ops' temperature convention is T (as for the C++ ops); the launchers make 1/T a kernel constant,
+# compiled once per value, which trainers keep fixed
+fused_kl_fwd, fused_kl_bwd = op_backend(torch.ops.kl_kernels.triton_fused_kl_fwd,
+                                       torch.ops.kl_kernels.triton_fused_kl_bwd,
+                                       torch.ops.kl_kernels.triton_fused_kl_bwd_, row_dtype=torch.float32)
 
 
 def _register_interpreter_fakes() -> None:
-    def fwd(logits, labels, ref_logits, temperature, inv_temperature, ignore_index, need_entropy, need_full):
+    def fwd(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, need_entropy, need_full):
         return fwd_outputs(logits, ref_logits is not None, need_entropy, need_full)
 
     _fwd_op.register_fake(fwd)
