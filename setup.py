@@ -1,6 +1,8 @@
-"""Builds kl_kernels and its C++ extension kl_kernels._C from csrc/ with torch's cpp_extension.
+"""Builds kl_kernels and its C++ extensions from csrc/ with torch's cpp_extension: kl_kernels._C
+(the schemas, and the CUDA kernels) and kl_kernels._cpu_<isa> (the CPU kernels, one library per
+instruction set; see cpu_variants).
 
-The extension has the CPU kernels always and the CUDA kernels (csrc/cuda) when torch is a CUDA
+_C has the CUDA kernels (csrc/cuda) when torch is a CUDA
 build and a CUDA toolkit is found (CUDA_HOME, else nvcc on PATH): decided from torch.version.cuda
 and the toolkit, not from a visible GPU, so it builds on a GPU-less build machine. Targets sm_80
 and sm_90 plus PTX unless TORCH_CUDA_ARCH_LIST says otherwise; KL_KERNELS_NO_CUDA=1 skips CUDA.
@@ -15,49 +17,65 @@ import os
 from setuptools import setup
 
 ext_modules, cmdclass = [], {}
+# what the package was built against, for kl-bench rows and for a clear message when the extension
+# cannot load (a wheel installed beside another torch)
+build_info = {"COMMIT": None, "TORCH": None}
+
+
+def cpu_variants():
+    """(suffix, flags) of the CPU kernel builds. On x86-64 one library per instruction set ATen
+    dispatches to, AVX-512 and AVX2 (ATen's Vectorized<> is 16 floats wide with AVX-512, 8 with AVX2,
+    scalar loops without either: 3x slower here); kl_kernels/extension.py loads the one the running
+    CPU supports (torch.backends.cpu.get_cpu_capability(), so ATEN_CPU_CAPABILITY=avx2 forces AVX2).
+    Each is a whole library, not a translation unit beside the others: inline functions compiled
+    for AVX-512 can never be picked by the linker for the AVX2 build. KL_KERNELS_CPU_FLAGS="..."
+    builds one variant with those flags instead; other CPUs get one portable build."""
+    if os.environ.get("KL_KERNELS_CPU_FLAGS") is not None:
+        return [("base", os.environ["KL_KERNELS_CPU_FLAGS"].split())]
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return [("base", [])]
+    return [("avx512", "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c "
+                       "-DCPU_CAPABILITY_AVX512 -DCPU_CAPABILITY=AVX512".split()),
+            ("avx2", "-mavx2 -mfma -mf16c -DCPU_CAPABILITY_AVX2 -DCPU_CAPABILITY=AVX2".split())]
+
+
 if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    build_info["TORCH"] = torch.__version__
     # -fopenmp: at::parallel_for is inlined from the headers and is serial without it
     flags = ["-O3", "-fopenmp"]
-    # ATen's Vectorized<> is 16 floats wide with AVX-512 and 8 with AVX2; without such flags it
-    # falls back to scalar loops (3x slower here). Chosen from the build machine's CPU, since the
-    # extension is built where it runs; KL_KERNELS_CPU_FLAGS="..." overrides.
-    cpu_flags = os.environ.get("KL_KERNELS_CPU_FLAGS")
-    if cpu_flags is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu_info = set(f.read().split())
-        except OSError:
-            cpu_info = set()
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= cpu_info:
-            cpu_flags = "-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c " \
-                        "-DCPU_CAPABILITY_AVX512 -DCPU_CAPABILITY=AVX512"
-        elif {"avx2", "fma", "f16c"} <= cpu_info:
-            cpu_flags = "-mavx2 -mfma -mf16c -DCPU_CAPABILITY_AVX2 -DCPU_CAPABILITY=AVX2"
-        else:
-            cpu_flags = ""
-    flags += cpu_flags.split()
+    include = [os.path.abspath("csrc")]
+    # kl_kernels._C: every schema (csrc/registration.cpp) and the CUDA kernels; no CPU-specific code
+    sources = ["csrc/registration.cpp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and \
         os.environ.get("KL_KERNELS_NO_CUDA", "0") != "1"
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        extension = CUDAExtension
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        compile_args = {"cxx": flags, "nvcc": ["-O3"]}  # torch picks the C++ standard
+        ext_modules.append(CUDAExtension("kl_kernels._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
+                                         include_dirs=include, extra_compile_args={"cxx": flags, "nvcc": ["-O3"]},
+                                         extra_link_args=["-fopenmp"]))  # torch picks the C++ standard
     else:
-        extension, compile_args = CppExtension, {"cxx": flags}
-    ext_modules = [extension("kl_kernels._C", sources, include_dirs=[os.path.abspath("csrc")],
-                             extra_compile_args=compile_args, extra_link_args=["-fopenmp"])]
+        ext_modules.append(CppExtension("kl_kernels._C", sources, include_dirs=include,
+                                        extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"]))
+    # kl_kernels._cpu_<isa>: the CPU kernels (TORCH_LIBRARY_IMPL(kl_kernels, CPU)), one per instruction set
+    for suffix, isa_flags in cpu_variants():
+        ext_modules.append(CppExtension(f"kl_kernels._cpu_{suffix}", sorted(glob.glob("csrc/cpu/*.cpp")),
+                                        include_dirs=include, extra_compile_args={"cxx": flags + isa_flags},
+                                        extra_link_args=["-fopenmp"]))
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    # the binary loads only with the torch it was compiled against: say so in the metadata
+    install_requires = [f"torch=={torch.__version__.split('+')[0]}"]
+else:
+    install_requires = ["torch>=2.4"]
 
-
-
-def record_commit():
-    """kl_kernels/_build_info.py holds the commit the package was built from, so that kl-bench rows
-    from an installed wheel (no .git beside it) still say which code ran."""
+def record_build_info():
+    """kl_kernels/_build_info.py holds the commit the package was built from (kl-bench rows from an
+    installed wheel, with no .git beside it, still say which code ran) and the torch it was built
+    against (named when the extension cannot load)."""
     import subprocess
 
     try:
@@ -65,10 +83,12 @@ def record_commit():
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = ""
-    commit = commit or os.environ.get("KL_KERNELS_COMMIT") or None
+    build_info["COMMIT"] = commit or os.environ.get("KL_KERNELS_COMMIT") or None
     with open(os.path.join("kl_kernels", "_build_info.py"), "w") as f:
-        f.write(f'"""Written by setup.py at build time."""\nCOMMIT = {commit!r}\n')
+        f.write('"""Written by setup.py at build time."""\n')
+        for name, value in build_info.items():
+            f.write(f"{name} = {value!r}\n")
 
 
-record_commit()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+record_build_info()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=install_requires)

@@ -2,15 +2,17 @@
 # The GPU check of issues 4, 5 and 8, in one call on a device machine (no network, its own torch):
 #   bash bench/gpu_check.sh        (writes under $OUT, default ./gpu_out)
 # 1. installs this package against the machine's torch (builds the CUDA extension when nvcc and a
-#    CUDA torch are there), 2. runs the whole test suite on CUDA (triton and cuda backends on CUDA
-#    tensors), 3. runs kl-bench at the issues' shapes (N = 16384, V = 32000 / 128256 / 151936, bf16)
-#    for eager and every backend present, plus Liger-Kernel when a wheel was carried in wheels/.
-# At most 8 files come back from a device call: environment, install (+ build_inplace, peers when
-# they run), tests, bench (txt, json, csv). Each step has its own time limit so that the whole
-# stays inside a 10-minute call; a failed step does not stop the later ones, and the exit status
-# says whether any failed. A CPU smoke test of the plumbing:
+#    CUDA torch are there; Liger-Kernel too when a wheel was carried in wheels/), 2. runs the whole
+#    test suite on CUDA (the GPU backends on CUDA tensors), 3. runs kl-bench at the issues' shapes
+#    (N = 16384, V = 32000 / 128256 / 151936, bf16) for eager and every backend present (+ liger),
+#    4. kl-bench --linear (hidden states, N = 8192, H = 4096, V = 128256, bf16).
+# At most 8 files come back from a device call: environment, install (+ build_inplace when it runs),
+# tests, bench (txt, json), bench_linear (txt, json). Each step has its own time limit so that the
+# whole stays inside a 10-minute call; a failed step does not stop the later ones, and the exit
+# status says whether any failed. A CPU smoke test of the plumbing:
 #   GPU_CHECK_TESTS=tests/test_bench.py GPU_CHECK_BENCH="--tokens 256 --vocab 500" \
-#   GPU_CHECK_PROVIDERS="eager cpu" OUT=/tmp/gc bash bench/gpu_check.sh
+#   GPU_CHECK_LINEAR="--tokens 256 --hidden 32 --vocab 500" GPU_CHECK_PROVIDERS="eager cpu" \
+#   OUT=/tmp/gc bash bench/gpu_check.sh
 # Liger-Kernel: `pip download liger-kernel --no-deps -d wheels` here, then name wheels in carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,12 +47,10 @@ fi
 export MAX_JOBS="${MAX_JOBS:-16}"
 # the package from this tree even if the editable install fails (then the extension is built in place)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-step install 180 pip install --no-build-isolation --no-deps --no-index -e .
+step install 180 bash -c 'pip install --no-build-isolation --no-deps --no-index -e . &&
+  { ! ls wheels/*.whl >/dev/null 2>&1 || pip install --no-deps --no-index wheels/*.whl; }'
 if [ $status -ne 0 ]; then
   step build_inplace 180 python setup.py build_ext --inplace
-fi
-if ls wheels/*.whl >/dev/null 2>&1; then
-  step peers 60 pip install --no-deps --no-index wheels/*.whl
 fi
 python -c "import kl_kernels; [print(b) for b in kl_kernels.available_backends()]" | tee -a "$OUT/environment.txt"
 
@@ -63,6 +63,10 @@ step tests 200 python -m pytest "${gpu_tests[@]}" -q -x -p no:cacheprovider -m "
 
 providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "from kl_kernels.dispatch import native_backends; print(' '.join(native_backends('cuda')))")}"
 [ -z "${GPU_CHECK_PROVIDERS:-}" ] && python -c "import liger_kernel" 2>/dev/null && providers="$providers liger"
-step bench 200 python -m kl_kernels.bench ${GPU_CHECK_BENCH:---tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 \
-  --repeats 10} --providers $providers --json "$OUT/bench.json" --csv "$OUT/bench.csv"
+step bench 160 python -m kl_kernels.bench ${GPU_CHECK_BENCH:---tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 \
+  --repeats 10} --providers $providers --json "$OUT/bench.json"
+linear_providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "from kl_kernels.dispatch import native_backends
+print(' '.join(native_backends('cuda') + ['logits+' + name for name in native_backends('cuda')]))")}"
+step bench_linear 90 python -m kl_kernels.bench --linear ${GPU_CHECK_LINEAR:---tokens 8192 --hidden 4096 --vocab 128256 \
+  --dtype bfloat16 --modes fwd+bwd --repeats 5} --providers $linear_providers --json "$OUT/bench_linear.json"
 exit $status

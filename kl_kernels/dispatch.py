@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -30,7 +31,20 @@ def _load_extension(dispatch_key):
     try:
         module = importlib.import_module("kl_kernels.extension")
     except ImportError as error:  # the C++ extension was not built or does not load
-        return None, f"the C++ extension kl_kernels._C is not available ({error})"
+        reason = f"the C++ extension kl_kernels._C is not available ({error})"
+        if not isinstance(error, ModuleNotFoundError):
+            # built but not loadable (typically another torch than the one it was compiled against):
+            # say so loudly, since automatic dispatch would otherwise run the 7-20x slower reference
+            try:
+                from ._build_info import TORCH as built_for
+            except ImportError:
+                built_for = None
+            reason += (f"; it was built for torch {built_for}, this is torch {torch.__version__}: reinstall "
+                       "kl_kernels against this torch (pip install --no-build-isolation)" if built_for else "")
+            if dispatch_key == "CPU":  # once, not once per dispatch key
+                warnings.warn(f"kl_kernels: {reason}; falling back to the pure-PyTorch reference backend",
+                              RuntimeWarning, stacklevel=2)
+        return None, reason
     reason = module.unavailable_reason(dispatch_key)
     return (None if reason else module), reason
 

@@ -1,18 +1,51 @@
 """The `cpu` and `cuda` backends: the C++ kernels of csrc/cpu and csrc/cuda, registered per device
-key under the same schemas (csrc/registration.cpp) and reached through torch.ops.kl_kernels."""
+key under the same schemas (csrc/registration.cpp) and reached through torch.ops.kl_kernels.
+
+kl_kernels._C holds the schemas and the CUDA kernels; the CPU kernels come as one library per
+instruction set (kl_kernels._cpu_avx512, _cpu_avx2, or _cpu_base off x86), of which the one the
+running CPU supports is loaded: ATen's own capability check, so ATEN_CPU_CAPABILITY=avx2 forces the
+AVX2 build on an AVX-512 machine.
+"""
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
-from . import _C  # noqa: F401  (loading the extension registers the ops)
+from . import _C  # noqa: F401  (loading the extension registers the schemas, and the CUDA kernels)
 from .ops import op_backend, register_fakes
 
 register_fakes()
+
+# the CPU builds each capability may run, best first
+_CPU_BUILDS = {"AVX512": ("avx512", "avx2", "base"), "AVX2": ("avx2", "base")}
+
+
+def _load_cpu_kernels():
+    """(the instruction set of the CPU build loaded, or None, and why none was)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    failures = []
+    for isa in _CPU_BUILDS.get(capability, ("base",)):
+        spec = importlib.util.find_spec(f"{__package__}._cpu_{isa}")
+        if spec is None or spec.origin is None:
+            continue
+        try:
+            torch.ops.load_library(spec.origin)
+            return isa, None
+        except OSError as error:
+            failures.append(f"{spec.origin}: {error}")
+    return None, (f"no CPU kernel build loads on this CPU (ATen capability {capability})"
+                  + (f": {'; '.join(failures)}" if failures else ""))
+
+
+CPU_ISA, _CPU_UNAVAILABLE = _load_cpu_kernels()
 
 _OPS = ("fused_kl_fwd", "fused_kl_bwd", "fused_kl_bwd_")
 
 
 def unavailable_reason(dispatch_key: str) -> str | None:
+    if dispatch_key == "CPU" and _CPU_UNAVAILABLE:
+        return _CPU_UNAVAILABLE
     for op in _OPS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"kl_kernels::{op}", dispatch_key):
             why = " (built without CUDA: needs a CUDA build of torch and CUDA_HOME at install)" \

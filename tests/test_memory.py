@@ -8,6 +8,7 @@ import pytest
 
 import kl_kernels
 from kl_kernels.dispatch import native_backends
+from kl_kernels.linear import TILE_BYTES
 
 SCRIPT = textwrap.dedent("""
     import resource, sys, torch, kl_kernels
@@ -72,7 +73,7 @@ LINEAR_SCRIPT = textwrap.dedent("""
 def test_linear_peak_memory():
     """docs/contract.md section 9: forward + backward from hidden states at N = 4096, H = 1024, V = 128256 float32
     hold at most the tile budget + O(N x H + V x H) (the gradients) beyond the inputs."""
-    tile_bytes = 64 << 20
+    tile_bytes = TILE_BYTES  # the default budget
     result = subprocess.run([sys.executable, "-c", LINEAR_SCRIPT, str(tile_bytes)], capture_output=True, text=True,
                             check=True)
     forward_extra, total_extra = map(int, result.stdout.split())
