@@ -75,6 +75,7 @@ class LinearKLFunction(torch.autograd.Function):
             for out, value in zip((logp, ref_logp, entropy, full_kl, lse, ref_lse), tile):
                 if value is not None and out.numel():
                     out[n0:n1] = value
+            del z, ref_z  # before the next tile is made: the budget holds one tile of each at a time
         ctx.set_materialize_grads(False)
         ctx.impl, ctx.logit_scale, ctx.softcap, ctx.ignore_index, ctx.rows = impl, logit_scale, softcap, ignore_index, rows
         ctx.scalar_temperature = None if isinstance(temperature, torch.Tensor) else temperature
@@ -137,6 +138,7 @@ class LinearKLFunction(torch.autograd.Function):
                     grad_weight.add_(torch.mm(dz.t(), live_hidden, out=partial))
             if grad_bias is not None:
                 grad_bias += dz.float().sum(0)
+            del z, tanh, ref_z, dz  # before the next tile is made
         return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 11
 
 
