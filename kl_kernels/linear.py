@@ -24,17 +24,22 @@ from .dispatch import select_backend
 from .ops import first_order_only
 from .reference import compute_dtype
 
-# What the logits tiles may hold at a time. Large enough for efficient matmuls: a tile of 131 rows
-# (V = 32000, H = 1024, fp32) ran the projection 1.5x slower than one matmul over all rows, 512 rows
-# within 4% of it (2 cores); TRL's own head holds a 4096 x 32768 fp32 buffer (512 MiB).
+# What the logits tiles may hold at a time (the caller's tile_bytes; TRL's own head holds a
+# 4096 x 32768 fp32 buffer, 512 MiB).
 TILE_BYTES = 512 << 20
+# Tiles of this many rows keep the projection's matmul efficient: 131-row tiles (V = 32000, H = 1024,
+# fp32, 2 cores) ran it 1.5x slower than one matmul over all rows, 512-row tiles within 4%. A tile
+# has at most max(512, N / 8) rows: well below the whole logits tensor even when the budget is not
+# (N = 4096, V = 32000: 2097 rows fit 512 MiB, which would have held half the logits).
+EFFICIENT_TILE_ROWS = 512
 
 
-def _rows_per_tile(vocab: int, element_bytes: int, tile_bytes: int, has_ref: bool) -> int:
+def _rows_per_tile(n_tokens: int, vocab: int, element_bytes: int, tile_bytes: int, has_ref: bool) -> int:
     # the tile, whose gradient is written over it in place, a float32 copy under a logit transform
     # (counted for every tile: element size at least 4), and the reference's tile
     buffers = 2 if has_ref else 1
-    return max(1, tile_bytes // max(1, buffers * vocab * max(element_bytes, 4)))
+    by_budget = tile_bytes // max(1, buffers * vocab * max(element_bytes, 4))
+    return max(1, min(by_budget, max(EFFICIENT_TILE_ROWS, -(-n_tokens // 8))))
 
 
 def _logits_tile(hidden_tile, weight, bias, logit_scale, softcap):
@@ -216,7 +221,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     if validate:
         check.label_values(labels, vocab, ignore_index)
     chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
-    rows = _rows_per_tile(vocab, hidden.element_size(), tile_bytes, has_ref=False)
+    rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, has_ref=False)
     logp, _, entropy, _ = LinearKLFunction.apply(
         chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None,
         labels.reshape(-1).to(torch.int64).contiguous(), temp, logit_scale, softcap, ignore_index,
@@ -259,8 +264,8 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
     if ref_hidden is not None:
         dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
     chosen = select_backend(backend, hidden.device, tuple(dtypes))
-    rows = _rows_per_tile(weight.shape[0], max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size()),
-                          tile_bytes, has_ref=ref_hidden is not None)
+    element_bytes = max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size())
+    rows = _rows_per_tile(labels.numel(), weight.shape[0], element_bytes, tile_bytes, has_ref=ref_hidden is not None)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     detached = lambda t: None if t is None else t.detach()  # noqa: E731
