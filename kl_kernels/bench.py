@@ -170,23 +170,33 @@ class PeakMemory:
         return 0
 
 
-def measure(step, device, repeats, warmup=2):
-    """(median, p20, p80) ms of step.run(), each after an untimed step.prepare()."""
-    for _ in range(warmup):
-        step.prepare()
-        step.run()
+WARMUP = 2  # untimed steps per provider before the timed ones
+
+
+def measure(steps, device, repeats, warmup=WARMUP):
+    """(median, p20, p80) ms of each step's run(), each after an untimed prepare(). The steps take
+    turns, one repeat of each at a time: a slow phase of a busy machine falls on every provider
+    alike instead of on whichever ran then."""
+    for step in steps:
+        for _ in range(warmup):
+            step.prepare()
+            step.run()
     _sync(device)
-    times = []
+    times = [[] for _ in steps]
     for _ in range(repeats):
-        step.prepare()
-        _sync(device)
-        start = time.perf_counter()
-        step.run()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return statistics.median(times), pick(0.2), pick(0.8)
+        for step, own in zip(steps, times):
+            step.prepare()
+            _sync(device)
+            start = time.perf_counter()
+            step.run()
+            _sync(device)
+            own.append((time.perf_counter() - start) * 1e3)
+    stats = []
+    for own in times:
+        own.sort()
+        pick = lambda q: own[min(len(own) - 1, int(q * len(own)))]  # noqa: E731
+        stats.append((statistics.median(own), pick(0.2), pick(0.8)))
+    return stats
 
 
 def read_bandwidth(device):
@@ -196,9 +206,9 @@ def read_bandwidth(device):
     if device.type == "cuda":
         y = torch.empty_like(x)
         step = Step(lambda: None, lambda: y.copy_(x))
-        ms, _, _ = measure(step, device, 10)
+        ms, _, _ = measure([step], device, 10)[0]
         return 2 * x.numel() * 4 / ms / 1e6
-    ms, _, _ = measure(Step(lambda: None, lambda: x.sum()), device, 5)
+    ms, _, _ = measure([Step(lambda: None, lambda: x.sum())], device, 5)[0]
     return x.numel() * 4 / ms / 1e6
 
 
@@ -258,24 +268,34 @@ def run_benchmark(benchmark, step, device, group):
     benchmark(run)
 
 
-def bench_case(fn, provider, estimator, tokens, vocab, dtype, mode, device, repeats, bandwidth):
-    inputs = make_inputs(tokens, vocab, dtype, device)
+def case_inputs(tokens, vocab, dtype, device):
+    torch.manual_seed(tokens * 31 + vocab)  # every provider of a case sees the same inputs
+    return make_inputs(tokens, vocab, dtype, device)
+
+
+def prepare_case(fn, provider, estimator, inputs, mode):
+    """(the row without its times, the step to time) of one provider on a case's inputs."""
     logits = inputs[0]
     with torch.no_grad():
         out = fn(*inputs)  # warm-up, compile, and the error check
     truth_inputs = shifted(*inputs) if provider == "liger" else inputs
     truth = eager_penalty(*truth_inputs, estimator=estimator, dtype=torch.float64)
     error = (out.double() - truth).abs().max().item()
-    del out
-    median, p20, p80 = measure(make_step(fn, inputs, mode), device, repeats)
-    element = logits.element_size()
-    forward_bytes = 2 * logits.numel() * element
-    backward_bytes = (3 if estimator == "full" else 2) * logits.numel() * element
-    moved = {"fwd": forward_bytes, "bwd": backward_bytes, "fwd+bwd": forward_bytes + backward_bytes}[mode]
+    row = dict(provider=provider, estimator=estimator, tokens=logits.shape[0] * logits.shape[1],
+               vocab=logits.shape[-1], dtype=str(logits.dtype).replace("torch.", ""), mode=mode, max_abs_error=error)
+    return row, make_step(fn, inputs, mode)
+
+
+def finish_row(row, inputs, timing, bandwidth):
+    """The row with its times and the bandwidth they make for the bytes that must move."""
+    median, p20, p80 = timing
+    logits = inputs[0]
+    forward_bytes = 2 * logits.numel() * logits.element_size()
+    backward_bytes = (3 if row["estimator"] == "full" else 2) * logits.numel() * logits.element_size()
+    moved = {"fwd": forward_bytes, "bwd": backward_bytes, "fwd+bwd": forward_bytes + backward_bytes}[row["mode"]]
     gbs = moved / median / 1e6
-    return dict(provider=provider, estimator=estimator, tokens=logits.shape[0] * logits.shape[1], vocab=vocab,
-                dtype=str(dtype).replace("torch.", ""), mode=mode, median_ms=median, p20_ms=p20, p80_ms=p80,
-                gb_per_s=gbs, pct_bandwidth=100 * gbs / bandwidth, max_abs_error=error)
+    row.update(median_ms=median, p20_ms=p20, p80_ms=p80, gb_per_s=gbs, pct_bandwidth=100 * gbs / bandwidth)
+    return row
 
 
 def peak_extra_bytes(fn, tokens, vocab, dtype, mode, device):
@@ -293,7 +313,6 @@ def step_peak_bytes(step, device):
     with PeakMemory(device) as peak:
         step.run()
     return peak.extra
-
 
 def fix_malloc_for_peaks():
     """glibc keeps freed large blocks resident once its dynamic mmap threshold has grown, which
@@ -351,8 +370,20 @@ def row_key(row):
             row.get("hidden"))
 
 
+def verdict(old, new, threshold):
+    """A REGRESSION only when the new row is slower by more than `threshold` beyond both rows' spread
+    (its p20 above the old p80 by that much); `faster` the same way round. A median moved by more
+    than the threshold while the spreads overlap is `noisy`: measure again, on a quieter machine."""
+    if new["p20_ms"] > old["p80_ms"] * (1 + threshold):
+        return "REGRESSION"
+    if new["p80_ms"] < old["p20_ms"] * (1 - threshold):
+        return "faster"
+    ratio = new["median_ms"] / old["median_ms"]
+    return "noisy" if ratio > 1 + threshold or ratio < 1 - threshold else "same"
+
+
 def compare(rows, baseline_file, threshold):
-    """Rows slower than the baseline's by more than `threshold` (a fraction). Returns the lines."""
+    """Each row against the baseline's (verdict above). Returns the lines and the regressions."""
     with open(baseline_file) as f:
         baseline = {row_key(row): row for row in json.load(f)["rows"]}
     lines, regressions = [], 0
@@ -361,9 +392,9 @@ def compare(rows, baseline_file, threshold):
         if old is None:
             continue
         ratio = row["median_ms"] / old["median_ms"]
-        verdict = "REGRESSION" if ratio > 1 + threshold else "faster" if ratio < 1 - threshold else "same"
-        regressions += verdict == "REGRESSION"
-        lines.append(f"{verdict:<10} {row['provider']:<10} {row['dtype']:<9} {row['vocab']:>7} {row['mode']:<8} "
+        result = verdict(old, row, threshold)
+        regressions += result == "REGRESSION"
+        lines.append(f"{result:<10} {row['provider']:<10} {row['dtype']:<9} {row['vocab']:>7} {row['mode']:<8} "
                      f"{old['median_ms']:>9.2f} -> {row['median_ms']:>9.2f} ms ({ratio:.2f}x)")
     return lines, regressions
 
@@ -487,23 +518,23 @@ def main(argv=None):
     providers = [p for p in providers if not (args.estimator == "full" and p in SAMPLED_ONLY | {"trl"})]
     fns = {provider: (suite or sys.modules[__name__]).make_provider(provider, args.estimator) for provider in providers}
     rows = []
+    this = suite or sys.modules[__name__]
     for dtype in args.dtype:
         for hidden_size in hidden_sizes:
             for vocab in args.vocab:
+                shape = (args.tokens, vocab) if suite is None else (args.tokens, hidden_size, vocab)
+                inputs = this.case_inputs(*shape, DTYPES[dtype], device)
                 for mode in args.modes:
-                    eager_ms = None
-                    for provider in providers:
-                        if mode != "fwd" and provider in FORWARD_ONLY:
-                            continue
-                        if suite:
-                            row = suite.bench_case(fns[provider], provider, args.estimator, args.tokens, hidden_size,
-                                                   vocab, DTYPES[dtype], mode, device, args.repeats)
-                        else:
-                            row = bench_case(fns[provider], provider, args.estimator, args.tokens, vocab,
-                                             DTYPES[dtype], mode, device, args.repeats, bandwidth)
-                        eager_ms = row["median_ms"] if provider == "eager" else eager_ms
+                    prepared = [this.prepare_case(fns[provider], provider, args.estimator, inputs, mode)
+                                for provider in providers if mode == "fwd" or provider not in FORWARD_ONLY]
+                    timings = measure([step for _, step in prepared], device, args.repeats, warmup=this.WARMUP)
+                    case = [this.finish_row(row, inputs, timing, bandwidth)
+                            for (row, _), timing in zip(prepared, timings)]
+                    eager_ms = next((row["median_ms"] for row in case if row["provider"] == "eager"), None)
+                    for row in case:
                         row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else None
-                        rows.append(row)
+                    rows.extend(case)
+                del inputs
     fix_malloc_for_peaks()
     for row in rows:
         speedup = f"{row['speedup_vs_eager']:.2f}x" if row["speedup_vs_eager"] else "-"

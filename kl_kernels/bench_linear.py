@@ -15,7 +15,7 @@ import torch
 
 import kl_kernels
 
-from .bench import _estimate, eager_penalty, make_step, measure, step_peak_bytes
+from .bench import _estimate, eager_penalty, make_step, step_peak_bytes
 from .dispatch import native_backends
 
 TRL_CHUNK_SIZE = 32768  # the vocabulary tile TRL's trainers pass (trl.trainer.utils, TRL 1.16)
@@ -91,11 +91,15 @@ def make_provider(name, estimator):
     return functools.partial(fused_linear, estimator=estimator, backend=name)
 
 
+# one untimed step per provider: a step here is seconds of matmuls, and prepare_case's forward warmed
+WARMUP = 1
+
+
 @functools.lru_cache(maxsize=8)
 def _truth(tokens, hidden_size, vocab, dtype, estimator, device):
-    """The float64 penalty of the seeded inputs of a case, one sequence at a time (float64 logits of
-    the whole batch are 4 GB at N = 4096, V = 128256), computed once for every provider."""
-    inputs = seeded_inputs(tokens, hidden_size, vocab, dtype, device)
+    """The float64 penalty of a case's inputs, one sequence at a time (float64 logits of the whole
+    batch are 4 GB at N = 4096, V = 128256), computed once for every provider."""
+    inputs = case_inputs(tokens, hidden_size, vocab, dtype, device)
     hidden, weight, ref_hidden, ref_weight, labels, mask = (
         t.double() if t.is_floating_point() and i < 4 else t for i, t in enumerate(inputs))
     return torch.cat([eager_linear(hidden[b:b + 1], weight, ref_hidden[b:b + 1], ref_weight, labels[b:b + 1],
@@ -103,24 +107,29 @@ def _truth(tokens, hidden_size, vocab, dtype, estimator, device):
                       for b in range(hidden.shape[0])])
 
 
-def seeded_inputs(tokens, hidden_size, vocab, dtype, device):
+def case_inputs(tokens, hidden_size, vocab, dtype, device):
     torch.manual_seed(tokens * 31 + hidden_size * 7 + vocab)  # every provider of a case sees the same inputs
     return make_inputs(tokens, hidden_size, vocab, dtype, device)
 
 
-def bench_case(fn, provider, estimator, tokens, hidden_size, vocab, dtype, mode, device, repeats):
-    inputs = seeded_inputs(tokens, hidden_size, vocab, dtype, device)
+def prepare_case(fn, provider, estimator, inputs, mode):
+    """(the row without its times, the step to time) of one provider on a case's inputs."""
+    hidden, weight = inputs[:2]
     with torch.no_grad():
         out = fn(*inputs)  # warm-up, compile, and the error check
-    error = (out.double() - _truth(tokens, hidden_size, vocab, dtype, estimator, device)).abs().max().item()
-    del out
-    # one untimed step more: a step here is seconds of matmuls, and the forward above warmed most
-    median, p20, p80 = measure(make_step(fn, inputs, mode, leaves=2), device, repeats, warmup=1)
-    return dict(provider=provider, estimator=estimator, tokens=inputs[-1].numel(), hidden=hidden_size, vocab=vocab,
-                dtype=str(dtype).replace("torch.", ""), mode=mode, median_ms=median, p20_ms=p20, p80_ms=p80,
-                max_abs_error=error)
+    tokens, hidden_size, vocab = inputs[-1].numel(), hidden.shape[-1], weight.shape[0]
+    truth = _truth(tokens, hidden_size, vocab, hidden.dtype, estimator, hidden.device)
+    row = dict(provider=provider, estimator=estimator, tokens=tokens, hidden=hidden_size, vocab=vocab,
+               dtype=str(hidden.dtype).replace("torch.", ""), mode=mode,
+               max_abs_error=(out.double() - truth).abs().max().item())
+    return row, make_step(fn, inputs, mode, leaves=2)
+
+
+def finish_row(row, inputs, timing, bandwidth):
+    row.update(zip(("median_ms", "p20_ms", "p80_ms"), timing))
+    return row
 
 
 def peak_extra_bytes(fn, tokens, hidden_size, vocab, dtype, mode, device):
-    return step_peak_bytes(make_step(fn, seeded_inputs(tokens, hidden_size, vocab, dtype, device), mode, leaves=2),
+    return step_peak_bytes(make_step(fn, case_inputs(tokens, hidden_size, vocab, dtype, device), mode, leaves=2),
                            device)

@@ -43,7 +43,8 @@ def test_cli_writes_files_and_compares(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == len(data["rows"])
     # a baseline ten times faster than anything real: every matched row is a regression
     for row in data["rows"]:
-        row["median_ms"] /= 10
+        for key in ("median_ms", "p20_ms", "p80_ms"):
+            row[key] /= 10
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(data))
     capsys.readouterr()
@@ -101,3 +102,12 @@ def test_summary_and_environment(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         bench.main(["--plot", "x.png", "--tokens", "64", "--vocab", "50"])
     assert "matplotlib" in capsys.readouterr().err
+
+
+def test_compare_verdicts_respect_the_spread():
+    row = lambda median, p20, p80: dict(median_ms=median, p20_ms=p20, p80_ms=p80)  # noqa: E731
+    old = row(10.0, 9.5, 10.5)
+    assert bench.verdict(old, row(13.0, 12.5, 13.5), 0.15) == "REGRESSION"  # beyond both spreads
+    assert bench.verdict(old, row(12.0, 9.0, 15.0), 0.15) == "noisy"  # slower median, overlapping spread
+    assert bench.verdict(old, row(10.5, 10.0, 11.0), 0.15) == "same"
+    assert bench.verdict(old, row(7.0, 6.8, 7.2), 0.15) == "faster"
