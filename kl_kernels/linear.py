@@ -101,7 +101,8 @@ class LinearKLFunction(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
         if grad_logp is None and grad_entropy is None and grad_full is None:
             return (None,) * 15
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        # each tile writes its own rows of the hidden gradient once: no float32 sum needed
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         # a tile's weight gradient goes straight into the float32 sum (addmm_); in a lower dtype the
         # matmul runs in it (as F.linear's backward would) into one reused buffer: no [V, H] allocation
@@ -144,6 +145,7 @@ class LinearKLFunction(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += dz.float().sum(0)
             del z, tanh, ref_z, dz  # before the next tile is made
+        del partial  # before the float32 sums are cast: not three [V, H] buffers at once
         return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 11
 
 
