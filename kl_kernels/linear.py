@@ -189,7 +189,7 @@ def _check_transform(logit_scale, softcap):
     return float(logit_scale), None if softcap is None else float(softcap)
 
 
-def _check_common(labels, hidden, process_group, logit_scale, softcap, tile_bytes):
+def _check_common(labels, process_group, logit_scale, softcap, tile_bytes):
     check.integer(labels, "labels")
     if process_group is not None:
         raise NotImplementedError("process_group (a tensor-parallel vocabulary) is not served by the "
@@ -214,7 +214,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     tile_bytes bounds the logits tiles (about rows x V x 4 bytes each, one more with a reference)."""
     from .api import _temperature
 
-    logit_scale, softcap = _check_common(labels, hidden, process_group, logit_scale, softcap, tile_bytes)
+    logit_scale, softcap = _check_common(labels, process_group, logit_scale, softcap, tile_bytes)
     _check_linear(hidden, weight, bias, labels)
     validate = validate and check.has_values(hidden)
     ignore_index = check.ignore_index(ignore_index)
@@ -243,7 +243,7 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
     dims and its own hidden size; the reference model is frozen (no gradient reaches it)."""
     from .api import _penalty_outputs, _plan_penalty
 
-    logit_scale, softcap = _check_common(labels, hidden, process_group, logit_scale, softcap, tile_bytes)
+    logit_scale, softcap = _check_common(labels, process_group, logit_scale, softcap, tile_bytes)
     _check_linear(hidden, weight, bias, labels)
     if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
         if ref_hidden is None or ref_weight is None:
@@ -255,7 +255,6 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
             raise ValueError(f"ref_weight must be [V, H_ref] with weight's vocabulary size V = {weight.shape[0]}, "
                              f"got shape {tuple(ref_weight.shape)}")
         _check_linear(ref_hidden, ref_weight, ref_bias, labels, "ref_")
-        check.same_device(hidden.device, ref_hidden=ref_hidden)
     validate = validate and check.has_values(hidden)
     plan = _plan_penalty(
         labels, hidden.device, weight.shape[0], compute_dtype(hidden.dtype), source=("hidden", hidden.shape),

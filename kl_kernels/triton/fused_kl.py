@@ -54,6 +54,21 @@ def _online_lse_step(m, x, inv_t):
 
 
 @triton.jit
+def _log_sum_exp(m, s, inv_t):
+    """lse of a row from its online sums (raw max m, sum s). +inf (a +inf logit, or one that
+    overflows once divided by T) leaves no softmax: NaN, so the row is NaN (csrc/fused_kl_math.h)."""
+    lse = m * inv_t + tl.log(s)
+    return tl.where(lse == float("inf"), float("nan"), lse)
+
+
+@triton.jit
+def _label_logprob(z_y, m, s, inv_t, lse):
+    """(z_y - m)/T - log s, not z_y/T - lse: a confident token (z_y = m) keeps its digits; NaN with
+    the row's lse (csrc/fused_kl_math.h's label_logprob)."""
+    return (z_y * inv_t - m * inv_t) - tl.log(s) + (lse - lse)
+
+
+@triton.jit
 def _row_start(base_ptr, row, T, stride_b, stride_t):
     # row n = b*T + t of a [B, T, V] tensor with any row strides; row is int64, so the offsets are
     # too (B*T*V overflows int32)
@@ -122,24 +137,21 @@ def _fused_kl_fwd_kernel(
             ref_m, ref_scale, ref_e = _online_lse_step(ref_m, xr, inv_t)
             ref_s = ref_s * ref_scale + tl.sum(ref_e, axis=0)
 
-    lse = m * inv_t + tl.log(s)
-    lse = tl.where(lse == float("inf"), float("nan"), lse)  # no softmax: the row is NaN (fused_kl_math.h)
+    lse = _log_sum_exp(m, s, inv_t)
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     # a label outside [0, V) only gets here with validate=False: its row is NaN, nothing is read
     in_range = (label >= 0) & (label < V)
     safe_label = tl.where(in_range, label, 0)
     bad = tl.where(in_range, 0.0, float("nan"))  # added to each output of the row
     z_y = tl.load(row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
-    # (z_y - m)/T - log s, not z_y/T - lse: a confident token (z_y = m) keeps its digits (fused_kl_math.h)
-    tl.store(logp_ptr + row, tl.where(valid, (z_y * inv_t - m * inv_t) - tl.log(s) + (lse - lse) + bad, 0.0))
+    tl.store(logp_ptr + row, tl.where(valid, _label_logprob(z_y, m, s, inv_t, lse) + bad, 0.0))
     if NEED_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - sx * inv_t / s + (lse - lse) + bad, 0.0))
     if HAS_REF:
-        ref_lse = ref_m * inv_t + tl.log(ref_s)
-        ref_lse = tl.where(ref_lse == float("inf"), float("nan"), ref_lse)
+        ref_lse = _log_sum_exp(ref_m, ref_s, inv_t)
         tl.store(ref_lse_ptr + row, tl.where(valid, ref_lse, 0.0))
         ref_z_y = tl.load(ref_row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
-        tl.store(ref_logp_ptr + row, tl.where(valid, (ref_z_y * inv_t - ref_m * inv_t) - tl.log(ref_s) + (ref_lse - ref_lse) + bad, 0.0))
+        tl.store(ref_logp_ptr + row, tl.where(valid, _label_logprob(ref_z_y, ref_m, ref_s, inv_t, ref_lse) + bad, 0.0))
         if NEED_FULL:
             tl.store(full_kl_ptr + row, tl.where(valid, sd * inv_t / s - lse + ref_lse + bad, 0.0))
 
