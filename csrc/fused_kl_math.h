@@ -27,6 +27,18 @@
 
 namespace kl_kernels {
 
+// The columns a kernel sees are the slice [start, start + V) of a vocabulary of `size` ids: all of it
+// (start 0, size V), or one tensor-parallel rank's shard (kl_kernels/sharding.py). Labels are ids of
+// the whole vocabulary. A label outside it is bad (only with validate=False: the row is NaN); a
+// label in another rank's shard has no column here: the row's sums are this shard's, its label
+// log-prob is -inf (no mass of the label here) and the backward adds no label term.
+struct VocabShard {
+  int64_t start, size;
+  KL_HOST_DEVICE bool bad(int64_t label) const { return label < 0 || label >= size; }
+  KL_HOST_DEVICE bool owns(int64_t label, int64_t V) const { return label >= start && label - start < V; }
+  KL_HOST_DEVICE bool fits(int64_t V) const { return start >= 0 && start <= size - V; }  // no overflow
+};
+
 template <typename acc_t>
 struct RowSums {
   acc_t m, s, sx, sd;

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import sharding
 from . import validation as check
 from .dispatch import select_backend
 from .estimators import estimate, parse_estimator
@@ -83,20 +84,28 @@ def _check_logits_labels(logits, labels, inplace_backward=False):
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
 
 
+def _device(tensor) -> torch.device:
+    return tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")
+
+
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   validate=True, inplace_backward=False, backend=None):
-    """Label log-probs z_y/T - lse(z/T) in float32 (float64 for float64 logits), optionally entropy."""
-    _check_logits_labels(logits, labels, inplace_backward)
-    validate = validate and check.has_values(logits)
-    ignore_index = check.ignore_index(ignore_index)
-    dtype = compute_dtype(logits.dtype)
-    temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
-    if validate:
-        check.label_values(labels, logits.shape[-1], ignore_index)
-    chosen = select_backend(backend, logits.device, (logits.dtype,))
+                   validate=True, inplace_backward=False, process_group=None, backend=None):
+    """Label log-probs z_y/T - lse(z/T) in float32 (float64 for float64 logits), optionally entropy.
+    process_group: logits hold this rank's shard of the vocabulary (docs/contract.md section 10)."""
+    with sharding.checks(process_group, _device(logits), validate):
+        _check_logits_labels(logits, labels, inplace_backward)
+        validate = validate and check.has_values(logits)
+        ignore_index = check.ignore_index(ignore_index)
+        dtype = compute_dtype(logits.dtype)
+        temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
+        if validate and process_group is None:
+            check.label_values(labels, logits.shape[-1], ignore_index)
+        chosen = select_backend(backend, logits.device, (logits.dtype,))
+    shard = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate, "token_logprobs", labels,
+                                 return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature)
     logp, _, entropy, _ = FusedKLFunction.apply(
         chosen.impl, _as_rows(logits), labels.reshape(-1).to(torch.int64).contiguous(), None, temp, ignore_index,
-        bool(return_entropy), False, bool(inplace_backward))
+        shard, bool(return_entropy), False, bool(inplace_backward))
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -177,7 +186,7 @@ def _plan_penalty(labels, device, vocab, dtype, *, source, ref_logprobs, mask, c
         positions = lambda: torch.arange(n_tokens, device=device)  # noqa: E731
         per_sequence = (n_seqs, lambda: torch.searchsorted(offsets[1:], positions(), right=True).clamp_(max=max(n_seqs - 1, 0)))
     temp = _temperature(temperature, labels.shape, device, dtype, validate, per_sequence)
-    if validate:
+    if validate and vocab is not None:  # None: a vocabulary shard, checked once the ranks agreed on its size
         check.label_values(labels, vocab, ignore_index)
     return _PenaltyPlan(layout, offsets, est, temp, ignore_index, dtype)
 
@@ -214,27 +223,42 @@ def _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy, full_kl
 
 def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
                kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
-               ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, backend=None):
-    """The fused KL penalty pass; see docs/contract.md section 2 for every field of the result."""
-    _check_logits_labels(logits, labels, inplace_backward)
-    validate = validate and check.has_values(logits)
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
-    if ref_logits is not None:
-        check.floating(ref_logits, "ref_logits")
-        check.shape(ref_logits, logits.shape, "ref_logits", "the logits' shape")
-        check.same_device(logits.device, ref_logits=ref_logits)
-    plan = _plan_penalty(
-        labels, logits.device, logits.shape[-1], compute_dtype(logits.dtype), source=("logits", logits.shape),
-        ref_logprobs=ref_logprobs, mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator,
-        temperature=temperature, log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index,
-        validate=validate, has_ref_model=ref_logits is not None)
-    dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
-    chosen = select_backend(backend, logits.device, dtypes)
+               ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, process_group=None,
+               backend=None):
+    """The fused KL penalty pass; see docs/contract.md section 2 for every field of the result
+    (section 10 for process_group: logits and ref_logits hold this rank's shard of the vocabulary)."""
+    with sharding.checks(process_group, _device(logits), validate):
+        _check_logits_labels(logits, labels, inplace_backward)
+        validate = validate and check.has_values(logits)
+        if logits.dim() not in (2, 3):
+            raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
+        if ref_logits is not None:
+            check.floating(ref_logits, "ref_logits")
+            check.shape(ref_logits, logits.shape, "ref_logits", "the logits' shape")
+            check.same_device(logits.device, ref_logits=ref_logits)
+        plan = _plan_penalty(
+            labels, logits.device, None if process_group is not None else logits.shape[-1],
+            compute_dtype(logits.dtype), source=("logits", logits.shape), ref_logprobs=ref_logprobs, mask=mask,
+            cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
+            log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
+            has_ref_model=ref_logits is not None)
+        dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
+        chosen = select_backend(backend, logits.device, dtypes)
+    shard = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan, validate,
+                         ref_logits is not None, return_entropy, temperature)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
         chosen.impl, _as_rows(logits), flat_labels, None if ref_logits is None else _as_rows(ref_logits),
-        plan.temperature, plan.ignore_index, bool(return_entropy), plan.estimator.name == "full",
+        plan.temperature, plan.ignore_index, shard, bool(return_entropy), plan.estimator.name == "full",
         bool(inplace_backward))
     return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
                             ref_logprobs, mask, kl_coef)
+
+
+def _agree_shard(process_group, device, local_vocab, function, labels, plan, validate, has_ref, return_entropy,
+                 temperature):
+    """The penalty's VocabShard (sharding.vocab_shard) from its plan."""
+    return sharding.vocab_shard(process_group, device, local_vocab, validate, function, labels,
+                                 estimator=(*plan.estimator, plan.layout), has_ref=has_ref,
+                                 return_entropy=bool(return_entropy), ignore_index=plan.ignore_index,
+                                 temperature=temperature)

@@ -491,6 +491,9 @@ def main(argv=None):
                         help="from hidden states: F.linear + penalty (eager, compile), TRL's chunked head, "
                              "logits+<backend>, and linear_kl_penalty per backend (kl_kernels/bench_linear.py)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024], help="hidden sizes H for --linear")
+    parser.add_argument("--tp", type=int, metavar="W", default=None,
+                        help="a tensor-parallel vocabulary: W gloo processes on this CPU, each with 1/W of the "
+                             "vocabulary (kl_kernels/bench_sharding.py); prints the bytes exchanged per token")
     args = parser.parse_args(argv)
     if args.plot:
         try:  # before the run, not after minutes of it
@@ -503,6 +506,12 @@ def main(argv=None):
     print(f"# {env['device']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}, "
           f"commit {env['commit']}; "
           f"{'copy' if device.type == 'cuda' else 'read'} bandwidth {bandwidth:.1f} GB/s; estimator {args.estimator}")
+    if args.tp:
+        from . import bench_sharding
+
+        bench_sharding.run(args.tp, args.tokens, args.vocab, [DTYPES[d] for d in args.dtype], args.modes,
+                           args.estimator, args.repeats, args.json, env)
+        return 0
     if args.linear:
         from . import bench_linear as suite
         providers = args.providers or suite.default_providers(device)

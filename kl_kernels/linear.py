@@ -19,10 +19,12 @@ import numbers
 
 import torch
 
+from . import sharding
 from . import validation as check
 from .dispatch import select_backend
 from .ops import first_order_only
 from .reference import compute_dtype
+from .sharding import merge
 
 # What the logits tiles may hold at a time (the caller's tile_bytes; TRL's own head holds a
 # 4096 x 32768 fp32 buffer, 512 MiB).
@@ -65,7 +67,7 @@ class LinearKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature,
-                logit_scale, softcap, ignore_index, need_entropy, need_full, rows):
+                logit_scale, softcap, ignore_index, shard, need_entropy, need_full, rows):
         n_tokens, has_ref = hidden.shape[0], ref_hidden is not None
         dtype = compute_dtype(hidden.dtype)
         new = lambda needed: hidden.new_empty((n_tokens if needed else 0,), dtype=dtype)  # noqa: E731
@@ -76,13 +78,20 @@ class LinearKLFunction(torch.autograd.Function):
             z, _ = _logits_tile(hidden[n0:n1], weight, bias, logit_scale, softcap)
             ref_z = _logits_tile(ref_hidden[n0:n1], ref_weight, ref_bias, logit_scale, softcap)[0] if has_ref else None
             tile = impl.fused_kl_fwd(z.unsqueeze(0), labels[n0:n1], None if ref_z is None else ref_z.unsqueeze(0),
-                                     _rows(temperature, n0, n1), ignore_index, need_entropy, need_full)
+                                     _rows(temperature, n0, n1), ignore_index, shard.start, shard.size, need_entropy,
+                                     need_full)
             for out, value in zip((logp, ref_logp, entropy, full_kl, lse, ref_lse), tile):
                 if value is not None and out.numel():
                     out[n0:n1] = value
             del z, ref_z  # before the next tile is made: the budget holds one tile of each at a time
+        if shard.group is not None:  # weight holds this rank's vocabulary shard: merge the ranks' statistics
+            stats = merge(shard, labels, ignore_index, logp, ref_logp if has_ref else None,
+                          entropy if need_entropy else None, full_kl if need_full else None, lse,
+                          ref_lse if has_ref else None)
+            logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
         ctx.impl, ctx.logit_scale, ctx.softcap, ctx.ignore_index, ctx.rows = impl, logit_scale, softcap, ignore_index, rows
+        ctx.shard = shard
         ctx.scalar_temperature = None if isinstance(temperature, torch.Tensor) else temperature
         # the reference model is saved only for `full`, whose gradient reads its logits
         ctx.save_for_backward(hidden, weight, bias, *((ref_hidden, ref_weight, ref_bias) if need_full else (None,) * 3),
@@ -100,7 +109,7 @@ class LinearKLFunction(torch.autograd.Function):
         temperature = tensor_temperature if tensor_temperature is not None else ctx.scalar_temperature
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
         if grad_logp is None and grad_entropy is None and grad_full is None:
-            return (None,) * 15
+            return (None,) * 16
         # each tile writes its own rows of the hidden gradient once: no float32 sum needed
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -126,7 +135,7 @@ class LinearKLFunction(torch.autograd.Function):
             dz = ctx.impl.fused_kl_bwd(
                 _rows(grad_logp, n0, n1), _rows(grad_entropy, n0, n1), _rows(grad_full, n0, n1), z.unsqueeze(0),
                 labels[n0:n1], None if ref_z is None else ref_z.unsqueeze(0), _rows(temperature, n0, n1),
-                ctx.ignore_index, lse[n0:n1], ref_lse[n0:n1] if use_ref else None,
+                ctx.ignore_index, ctx.shard.start, ctx.shard.size, lse[n0:n1], ref_lse[n0:n1] if use_ref else None,
                 entropy[n0:n1] if entropy.numel() else None, full_kl[n0:n1] if full_kl.numel() else None, True)
             dz = z if dz is None else dz.view(z.shape)  # the in-place op returns nothing: z holds dlogits
             if tanh is not None:  # selected: a dead row's tanh may be NaN (NaN hidden states under the mask)
@@ -146,7 +155,7 @@ class LinearKLFunction(torch.autograd.Function):
                 grad_bias += dz.float().sum(0)
             del z, tanh, ref_z, dz  # before the next tile is made
         del partial  # before the float32 sums are cast: not three [V, H] buffers at once
-        return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 11
+        return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 12
 
 
 def _rows(value, n0, n1):
@@ -189,11 +198,8 @@ def _check_transform(logit_scale, softcap):
     return float(logit_scale), None if softcap is None else float(softcap)
 
 
-def _check_common(labels, process_group, logit_scale, softcap, tile_bytes):
+def _check_common(labels, logit_scale, softcap, tile_bytes):
     check.integer(labels, "labels")
-    if process_group is not None:
-        raise NotImplementedError("process_group (a tensor-parallel vocabulary) is not served by the "
-                                  "hidden-state functions yet; pass the full weight")
     if isinstance(tile_bytes, bool) or not isinstance(tile_bytes, numbers.Integral) or tile_bytes <= 0:
         raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
     return _check_transform(logit_scale, softcap)
@@ -212,21 +218,24 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     hidden [..., H] (leading dims as labels), weight [V, H], bias [V]; returns float32 [...] log-probs
     (and entropy with return_entropy). Gradients reach hidden, weight and bias in their dtypes.
     tile_bytes bounds the logits tiles (about rows x V x 4 bytes each, one more with a reference)."""
-    from .api import _temperature
+    from .api import _device, _temperature
 
-    logit_scale, softcap = _check_common(labels, process_group, logit_scale, softcap, tile_bytes)
-    _check_linear(hidden, weight, bias, labels)
-    validate = validate and check.has_values(hidden)
-    ignore_index = check.ignore_index(ignore_index)
-    vocab = weight.shape[0]
-    temp = _temperature(temperature, labels.shape, hidden.device, compute_dtype(hidden.dtype), validate)
-    if validate:
-        check.label_values(labels, vocab, ignore_index)
-    chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
+    with sharding.checks(process_group, _device(hidden), validate):
+        logit_scale, softcap = _check_common(labels, logit_scale, softcap, tile_bytes)
+        _check_linear(hidden, weight, bias, labels)
+        validate = validate and check.has_values(hidden)
+        ignore_index = check.ignore_index(ignore_index)
+        vocab = weight.shape[0]
+        temp = _temperature(temperature, labels.shape, hidden.device, compute_dtype(hidden.dtype), validate)
+        if validate and process_group is None:
+            check.label_values(labels, vocab, ignore_index)
+        chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
+    shard = sharding.vocab_shard(process_group, hidden.device, vocab, validate, "linear_token_logprobs", labels,
+                                 return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature)
     rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, has_ref=False)
     logp, _, entropy, _ = LinearKLFunction.apply(
         chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None,
-        labels.reshape(-1).to(torch.int64).contiguous(), temp, logit_scale, softcap, ignore_index,
+        labels.reshape(-1).to(torch.int64).contiguous(), temp, logit_scale, softcap, ignore_index, shard,
         bool(return_entropy), False, rows)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
@@ -241,30 +250,34 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
 
     hidden [B, T, H] (padded) or [N, H] (packed, with cu_seqlens); ref_hidden has hidden's leading
     dims and its own hidden size; the reference model is frozen (no gradient reaches it)."""
-    from .api import _penalty_outputs, _plan_penalty
+    from .api import _agree_shard, _device, _penalty_outputs, _plan_penalty
 
-    logit_scale, softcap = _check_common(labels, process_group, logit_scale, softcap, tile_bytes)
-    _check_linear(hidden, weight, bias, labels)
-    if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError("ref_hidden and ref_weight come together (the reference model's hidden states and "
-                             f"lm_head.weight), got only {'ref_hidden' if ref_weight is None else 'ref_weight'}"
-                             + (" and ref_bias" if ref_bias is not None else ""))
-        check.tensor(ref_weight, "ref_weight")
-        if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
-            raise ValueError(f"ref_weight must be [V, H_ref] with weight's vocabulary size V = {weight.shape[0]}, "
-                             f"got shape {tuple(ref_weight.shape)}")
-        _check_linear(ref_hidden, ref_weight, ref_bias, labels, "ref_")
-    validate = validate and check.has_values(hidden)
-    plan = _plan_penalty(
-        labels, hidden.device, weight.shape[0], compute_dtype(hidden.dtype), source=("hidden", hidden.shape),
-        ref_logprobs=ref_logprobs, mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator,
-        temperature=temperature, log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index,
-        validate=validate, has_ref_model=ref_hidden is not None)
-    dtypes = [_tile_dtype(hidden.dtype, logit_scale, softcap)]
-    if ref_hidden is not None:
-        dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
-    chosen = select_backend(backend, hidden.device, tuple(dtypes))
+    with sharding.checks(process_group, _device(hidden), validate):
+        logit_scale, softcap = _check_common(labels, logit_scale, softcap, tile_bytes)
+        _check_linear(hidden, weight, bias, labels)
+        if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
+            if ref_hidden is None or ref_weight is None:
+                raise ValueError("ref_hidden and ref_weight come together (the reference model's hidden states and "
+                                 f"lm_head.weight), got only {'ref_hidden' if ref_weight is None else 'ref_weight'}"
+                                 + (" and ref_bias" if ref_bias is not None else ""))
+            check.tensor(ref_weight, "ref_weight")
+            if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
+                raise ValueError(f"ref_weight must be [V, H_ref] with weight's vocabulary size V = {weight.shape[0]}, "
+                                 f"got shape {tuple(ref_weight.shape)}")
+            _check_linear(ref_hidden, ref_weight, ref_bias, labels, "ref_")
+        validate = validate and check.has_values(hidden)
+        plan = _plan_penalty(
+            labels, hidden.device, None if process_group is not None else weight.shape[0],
+            compute_dtype(hidden.dtype), source=("hidden", hidden.shape), ref_logprobs=ref_logprobs, mask=mask,
+            cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
+            log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
+            has_ref_model=ref_hidden is not None)
+        dtypes = [_tile_dtype(hidden.dtype, logit_scale, softcap)]
+        if ref_hidden is not None:
+            dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
+        chosen = select_backend(backend, hidden.device, tuple(dtypes))
+    shard = _agree_shard(process_group, hidden.device, weight.shape[0], "linear_kl_penalty", labels, plan, validate,
+                         ref_hidden is not None, return_entropy, temperature)
     element_bytes = max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size())
     rows = _rows_per_tile(labels.numel(), weight.shape[0], element_bytes, tile_bytes, has_ref=ref_hidden is not None)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
@@ -272,7 +285,7 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
     detached = lambda t: None if t is None else t.detach()  # noqa: E731
     logp, ref_logp, entropy, full_kl = LinearKLFunction.apply(
         chosen.impl, flat(hidden), weight, bias, flat(detached(ref_hidden)), detached(ref_weight), detached(ref_bias),
-        flat_labels, plan.temperature, logit_scale, softcap, plan.ignore_index, bool(return_entropy),
+        flat_labels, plan.temperature, logit_scale, softcap, plan.ignore_index, shard, bool(return_entropy),
         plan.estimator.name == "full", rows)
     return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
                             ref_logprobs, mask, kl_coef)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharding import merge
+
 
 def first_order_only() -> None:
     """Called first in every kernel-backed backward. The kernels compute first derivatives only:
@@ -20,11 +22,19 @@ def first_order_only() -> None:
 
 
 class FusedKLFunction(torch.autograd.Function):
+    """shard: where the logits' columns sit in the vocabulary (sharding.VocabShard); with a process
+    group the per-row statistics of every rank's shard are merged after the kernel (sharding.merge),
+    and the backward's kernel gets the merged ones."""
+
     @staticmethod
-    def forward(ctx, impl, logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full, inplace):
-        logp, ref_logp, entropy, full_kl, lse, ref_lse = impl.fused_kl_fwd(
-            logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full)
-        ctx.impl, ctx.ignore_index, ctx.inplace = impl, ignore_index, inplace
+    def forward(ctx, impl, logits, labels, ref_logits, temperature, ignore_index, shard, need_entropy, need_full,
+                inplace):
+        stats = impl.fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, shard.start, shard.size,
+                                  need_entropy, need_full)
+        if shard.group is not None:
+            stats = merge(shard, labels, ignore_index, *stats)
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = stats
+        ctx.impl, ctx.ignore_index, ctx.shard, ctx.inplace = impl, ignore_index, shard, inplace
         ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
         ctx.scalar_temperature = None if isinstance(temperature, torch.Tensor) else temperature
         tensor_temperature = temperature if isinstance(temperature, torch.Tensor) else None
@@ -40,10 +50,11 @@ class FusedKLFunction(torch.autograd.Function):
         logits, labels, ref_logits, tensor_temperature, lse, ref_lse, entropy, full_kl = ctx.saved_tensors
         temperature = tensor_temperature if tensor_temperature is not None else ctx.scalar_temperature
         if grad_logp is None and grad_entropy is None and grad_full is None:
-            return (None,) * 9
-        grad = ctx.impl.fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
-                                     temperature, ctx.ignore_index, lse, ref_lse, entropy, full_kl, ctx.inplace)
-        return None, grad, None, None, None, None, None, None, None
+            return (None,) * 10
+        grad = ctx.impl.fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
+                                     ctx.ignore_index, ctx.shard.start, ctx.shard.size, lse, ref_lse, entropy,
+                                     full_kl, ctx.inplace)
+        return None, grad, None, None, None, None, None, None, None, None
 
 
 def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
@@ -59,17 +70,19 @@ def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
             return rows(temperature), 1.0
         return None, float(temperature)
 
-    def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full):
+    def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, vocab_start, vocab_size, need_entropy,
+                     need_full):
         logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(
-            logits, labels, ref_logits, *split(temperature), ignore_index, need_entropy, need_full)
+            logits, labels, ref_logits, *split(temperature), ignore_index, vocab_start, vocab_size, need_entropy,
+            need_full)
         has_ref = ref_logits is not None
         return (logp, ref_logp if has_ref else None, entropy if need_entropy else None,
                 full_kl if need_full else None, lse, ref_lse if has_ref else None)
 
     def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                     ignore_index, lse, ref_lse, entropy, full_kl, inplace):
+                     ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, inplace):
         args = (rows(grad_logp), rows(grad_entropy), rows(grad_full), logits, labels, ref_logits, *split(temperature),
-                ignore_index, lse, ref_lse, entropy, full_kl)
+                ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl)
         if inplace:
             bwd_inplace_op(*args)
             return logits
@@ -92,7 +105,8 @@ def register_fakes() -> None:
     extension that defines the schemas has loaded."""
 
     @torch.library.register_fake("kl_kernels::fused_kl_fwd")
-    def _fwd(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, need_entropy, need_full):
+    def _fwd(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, vocab_start, vocab_size,
+             need_entropy, need_full):
         return fwd_outputs(logits, ref_logits is not None, need_entropy, need_full)
 
     @torch.library.register_fake("kl_kernels::fused_kl_bwd")

@@ -2,14 +2,18 @@
 
 Every backend implements the same two functions on the same arguments:
 
-  fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full)
-      -> (logp, ref_logp, entropy, full_kl, lse, ref_lse)      each [N] or None
+  fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, vocab_start, vocab_size,
+               need_entropy, need_full) -> (logp, ref_logp, entropy, full_kl, lse, ref_lse)  each [N] or None
   fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-               ignore_index, lse, ref_lse, entropy, full_kl, inplace) -> grad_logits [B, T, V]
+               ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, inplace)
+      -> grad_logits [B, T, V]
 
 logits / ref_logits are [B, T, V] with a contiguous vocabulary dim (any row strides, so
 `logits[:, :-1]` is read in place); labels are [N = B*T] int64; temperature is a float or an [N]
-tensor. Work happens one block of rows at a time (at most CHUNK_ELEMENTS values of [rows, V] in
+tensor. The V columns are the ids [vocab_start, vocab_start + V) of a vocabulary of vocab_size ids:
+0 and V, or a tensor-parallel rank's shard (sharding.py). Labels are ids of the whole vocabulary; in
+another shard, a label has log-prob -inf here (no mass in these columns) and no term in the
+backward, whose lse / ref_lse / entropy / full_kl are then those of the whole vocabulary. Work happens one block of rows at a time (at most CHUNK_ELEMENTS values of [rows, V] in
 the compute dtype), so memory stays O(chunk) whatever N is.
 """
 from __future__ import annotations
@@ -72,15 +76,30 @@ def _log_softmax(x: torch.Tensor):
     return log_p, lse
 
 
-def _label_logprob(log_probs: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor):
-    V = log_probs.shape[-1]
-    safe = torch.where(valid & ~bad, labels, torch.zeros_like(labels)).clamp_(0, max(V - 1, 0))
-    picked = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+def _shifted(log_softmax, saved_lse):
+    log_p, lse = log_softmax
+    return log_p + (lse - saved_lse.to(lse.dtype)).unsqueeze(-1)
+
+
+def _label_columns(labels: torch.Tensor, ignore_index: int, vocab_start: int, vocab_size: int, V: int):
+    """(valid, bad, owned, column) of each label: not ignored; outside the vocabulary (validate=False
+    only: NaN rows); in these V columns; its column here (0 where not owned, so any gather is in bounds)."""
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab_size))
+    column = labels - vocab_start
+    owned = valid & ~bad & (column >= 0) & (column < V)
+    return valid, bad, owned, torch.where(owned, column, torch.zeros_like(column))
+
+
+def _label_logprob(log_probs: torch.Tensor, valid, bad, owned, column):
+    picked = log_probs.gather(-1, column.unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(owned, picked, torch.full_like(picked, float("-inf")))
     picked = torch.where(bad, torch.full_like(picked, float("nan")), picked)
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
-def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_entropy, need_full):
+def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, vocab_start, vocab_size, need_entropy,
+                 need_full):
     B, T, V = logits.shape
     N = B * T
     dtype = compute_dtype(logits.dtype)
@@ -94,13 +113,12 @@ def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_ent
     if need_full:
         full_kl = new()
     for n0, n1, (rows, ref_rows) in _row_blocks(logits, ref_logits):
-        y = labels[n0:n1]
-        valid = y != ignore_index
-        bad = valid & ((y < 0) | (y >= V))  # only reachable with validate=False: NaN, never a crash
+        label = _label_columns(labels[n0:n1], ignore_index, vocab_start, vocab_size, V)
+        valid, bad = label[:2]
         x = _scaled(rows, temperature, n0, n1, dtype)
         log_p, row_lse = _log_softmax(x)
-        lse[n0:n1] = row_lse
-        logp[n0:n1] = _label_logprob(log_p, y, valid, bad)
+        lse[n0:n1] = torch.where(valid, row_lse, 0.0)
+        logp[n0:n1] = _label_logprob(log_p, *label)
         p = torch.exp(log_p) if (need_entropy or need_full) else None
         if need_entropy:
             h = -_p_times(p, log_p).sum(-1)
@@ -108,8 +126,8 @@ def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_ent
         if ref_rows is not None:
             xr = _scaled(ref_rows, temperature, n0, n1, dtype)
             log_q, row_ref_lse = _log_softmax(xr)
-            ref_lse[n0:n1] = row_ref_lse
-            ref_logp[n0:n1] = _label_logprob(log_q, y, valid, bad)
+            ref_lse[n0:n1] = torch.where(valid, row_ref_lse, 0.0)
+            ref_logp[n0:n1] = _label_logprob(log_q, *label)
             if need_full:
                 kl = _p_times(p, log_p - log_q).sum(-1)
                 full_kl[n0:n1] = torch.where(valid, torch.where(bad, torch.nan, kl), 0.0)
@@ -117,30 +135,28 @@ def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, need_ent
 
 
 def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                 ignore_index, lse, ref_lse, entropy, full_kl, inplace):
+                 ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, inplace):
     """d logp/dz = (1[v=y] - p)/T;  dH/dz = -p (log p + H)/T;  dKL/dz = p (log p - log q - KL)/T."""
     B, T, V = logits.shape
     dtype = compute_dtype(logits.dtype)
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     ref_logits = ref_logits if grad_full is not None else None
     for n0, n1, (rows, out, ref_rows) in _row_blocks(logits, grad, ref_logits):
-        y = labels[n0:n1]
-        valid = (y != ignore_index)
-        # recomputed rather than x - saved lse, for the digits (see _log_softmax)
-        log_p = _log_softmax(_scaled(rows, temperature, n0, n1, dtype))[0]
+        valid, bad, owned, column = _label_columns(labels[n0:n1], ignore_index, vocab_start, vocab_size, V)
+        # recomputed rather than x - saved lse, for the digits (see _log_softmax), then moved from these
+        # columns' lse to the saved one (a shard's to the whole vocabulary's; exactly 0 when unsharded)
+        log_p = _shifted(_log_softmax(_scaled(rows, temperature, n0, n1, dtype)), lse[n0:n1])
         p = torch.exp(log_p)
         g_logp = grad_logp[n0:n1].to(dtype) if grad_logp is not None else torch.zeros(n1 - n0, dtype=dtype, device=p.device)
         g = -p * g_logp.unsqueeze(-1)
-        in_range = valid & (y >= 0) & (y < V)
-        idx = torch.where(in_range, y, torch.zeros_like(y)).clamp_(0, max(V - 1, 0)).unsqueeze(-1)
-        g.scatter_add_(-1, idx, torch.where(in_range, g_logp, 0.0).unsqueeze(-1))
+        g.scatter_add_(-1, column.unsqueeze(-1), torch.where(owned, g_logp, 0.0).unsqueeze(-1))
         any_grad = g_logp != 0
         if grad_entropy is not None:
             g_h = grad_entropy[n0:n1].to(dtype).unsqueeze(-1)
             g = g - g_h * _p_times(p, log_p + entropy[n0:n1].unsqueeze(-1))
             any_grad = any_grad | (g_h.squeeze(-1) != 0)
         if ref_rows is not None:
-            log_q = _log_softmax(_scaled(ref_rows, temperature, n0, n1, dtype))[0]
+            log_q = _shifted(_log_softmax(_scaled(ref_rows, temperature, n0, n1, dtype)), ref_lse[n0:n1])
             g_f = grad_full[n0:n1].to(dtype).unsqueeze(-1)
             # full's term only where its gradient flows: a masked row's reference NaN stays out
             g = g + torch.where(g_f != 0, g_f * _p_times(p, log_p - log_q - full_kl[n0:n1].unsqueeze(-1)), 0.0)
@@ -149,6 +165,7 @@ def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits,
             g = g / temperature[n0:n1].to(dtype).unsqueeze(-1)
         elif temperature != 1.0:
             g = g / temperature
+        g = torch.where(bad.unsqueeze(-1), float("nan"), g)  # validate=False only: a NaN row, as in every backend
         # Rows nothing flows back from (ignored, masked) get an exact 0 even if their logits are NaN
         keep = (valid & any_grad).unsqueeze(-1)
         out.copy_(torch.where(keep, g, torch.zeros((), dtype=dtype, device=g.device)))

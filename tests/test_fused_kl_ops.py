@@ -51,11 +51,11 @@ def test_opcheck(dtype):
     labels[3] = -100
     temperature = torch.rand(10, dtype=torch.float64 if dtype == torch.float64 else torch.float32) + 0.5
     fwd = torch.ops.kl_kernels.fused_kl_fwd
-    opcheck(fwd.default, (logits, labels, ref_logits, temperature, 1.0, -100, True, True))
-    opcheck(fwd.default, (logits[:, :-1], labels[:8].clone(), None, None, 0.7, -100, False, False))
-    logp, _, entropy, full, lse, ref_lse = fwd(logits, labels, ref_logits, temperature, 1.0, -100, True, True)
+    opcheck(fwd.default, (logits, labels, ref_logits, temperature, 1.0, -100, 5, 50, True, True))
+    opcheck(fwd.default, (logits[:, :-1], labels[:8].clone(), None, None, 0.7, -100, 0, 37, False, False))
+    logp, _, entropy, full, lse, ref_lse = fwd(logits, labels, ref_logits, temperature, 1.0, -100, 5, 50, True, True)
     grads = [torch.randn_like(logp) for _ in range(3)]
-    args = (*grads, logits, labels, ref_logits, temperature, 1.0, -100, lse, ref_lse, entropy, full)
+    args = (*grads, logits, labels, ref_logits, temperature, 1.0, -100, 5, 50, lse, ref_lse, entropy, full)
     opcheck(torch.ops.kl_kernels.fused_kl_bwd.default, args)
     opcheck(torch.ops.kl_kernels.fused_kl_bwd_.default, (*grads, logits.clone(), *args[4:]))
 
@@ -140,11 +140,11 @@ def test_triton_ops_opcheck():
     labels[3] = -100
     temperature = torch.rand(10, device=device) + 0.5
     fwd = torch.ops.kl_kernels.triton_fused_kl_fwd
-    opcheck(fwd.default, (logits, labels, ref_logits, temperature, 1.0, -100, True, True))
-    opcheck(fwd.default, (logits[:, :-1], labels[:8].clone(), None, None, 0.7, -100, False, False))
-    logp, _, entropy, full, lse, ref_lse = fwd(logits, labels, ref_logits, temperature, 1.0, -100, True, True)
+    opcheck(fwd.default, (logits, labels, ref_logits, temperature, 1.0, -100, 5, 50, True, True))
+    opcheck(fwd.default, (logits[:, :-1], labels[:8].clone(), None, None, 0.7, -100, 0, 37, False, False))
+    logp, _, entropy, full, lse, ref_lse = fwd(logits, labels, ref_logits, temperature, 1.0, -100, 5, 50, True, True)
     grads = [torch.randn_like(logp) for _ in range(3)]
-    args = (*grads, logits, labels, ref_logits, temperature, 1.0, -100, lse, ref_lse, entropy, full)
+    args = (*grads, logits, labels, ref_logits, temperature, 1.0, -100, 5, 50, lse, ref_lse, entropy, full)
     opcheck(torch.ops.kl_kernels.triton_fused_kl_bwd.default, args)
     opcheck(torch.ops.kl_kernels.triton_fused_kl_bwd_.default, (*grads, logits.clone(), *args[4:]))
 

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     arch, policy, reference, case = sys.argv[1:5]
     flags, entropy_only = case == "all", case == "entropy"
     stats = ["*fp32"] * 6
-    scalars = {"T": "i32", "V": "i32", "ignore_index": "i64"}
+    scalars = {"T": "i32", "V": "i32", "ignore_index": "i64", "vocab_start": "i64", "vocab_size": "i64"}
     fwd = dict(zip(["logits_ptr", "ref_logits_ptr", "labels_ptr", "temperature_ptr", "logp_ptr", "ref_logp_ptr",
                     "entropy_ptr", "full_kl_ptr", "lse_ptr", "ref_lse_ptr"],
                    [f"*{policy}", f"*{reference}", "*i64", "*fp32", *stats]))

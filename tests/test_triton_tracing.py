@@ -45,12 +45,12 @@ SCRIPT = textwrap.dedent("""
             return out.kl_mean, out.entropy
 
         def backward(z, zr, y, g):
-            f = torch.ops.kl_kernels.triton_fused_kl_fwd(z, y.view(-1), zr, None, 1.0, -100, True, True)
+            f = torch.ops.kl_kernels.triton_fused_kl_fwd(z, y.view(-1), zr, None, 1.0, -100, 0, 50, True, True)
             logp, _, entropy, full, lse, ref_lse = f
-            grad = torch.ops.kl_kernels.triton_fused_kl_bwd(g, g, g, z, y.view(-1), zr, None, 1.0, -100, lse, ref_lse,
+            grad = torch.ops.kl_kernels.triton_fused_kl_bwd(g, g, g, z, y.view(-1), zr, None, 1.0, -100, 0, 50, lse, ref_lse,
                                                             entropy, full)
             z2 = z.clone()
-            torch.ops.kl_kernels.triton_fused_kl_bwd_(g, None, None, z2, y.view(-1), None, None, 1.0, -100, lse, None,
+            torch.ops.kl_kernels.triton_fused_kl_bwd_(g, None, None, z2, y.view(-1), None, None, 1.0, -100, 0, 50, lse, None,
                                                       None, None)
             return grad, z2
 

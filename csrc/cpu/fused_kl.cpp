@@ -20,7 +20,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "fused_kl_math.h"
+#include "fused_kl_checks.h"
 
 namespace kl_kernels {
 namespace {
@@ -193,8 +193,8 @@ const acc_t* per_row(const std::optional<Tensor>& t, Tensor& holder, int64_t N, 
 
 template <typename acc_t>
 void forward_rows(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
-                  const acc_t* temperature, acc_t scalar_temperature, int64_t ignore_index, bool need_entropy,
-                  bool need_full, acc_t* logp, acc_t* ref_logp, acc_t* ent, acc_t* kl, acc_t* lse, acc_t* ref_lse) {
+                  const acc_t* temperature, acc_t scalar_temperature, int64_t ignore_index, VocabShard shard,
+                  bool need_entropy, bool need_full, acc_t* logp, acc_t* ref_logp, acc_t* ent, acc_t* kl, acc_t* lse, acc_t* ref_lse) {
   const int64_t N = labels.numel(), V = logits.size(2);
   const Rows policy(logits);
   const bool has_ref = ref_logits.has_value();
@@ -203,7 +203,7 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
   const TileReader<acc_t> read(logits.scalar_type(), acc);
   const TileReader<acc_t> read_ref(has_ref ? ref_logits->scalar_type() : logits.scalar_type(), acc);
   const int64_t* y = labels.data_ptr<int64_t>();
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN(), inf = std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t x[kTile + 64], xr[kTile + 64];
     for (int64_t n = begin; n < end; ++n) {
@@ -229,18 +229,19 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
       }
       p = scaled(p, inv_t), q = scaled(q, inv_t);
       const acc_t row_lse = log_sum_exp(p);
-      const bool bad = label < 0 || label >= V;  // only with validate=False: NaN, never a wild read
+      const bool bad = shard.bad(label);  // only with validate=False: NaN, never a wild read
+      const bool owned = shard.owns(label, V);
       auto label_logit = [&](const TileReader<acc_t>& reader, const char* r) {
         acc_t value;
-        reader.load(r + label * reader.element_size, 1, &value);
+        reader.load(r + (label - shard.start) * reader.element_size, 1, &value);
         return value * inv_t;
       };
       lse[n] = row_lse;
-      logp[n] = bad ? nan : label_logprob(p, label_logit(read, row), row_lse);
+      logp[n] = bad ? nan : owned ? label_logprob(p, label_logit(read, row), row_lse) : -inf;
       if (need_entropy) ent[n] = bad ? nan : entropy(p, row_lse);
       if (has_ref) {
         ref_lse[n] = log_sum_exp(q);
-        ref_logp[n] = bad ? nan : label_logprob(q, label_logit(read_ref, ref_row), ref_lse[n]);
+        ref_logp[n] = bad ? nan : owned ? label_logprob(q, label_logit(read_ref, ref_row), ref_lse[n]) : -inf;
         if (need_full) kl[n] = bad ? nan : full_kl(p, row_lse, ref_lse[n]);
       }
     }
@@ -249,11 +250,12 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cpu(
     const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
-    const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index, bool need_entropy,
-    bool need_full) {
+    const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index, int64_t vocab_start,
+    int64_t vocab_size, bool need_entropy, bool need_full) {
   check_rows(logits, "logits");
   const int64_t N = logits.size(0) * logits.size(1);
   check_labels(labels, N);
+  const VocabShard shard = checked_shard(vocab_start, vocab_size, logits.size(2));
   if (ref_logits.has_value()) {
     check_rows(*ref_logits, "ref_logits");
     KL_CHECK_ARG(ref_logits->sizes() == logits.sizes(), "ref_logits", "must match the logits' shape");
@@ -269,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cpu(
     using acc_t = scalar_t;
     const acc_t* temp = per_row<acc_t>(temperature, temperature_holder, N, acc, "temperature");
     auto ptr = [](Tensor& t) { return t.numel() ? t.data_ptr<acc_t>() : nullptr; };
-    forward_rows<acc_t>(logits, labels, ref_logits, temp, static_cast<acc_t>(scalar_temperature), ignore_index,
+    forward_rows<acc_t>(logits, labels, ref_logits, temp, static_cast<acc_t>(scalar_temperature), ignore_index, shard,
                         need_entropy, need_full, ptr(logp), ptr(ref_logp), ptr(ent), ptr(kl), ptr(lse), ptr(ref_lse));
   });
   return {logp, ref_logp, ent, kl, lse, ref_lse};
@@ -278,8 +280,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cpu(
 template <typename acc_t>
 void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_full, const Tensor& logits,
                    const Tensor& labels, const std::optional<Tensor>& ref_logits, const acc_t* temperature,
-                   acc_t scalar_temperature, int64_t ignore_index, const acc_t* lse, const acc_t* ref_lse,
-                   const acc_t* ent, const acc_t* kl, Tensor& grad) {
+                   acc_t scalar_temperature, int64_t ignore_index, VocabShard shard, const acc_t* lse,
+                   const acc_t* ref_lse, const acc_t* ent, const acc_t* kl, Tensor& grad) {
   using Vec = Vectorized<acc_t>;
   const int64_t N = labels.numel(), V = logits.size(2);
   const Rows policy(logits), out(grad);
@@ -307,7 +309,9 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
       // full's term only where its gradient flows: a row whose kl is masked (g_full = 0) never reads
       // its reference row, so NaN or -inf there cannot reach the logprobs' or entropy's gradient
       const bool row_ref = use_ref && r.g_full != acc_t(0);
-      const bool bad = label < 0 || label >= V;
+      const bool bad = shard.bad(label);
+      // the label's own term, at its column of this shard (none when another shard owns it)
+      const int64_t label_col = shard.owns(label, V) ? label - shard.start : -1;
       const char* row = policy.row(n);
       const char* ref_row = row_ref ? reference.row(n) : nullptr;
       const Vec v_lse(r.lse), v_ref_lse(r.ref_lse), v_ent(r.entropy), v_kl(r.kl), v_inv_t(r.inv_t),
@@ -329,8 +333,8 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
         }
         if (bad) {
           std::fill(g, g + count, std::numeric_limits<acc_t>::quiet_NaN());
-        } else if (label >= v0 && label < v0 + count) {
-          g[label - v0] += r.g_logp * r.inv_t;
+        } else if (label_col >= v0 && label_col < v0 + count) {
+          g[label_col - v0] += r.g_logp * r.inv_t;
         }
         store(g, count, out_row + v0 * out.element_size);
       }
@@ -341,12 +345,13 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
 void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
                        const std::optional<Tensor>& grad_full, const Tensor& logits, const Tensor& labels,
                        const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
-                       double scalar_temperature, int64_t ignore_index, const Tensor& lse,
-                       const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy_out,
-                       const std::optional<Tensor>& full_out, Tensor& grad) {
+                       double scalar_temperature, int64_t ignore_index, int64_t vocab_start, int64_t vocab_size,
+                       const Tensor& lse, const std::optional<Tensor>& ref_lse,
+                       const std::optional<Tensor>& entropy_out, const std::optional<Tensor>& full_out, Tensor& grad) {
   check_rows(logits, "logits");
   const int64_t N = logits.size(0) * logits.size(1);
   check_labels(labels, N);
+  const VocabShard shard = checked_shard(vocab_start, vocab_size, logits.size(2));
   const bool use_full = grad_full.has_value();
   KL_CHECK_ARG(!use_full || (ref_logits.has_value() && ref_lse.has_value() && full_out.has_value()), "ref_logits",
                "and the saved reference statistics are needed for the gradient of the full KL");
@@ -365,7 +370,7 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
     const acc_t* e = ge ? per_row<acc_t>(entropy_out, h[6], N, acc, "entropy") : nullptr;
     const acc_t* k = use_full ? per_row<acc_t>(full_out, h[7], N, acc, "full_kl") : nullptr;
     backward_rows<acc_t>(gl, ge, gf, logits, labels, ref_logits, temp, static_cast<acc_t>(scalar_temperature),
-                         ignore_index, l, rl, e, k, grad);
+                         ignore_index, shard, l, rl, e, k, grad);
   });
 }
 
@@ -385,24 +390,25 @@ void advise_huge_pages(const Tensor& t) {
 Tensor fused_kl_bwd_cpu(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
                         const std::optional<Tensor>& grad_full, const Tensor& logits, const Tensor& labels,
                         const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
-                        double scalar_temperature, int64_t ignore_index, const Tensor& lse,
-                        const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy_out,
-                        const std::optional<Tensor>& full_out) {
+                        double scalar_temperature, int64_t ignore_index, int64_t vocab_start, int64_t vocab_size,
+                        const Tensor& lse, const std::optional<Tensor>& ref_lse,
+                        const std::optional<Tensor>& entropy_out, const std::optional<Tensor>& full_out) {
   Tensor grad = at::empty(logits.sizes(), logits.options());
   advise_huge_pages(grad);
   fused_kl_bwd_into(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                    scalar_temperature, ignore_index, lse, ref_lse, entropy_out, full_out, grad);
+                    scalar_temperature, ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy_out, full_out, grad);
   return grad;
 }
 
 void fused_kl_bwd_inplace_cpu(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
                               const std::optional<Tensor>& grad_full, Tensor& logits, const Tensor& labels,
                               const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
-                              double scalar_temperature, int64_t ignore_index, const Tensor& lse,
-                              const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy_out,
-                              const std::optional<Tensor>& full_out) {
+                              double scalar_temperature, int64_t ignore_index, int64_t vocab_start,
+                              int64_t vocab_size, const Tensor& lse, const std::optional<Tensor>& ref_lse,
+                              const std::optional<Tensor>& entropy_out, const std::optional<Tensor>& full_out) {
   fused_kl_bwd_into(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                    scalar_temperature, ignore_index, lse, ref_lse, entropy_out, full_out, logits);
+                    scalar_temperature, ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy_out, full_out,
+                    logits);
 }
 
 }  // namespace

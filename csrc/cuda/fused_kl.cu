@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../fused_kl_checks.h"
 #include "fused_kl.cuh"
 
 namespace kl_kernels {
@@ -76,9 +77,10 @@ void check_common(const Tensor& logits, const Tensor& labels, const std::optiona
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cuda(
     const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
-    const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index, bool need_entropy,
-    bool need_full) {
+    const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index, int64_t vocab_start,
+    int64_t vocab_size, bool need_entropy, bool need_full) {
   check_common(logits, labels, ref_logits, temperature);
+  const VocabShard shard = checked_shard(vocab_start, vocab_size, logits.size(2));
   KL_CHECK_ARG(!need_full || ref_logits.has_value(), "need_full", "needs ref_logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0) * logits.size(1), V = logits.size(2);
@@ -87,7 +89,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cuda(
   Tensor logp = stats(true), ref_logp = stats(has_ref), entropy = stats(need_entropy), full = stats(need_full),
          lse = stats(true), ref_lse = stats(has_ref);
   cuda::FwdParams p{labels.data_ptr<int64_t>(), ptr<float>(temperature), static_cast<float>(1.0 / scalar_temperature),
-                    N, V, ignore_index, need_entropy, need_full, logp.data_ptr<float>(),
+                    N, V, ignore_index, shard, need_entropy, need_full, logp.data_ptr<float>(),
                     has_ref ? ref_logp.data_ptr<float>() : nullptr, need_entropy ? entropy.data_ptr<float>() : nullptr,
                     need_full ? full.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
                     has_ref ? ref_lse.data_ptr<float>() : nullptr};
@@ -108,10 +110,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cuda(
 void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
                        const std::optional<Tensor>& grad_full, const Tensor& logits, const Tensor& labels,
                        const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
-                       double scalar_temperature, int64_t ignore_index, const Tensor& lse,
-                       const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy,
+                       double scalar_temperature, int64_t ignore_index, int64_t vocab_start, int64_t vocab_size,
+                       const Tensor& lse, const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy,
                        const std::optional<Tensor>& full_kl, const Tensor& grad) {
   check_common(logits, labels, ref_logits, temperature);
+  const VocabShard shard = checked_shard(vocab_start, vocab_size, logits.size(2));
   check_rows(grad, "grad");
   const int64_t N = logits.size(0) * logits.size(1), V = logits.size(2);
   for (const auto& [t, name] : {std::pair{&grad_logp, "grad_logp"}, {&grad_entropy, "grad_entropy"},
@@ -129,7 +132,7 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   cuda::BwdParams p{labels.data_ptr<int64_t>(), ptr<float>(temperature), static_cast<float>(1.0 / scalar_temperature),
-                    N, V, ignore_index, ptr<float>(grad_logp), ptr<float>(grad_entropy), ptr<float>(grad_full),
+                    N, V, ignore_index, shard, ptr<float>(grad_logp), ptr<float>(grad_entropy), ptr<float>(grad_full),
                     lse.data_ptr<float>(), grad_full.has_value() ? ptr<float>(ref_lse) : nullptr,
                     grad_entropy.has_value() ? ptr<float>(entropy) : nullptr,
                     grad_full.has_value() ? ptr<float>(full_kl) : nullptr};
@@ -149,24 +152,24 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
 Tensor fused_kl_bwd_cuda(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
                          const std::optional<Tensor>& grad_full, const Tensor& logits, const Tensor& labels,
                          const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
-                         double scalar_temperature, int64_t ignore_index, const Tensor& lse,
-                         const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy,
+                         double scalar_temperature, int64_t ignore_index, int64_t vocab_start, int64_t vocab_size,
+                         const Tensor& lse, const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy,
                          const std::optional<Tensor>& full_kl) {
   check_rows(logits, "logits");
   Tensor grad = at::empty(logits.sizes(), logits.options());
   fused_kl_bwd_into(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature, scalar_temperature,
-                    ignore_index, lse, ref_lse, entropy, full_kl, grad);
+                    ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, grad);
   return grad;
 }
 
 void fused_kl_bwd_inplace_cuda(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_entropy,
                                const std::optional<Tensor>& grad_full, Tensor& logits, const Tensor& labels,
                                const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
-                               double scalar_temperature, int64_t ignore_index, const Tensor& lse,
-                               const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy,
-                               const std::optional<Tensor>& full_kl) {
+                               double scalar_temperature, int64_t ignore_index, int64_t vocab_start,
+                               int64_t vocab_size, const Tensor& lse, const std::optional<Tensor>& ref_lse,
+                               const std::optional<Tensor>& entropy, const std::optional<Tensor>& full_kl) {
   fused_kl_bwd_into(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature, scalar_temperature,
-                    ignore_index, lse, ref_lse, entropy, full_kl, logits);
+                    ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, logits);
 }
 
 }  // namespace

@@ -137,6 +137,7 @@ struct FwdParams {
   const float* temperature;  // [N] or null: then inv_temperature
   float inv_temperature;
   int64_t N, V, ignore_index;
+  VocabShard shard;  // the columns' place in the vocabulary (fused_kl_math.h)
   bool need_entropy, need_full;
   float *logp, *ref_logp, *entropy, *full_kl, *lse, *ref_lse;  // [N] each; ref_* null without a reference
 };
@@ -173,17 +174,19 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
   const RowSums<float> ps = scaled(policy, inv_t);
   const float lse = log_sum_exp(ps);
   p.lse[n] = lse;
-  // a label outside [0, V) only gets here with validate=False: NaN in its row, nothing read
-  const bool bad = label < 0 || label >= p.V;
-  const float nan = __int_as_float(0x7fc00000);
+  // a label outside the vocabulary only gets here with validate=False: NaN in its row, nothing read;
+  // one in another rank's shard has no mass here: -inf
+  const bool bad = p.shard.bad(label), owned = p.shard.owns(label, p.V);
+  const int64_t col = label - p.shard.start;
+  const float nan = __int_as_float(0x7fc00000), inf = __int_as_float(0x7f800000);
   auto out = [&](float value) { return bad ? nan : value; };
-  p.logp[n] = out(!bad ? label_logprob(ps, to_float(row[label]) * inv_t, lse) : 0.0f);
+  p.logp[n] = out(owned ? label_logprob(ps, to_float(row[col]) * inv_t, lse) : -inf);
   if (p.need_entropy) p.entropy[n] = out(entropy(ps, lse));
   if (has_ref) {
     const RowSums<float> qs = scaled(reference, inv_t);
     const float ref_lse = log_sum_exp(qs);
     p.ref_lse[n] = ref_lse;
-    p.ref_logp[n] = out(!bad ? label_logprob(qs, to_float(ref_row[label]) * inv_t, ref_lse) : 0.0f);
+    p.ref_logp[n] = out(owned ? label_logprob(qs, to_float(ref_row[col]) * inv_t, ref_lse) : -inf);
     if (p.need_full) p.full_kl[n] = out(full_kl(ps, lse, ref_lse));
   }
 }
@@ -193,6 +196,7 @@ struct BwdParams {
   const float* temperature;
   float inv_temperature;
   int64_t N, V, ignore_index;
+  VocabShard shard;
   const float *grad_logp, *grad_entropy, *grad_full;  // [N] each, or null
   const float *lse, *ref_lse, *entropy, *full_kl;      // saved by the forward (null when unused)
 };
@@ -215,7 +219,9 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
             [](int64_t, float, float) { return 0.0f; });
     return;
   }
-  const bool bad = label < 0 || label >= p.V;
+  const bool bad = p.shard.bad(label);
+  // the label's own term at its column of this shard; none when another rank's shard owns it
+  const int64_t label_col = p.shard.owns(label, p.V) ? label - p.shard.start : -1;
   // full's term only where its gradient flows: a row whose kl is masked never reads its reference
   const bool row_ref = use_ref && r.g_full != 0.0f;
   const ref_t* ref_row = row_ref ? ref_logits.row(n) : nullptr;
@@ -225,7 +231,7 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
     const float f = grad_weight(log_p, xr * r.inv_t - r.ref_lse, r.g_logp, r.g_entropy, r.entropy, r.g_full, r.kl,
                                 row_ref);
     float g = prob == 0.0f ? 0.0f : prob * f * r.inv_t;  // a -inf logit: 0, not 0 * inf
-    if (v == label) g += r.g_logp * r.inv_t;
+    if (v == label_col) g += r.g_logp * r.inv_t;
     return bad ? __int_as_float(0x7fc00000) : g;
   });
 }

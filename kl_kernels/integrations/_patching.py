@@ -257,9 +257,11 @@ def _installed_version(package: str) -> str | None:
         return getattr(sys.modules.get(package), "__version__", None)
 
 
-def fused_rows(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False, row_mask=None):
+def fused_rows(logits, labels, *, temperature=1.0, return_entropy=False, inplace_backward=False, row_mask=None,
+               process_group=None):
     """token_logprobs for a trainer's call: labels checked by static facts (no host sync), rows
-    where row_mask is 0 skipped (0 out, never read), or Fallback."""
+    where row_mask is 0 skipped (0 out, never read), or Fallback. process_group: the logits are this
+    rank's vocabulary shard (labels are global ids)."""
     from ..api import token_logprobs
 
     fused_backend(logits)
@@ -271,7 +273,7 @@ def fused_rows(logits, labels, *, temperature=1.0, return_entropy=False, inplace
             raise Fallback("row_mask does not match the labels")
         labels = labels.masked_fill(row_mask == 0, SKIP)
     return token_logprobs(logits, labels, temperature=temperature, ignore_index=SKIP, return_entropy=return_entropy,
-                          validate=False, inplace_backward=inplace_backward)
+                          validate=False, inplace_backward=inplace_backward, process_group=process_group)
 
 
 SKIP = -100  # the ignore_index fused_rows gives to skipped rows

@@ -2,9 +2,13 @@
 
 `patch()` wraps, in verl.utils.torch_functional (and every loaded verl module that imported them
 by name): `logprobs_from_logits`, `logprobs_from_logits_v2`, `logprobs_from_logits_naive`,
-`entropy_from_logits` and `entropy_from_logits_with_chunking`; and verl's hidden-state head
+`entropy_from_logits` and `entropy_from_logits_with_chunking`; verl's hidden-state head
 `verl.utils.kernel.linear_cross_entropy.linear_cross_entropy` where kl_kernels.linear serves the
-call. Return dtypes are verl's: `logprobs_from_logits` gives float32 where verl would take its
+call (its `dist_process_group`, a vocabulary-sharded weight, included); and the Megatron backend's
+vocabulary-parallel functions in verl.utils.megatron.tensor_parallel (`vocab_parallel_entropy`,
+`vocab_parallel_entropy_with_chunking`, `vocab_parallel_log_probs_from_logits`) on the
+tensor-parallel group verl's Megatron setup made (kl_kernels.sharding: one all_gather of per-row
+statistics instead of three all_reduces and an [N, V/tp] softmax kept for the backward). Return dtypes are verl's: `logprobs_from_logits` gives float32 where verl would take its
 flash-attn path and the logits' dtype otherwise, as verl's own fallback does (our values are
 computed in float32 and rounded once). The gradient is written over the logits
 (`inplace_backward=True`, verl's default) only where verl's own flash-attn path would do the same
@@ -59,23 +63,52 @@ def _linear_cross_entropy(a, original):
     """verl's hidden-state head: (log-probs [N], entropy [N]) in float32, per token."""
     hidden, weight, labels = a["hidden"], a["weight"], a["labels"]
     reduction = a.get("reduction", "none")
-    if not isinstance(reduction, str) or reduction.lower() != "none" or a.get("dist_process_group") is not None:
-        raise Fallback("only reduction='none' without a process group is served")
+    if not isinstance(reduction, str) or reduction.lower() != "none":
+        raise Fallback("only reduction='none' is served")
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dtype != hidden.dtype:
         raise Fallback("hidden and weight dtypes differ")
     fused_backend(hidden)
     if not isinstance(labels, torch.Tensor) or labels.numel() * hidden.shape[-1] != hidden.numel():
         raise Fallback("labels do not match hidden")
     try:
+        # with dist_process_group the weight is this rank's vocabulary shard; as in verl, the hidden
+        # gradient is this rank's contribution (the tensor-parallel layer that owns hidden sums it)
         return linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                                      temperature=real_temperature(a.get("temperature", 1.0)), return_entropy=True,
-                                     validate=False)
+                                     validate=False, process_group=a.get("dist_process_group"))
     except (TypeError, ValueError) as error:
         raise Fallback(str(error)) from None
 
 
+def _tensor_parallel_group(original):
+    # verl's module reads the group from Megatron's parallel state at call time; so do we
+    return original.__globals__["mpu"].get_tensor_model_parallel_group()
+
+
+def _vocab_parallel_entropy(a, original):
+    """Entropy of [..., V/tp] logits over the whole vocabulary, in the logits' dtype as verl's."""
+    logits = a["vocab_parallel_logits"]
+    group = _tensor_parallel_group(original)
+    return fused_rows(logits, None, return_entropy=True, process_group=group)[1].to(logits.dtype)
+
+
+def _vocab_parallel_entropy_with_chunking(a, original):
+    """verl's chunked form: [B, T, V/tp] logits (it slices [:, i:i + chunk, :]), float32 (verl fills a
+    zeros buffer)."""
+    logits = a["vocab_parallel_logits"]
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise Fallback("verl's chunked vocab-parallel entropy takes [B, T, V/tp] logits")
+    return fused_rows(logits, None, return_entropy=True, process_group=_tensor_parallel_group(original))[1].to(
+        torch.get_default_dtype())
+
+
+def _vocab_parallel_log_probs(a, original):
+    """Megatron's -vocab_parallel_cross_entropy: float32 log-probs of global label ids."""
+    return fused_rows(a["logits"], a["labels"], process_group=_tensor_parallel_group(original))
+
+
 def _replacements():
-    functional = "verl.utils.torch_functional"
+    functional, megatron = "verl.utils.torch_functional", "verl.utils.megatron.tensor_parallel"
     return [
         Replacement(functional, "logprobs_from_logits", _logprobs_from_logits, ("logits", "labels", "inplace_backward")),
         Replacement(functional, "logprobs_from_logits_v2", _logprobs_in_logits_dtype, ("logits", "labels")),
@@ -84,13 +117,18 @@ def _replacements():
         Replacement(functional, "entropy_from_logits_with_chunking", _entropy_with_chunking, ("logits", "chunk_size")),
         Replacement("verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy", _linear_cross_entropy,
                     ("hidden", "weight", "labels", "temperature", "reduction", "dist_process_group")),
+        Replacement(megatron, "vocab_parallel_entropy", _vocab_parallel_entropy, ("vocab_parallel_logits",)),
+        Replacement(megatron, "vocab_parallel_entropy_with_chunking", _vocab_parallel_entropy_with_chunking,
+                    ("vocab_parallel_logits", "chunk_size")),
+        Replacement(megatron, "vocab_parallel_log_probs_from_logits", _vocab_parallel_log_probs,
+                    ("logits", "labels")),
     ]
 
 
 LEFT_ALONE = {
     "verl.trainer.ppo.core_algos (kl_penalty, agg_loss, controllers, losses)": "O(N) work on log-probs",
     "verl.utils.torch_functional.masked_mean/masked_sum": "O(N)",
-    "verl.utils.megatron.tensor_parallel (vocab-parallel)": "not yet served",
+    "verl.utils.megatron.tensor_parallel.vocab_parallel_sum_pi_squared": "a statistic the kernels do not compute",
 }
 
 

@@ -98,7 +98,7 @@ def _fused_kl_fwd_kernel(
     labels_ptr,  # [N] int64
     temperature_ptr,  # [N] fp32 per-row temperature (unused without HAS_TEMPERATURE_TENSOR)
     logp_ptr, ref_logp_ptr, entropy_ptr, full_kl_ptr, lse_ptr, ref_lse_ptr,  # [N] fp32 outputs
-    T, V, ignore_index,
+    T, V, ignore_index, vocab_start, vocab_size,  # the columns are ids [vocab_start, vocab_start + V) of vocab_size
     stride_logits_b, stride_logits_t, stride_ref_b, stride_ref_t,
     INV_TEMPERATURE: tl.constexpr, HAS_TEMPERATURE_TENSOR: tl.constexpr, HAS_REF: tl.constexpr,
     NEED_ENTROPY: tl.constexpr, NEED_FULL: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -139,19 +139,23 @@ def _fused_kl_fwd_kernel(
 
     lse = _log_sum_exp(m, s, inv_t)
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
-    # a label outside [0, V) only gets here with validate=False: its row is NaN, nothing is read
-    in_range = (label >= 0) & (label < V)
-    safe_label = tl.where(in_range, label, 0)
-    bad = tl.where(in_range, 0.0, float("nan"))  # added to each output of the row
-    z_y = tl.load(row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
-    tl.store(logp_ptr + row, tl.where(valid, _label_logprob(z_y, m, s, inv_t, lse) + bad, 0.0))
+    # a label outside the vocabulary only gets here with validate=False: its row is NaN, nothing is
+    # read; one in another rank's shard (kl_kernels/sharding.py) has no mass here: log-prob -inf
+    bad = tl.where((label >= 0) & (label < vocab_size), 0.0, float("nan"))  # added to each output of the row
+    col = label - vocab_start
+    owned = (col >= 0) & (col < V)
+    safe_col = tl.where(owned, col, 0)
+    z_y = tl.load(row_ptr + safe_col, mask=valid & owned, other=0.0).to(tl.float32)
+    logp = tl.where(owned, _label_logprob(z_y, m, s, inv_t, lse), float("-inf"))
+    tl.store(logp_ptr + row, tl.where(valid, logp + bad, 0.0))
     if NEED_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - sx * inv_t / s + (lse - lse) + bad, 0.0))
     if HAS_REF:
         ref_lse = _log_sum_exp(ref_m, ref_s, inv_t)
         tl.store(ref_lse_ptr + row, tl.where(valid, ref_lse, 0.0))
-        ref_z_y = tl.load(ref_row_ptr + safe_label, mask=valid & in_range, other=0.0).to(tl.float32)
-        tl.store(ref_logp_ptr + row, tl.where(valid, _label_logprob(ref_z_y, ref_m, ref_s, inv_t, ref_lse) + bad, 0.0))
+        ref_z_y = tl.load(ref_row_ptr + safe_col, mask=valid & owned, other=0.0).to(tl.float32)
+        ref_logp = tl.where(owned, _label_logprob(ref_z_y, ref_m, ref_s, inv_t, ref_lse), float("-inf"))
+        tl.store(ref_logp_ptr + row, tl.where(valid, ref_logp + bad, 0.0))
         if NEED_FULL:
             tl.store(full_kl_ptr + row, tl.where(valid, sd * inv_t / s - lse + ref_lse + bad, 0.0))
 
@@ -165,7 +169,7 @@ def _fused_kl_bwd_kernel(
     temperature_ptr,  # [N] fp32 (only with HAS_TEMPERATURE_TENSOR)
     grad_logp_ptr, grad_entropy_ptr, grad_full_ptr,  # [N] fp32 upstream gradients (each optional)
     lse_ptr, ref_lse_ptr, entropy_ptr, full_kl_ptr,  # [N] fp32 saved by the forward
-    T, V, ignore_index,
+    T, V, ignore_index, vocab_start, vocab_size,
     stride_grad_b, stride_grad_t, stride_logits_b, stride_logits_t, stride_ref_b, stride_ref_t,
     INV_TEMPERATURE: tl.constexpr, HAS_TEMPERATURE_TENSOR: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr, HAS_GRAD_FULL: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -197,6 +201,8 @@ def _fused_kl_bwd_kernel(
     keep = (label != ignore_index) & ((g_logp != 0.0) | (g_entropy != 0.0) | (g_full != 0.0))
     read_len = tl.where(keep, V, 0)
     lse = tl.load(lse_ptr + row)
+    bad = tl.where((label >= 0) & (label < vocab_size), 0.0, float("nan"))  # validate=False only: a NaN row
+    col = label - vocab_start  # the label's column here; outside [0, V) (another shard) it matches none
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         in_row = cols < V
@@ -211,8 +217,8 @@ def _fused_kl_bwd_kernel(
             f += tl.where(g_full != 0.0, g_full * (log_p - (xr * inv_t - ref_lse) - kl), 0.0)
         p = tl.exp(log_p)
         # p == 0 (a -inf logit): the term is 0, not 0 * inf; the label's own term needs no p
-        g = tl.where(p == 0.0, 0.0, p * f) + tl.where(cols == label, g_logp, 0.0)
-        g = tl.where(keep, g * inv_t, 0.0)
+        g = tl.where(p == 0.0, 0.0, p * f) + tl.where(cols == col, g_logp, 0.0)
+        g = tl.where(keep, g * inv_t + bad, 0.0)
         tl.store(grad_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -223,8 +229,8 @@ def _launch_config(V: int) -> tuple[int, int]:
 
 @_register_op("kl_kernels::triton_fused_kl_fwd", mutates_args=())
 def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor],
-            temperature: Optional[torch.Tensor], scalar_temperature: float, ignore_index: int,
-            need_entropy: bool, need_full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+            temperature: Optional[torch.Tensor], scalar_temperature: float, ignore_index: int, vocab_start: int,
+            vocab_size: int, need_entropy: bool, need_full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                           torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = logits.shape
     N = B * T
@@ -236,14 +242,14 @@ def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[tor
         wrap_triton(_fused_kl_fwd_kernel)[(N,)](
             logits, ref, labels, logp if temperature is None else temperature,
             logp, ref_logp, entropy, full_kl, lse, ref_lse,
-            T, V, ignore_index, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
+            T, V, ignore_index, vocab_start, vocab_size, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
             INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None, HAS_REF=has_ref,
             NEED_ENTROPY=need_entropy, NEED_FULL=need_full, BLOCK_V=block_v, num_warps=num_warps)
     return logp, ref_logp, entropy, full_kl, lse, ref_lse
 
 
 def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                scalar_temperature, ignore_index, lse, ref_lse, entropy, full_kl):
+                scalar_temperature, ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl):
     B, T, V = logits.shape
     if B * T == 0:
         return
@@ -255,7 +261,7 @@ def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_lo
         lse if grad_full is None else grad_full,
         lse, lse if ref_lse is None else ref_lse, lse if entropy is None else entropy,
         lse if full_kl is None else full_kl,
-        T, V, ignore_index, grad.stride(0), grad.stride(1), logits.stride(0), logits.stride(1),
+        T, V, ignore_index, vocab_start, vocab_size, grad.stride(0), grad.stride(1), logits.stride(0), logits.stride(1),
         ref.stride(0), ref.stride(1),
         INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
@@ -266,11 +272,11 @@ def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_lo
 def _bwd_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
             grad_full: Optional[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
             ref_logits: Optional[torch.Tensor], temperature: Optional[torch.Tensor], scalar_temperature: float,
-            ignore_index: int, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
+            ignore_index: int, vocab_start: int, vocab_size: int, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
             entropy: Optional[torch.Tensor], full_kl: Optional[torch.Tensor]) -> torch.Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                scalar_temperature, ignore_index, lse, ref_lse, entropy, full_kl)
+                scalar_temperature, ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl)
     return grad
 
 
@@ -279,10 +285,11 @@ def _bwd_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tens
 def _bwd_inplace_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                     grad_full: Optional[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
                     ref_logits: Optional[torch.Tensor], temperature: Optional[torch.Tensor],
-                    scalar_temperature: float, ignore_index: int, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
-                    entropy: Optional[torch.Tensor], full_kl: Optional[torch.Tensor]) -> None:
+                    scalar_temperature: float, ignore_index: int, vocab_start: int, vocab_size: int,
+                    lse: torch.Tensor, ref_lse: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+                    full_kl: Optional[torch.Tensor]) -> None:
     _launch_bwd(logits, grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                scalar_temperature, ignore_index, lse, ref_lse, entropy, full_kl)
+                scalar_temperature, ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl)
 
 
 # the ops' temperature convention is T (as for the C++ ops); the launchers make 1/T a kernel constant,
@@ -293,7 +300,8 @@ fused_kl_fwd, fused_kl_bwd = op_backend(torch.ops.kl_kernels.triton_fused_kl_fwd
 
 
 def _register_interpreter_fakes() -> None:
-    def fwd(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, need_entropy, need_full):
+    def fwd(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, vocab_start, vocab_size,
+            need_entropy, need_full):
         return fwd_outputs(logits, ref_logits is not None, need_entropy, need_full)
 
     _fwd_op.register_fake(fwd)

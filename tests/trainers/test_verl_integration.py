@@ -170,3 +170,115 @@ def test_controller_follows_installed_verl():
         ours.update(current_kl, n_steps)
         theirs.update(current_kl, n_steps)
         assert ours.value == pytest.approx(theirs.value, rel=1e-12)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _megatron_stand_in(group):
+    """megatron-core (not installable here: no wheel in this machine's index) as far as verl's
+    tensor_parallel module reads it: the tensor-parallel group. Megatron's cross entropy must not
+    be called while patched."""
+    import sys
+    import types
+
+    def not_while_patched(*args, **kwargs):
+        raise AssertionError("megatron's vocab_parallel_cross_entropy was called although patched")
+
+    parallel_state = types.ModuleType("megatron.core.parallel_state")
+    parallel_state.get_tensor_model_parallel_group = lambda: group
+    tensor_parallel = types.ModuleType("megatron.core.tensor_parallel")
+    tensor_parallel.vocab_parallel_cross_entropy = not_while_patched
+    core = types.ModuleType("megatron.core")
+    core.parallel_state, core.tensor_parallel = parallel_state, tensor_parallel
+    sys.modules.update({"megatron": types.ModuleType("megatron"), "megatron.core": core,
+                        "megatron.core.parallel_state": parallel_state,
+                        "megatron.core.tensor_parallel": tensor_parallel})
+    return importlib.import_module("verl.utils.megatron.tensor_parallel")
+
+
+def _tensor_parallel_worker(rank, world_size, port):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch._dynamo.config.disable = True  # verl's entropy torch.compile's a 2-line helper: eager here
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    tp = _megatron_stand_in(dist.group.WORLD)
+    g = torch.Generator().manual_seed(0)
+    vocab = 2 * 517  # Megatron's equal shards
+    start, end = rank * 517, (rank + 1) * 517
+    logits = (torch.randn(3, 11, vocab, generator=g) * 2).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (3, 11), generator=g)
+    weights = torch.randn(3, 11, generator=g)
+    full = logits.double().requires_grad_()
+    log_p = torch.log_softmax(full, -1)
+    logp64, ent64 = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+
+    # entropy: verl's own (on its Megatron group) against the patched one, values, dtype and gradient
+    theirs_input = logits[..., start:end].clone().requires_grad_()
+    theirs = tp.vocab_parallel_entropy(theirs_input)
+    (theirs.float() * weights).sum().backward()
+    their_grad = theirs_input.grad
+    # verl's backward subtracts from the logits in place and adds back: in bf16 that does not round
+    # trip, so its input is a fresh copy; ours must leave the caller's logits untouched
+    shard = logits[..., start:end].clone().requires_grad_()
+    with kl_verl.patch(quiet=True) as handle:
+        ours = tp.vocab_parallel_entropy(shard)
+        (ours.float() * weights).sum().backward()
+        chunked = tp.vocab_parallel_entropy_with_chunking(shard.detach(), chunk_size=4)
+        logp = tp.vocab_parallel_log_probs_from_logits(shard, labels)
+    counts = handle.counts()
+    for name in ("vocab_parallel_entropy", "vocab_parallel_entropy_with_chunking",
+                 "vocab_parallel_log_probs_from_logits"):
+        assert counts[f"verl.utils.megatron.tensor_parallel.{name}"] == (1, 0), counts
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and ours.shape == theirs.shape == (3, 11)
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)  # verl's runs in bf16
+    torch.testing.assert_close(ours.double(), ent64.detach(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(shard.grad.float(), their_grad.float(), rtol=5e-2, atol=2e-3)
+    assert torch.equal(shard.detach(), logits[..., start:end])
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked.double(), ent64.detach(), rtol=1e-5, atol=1e-5)
+    # log-probs: Megatron's -vocab_parallel_cross_entropy against float64, gradient to this rank's shard
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), logp64.detach(), rtol=1e-5, atol=1e-5)
+    shard.grad = None
+    (logp * weights).sum().backward()
+    (logp64 * weights).sum().backward()
+    torch.testing.assert_close(shard.grad.double(), full.grad[..., start:end].to(torch.bfloat16).double(),
+                               rtol=1e-2, atol=1e-6)
+
+    # the hidden-state head with dist_process_group: this rank's weight shard, hidden replicated
+    module = importlib.import_module("verl.utils.kernel.linear_cross_entropy")
+    hidden = torch.randn(33, 40, generator=g).requires_grad_()
+    weight = (torch.randn(vocab, 40, generator=g) / 40 ** 0.5)
+    weight_shard = weight[start:end].clone().requires_grad_()
+    flat_labels = labels.reshape(-1)
+    with kl_verl.patch(quiet=True) as handle:
+        logp, entropy = module.linear_cross_entropy(hidden, weight_shard, flat_labels, 0.7, "none", dist.group.WORLD)
+    assert handle.counts()["verl.utils.kernel.linear_cross_entropy.linear_cross_entropy"] == (1, 0)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.double().requires_grad_()
+    log_p = torch.log_softmax((h64 @ w64.t()) / 0.7, -1)
+    lp64, e64 = log_p.gather(-1, flat_labels.unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+    (lp64.sum() + 0.5 * e64.sum()).backward()
+    torch.testing.assert_close(logp.double(), lp64.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), e64.detach(), atol=1e-5, rtol=1e-5)
+    hidden_grad = hidden.grad.clone()
+    dist.all_reduce(hidden_grad)  # as verl: each rank's hidden gradient is its shard's contribution
+    torch.testing.assert_close(hidden_grad.double(), h64.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weight_shard.grad.double(), w64.grad[start:end], atol=1e-5, rtol=1e-4)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_megatron_vocab_parallel_functions_and_sharded_head():
+    """verl's Megatron vocab-parallel entropy / log-probs and linear_cross_entropy(dist_process_group)
+    patched, in 2 gloo processes: against verl's own entropy on the same group and float64."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_tensor_parallel_worker, args=(2, _free_port()), nprocs=2, join=True)

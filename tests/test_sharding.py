@@ -1,0 +1,262 @@
+"""A tensor-parallel vocabulary (process_group=, docs/contract.md section 10), with the gloo backend on
+CPU in 2 and 4 processes: every rank's outputs equal the single-process result on the whole
+vocabulary, bit for bit the same on every rank and from run to run; its gradient is its shard of
+the whole gradient; bad or disagreeing input raises on every rank instead of hanging.
+
+Each spawned process builds the whole inputs from a shared seed, keeps its (uneven) shard, runs the
+sharded call and the single-process call, and compares. Failures come back as the child's traceback.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kl_kernels
+from kl_kernels.estimators import ESTIMATOR_NAMES
+
+# shard sizes in rank order (uneven on purpose: a size-1 shard, labels owned unevenly)
+SHARDS = {2: (17, 24), 4: (9, 1, 14, 17)}
+DIFFERENTIABLE = ("logprobs", "kl", "penalty", "kl_sum", "kl_mean", "entropy")
+
+
+def _backends():
+    return [info.name for info in kl_kernels.available_backends()
+            if info.available and info.name != "cuda"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world_size: int, worker):
+    mp.spawn(_entry, args=(world_size, _free_port(), worker), nprocs=world_size, join=True)
+
+
+def _entry(rank, world_size, port, worker):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    worker(rank, world_size, dist.group.WORLD)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _span(rank, world_size):
+    sizes = SHARDS[world_size]
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def _inputs(seed, dtype, packed, vocab):
+    """The whole inputs, the same on every rank: ignored labels, a masked row of NaN logits."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (13,) if packed else (2, 7)
+    logits = (torch.randn(*shape, vocab, generator=g) * 3).to(dtype)
+    ref_logits = (logits.float() + torch.randn(*shape, vocab, generator=g)).to(dtype)
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels.view(-1)[[1, 6]] = -100
+    mask = torch.rand(shape, generator=g) > 0.25
+    mask.view(-1)[4] = False
+    logits.view(-1, vocab)[4] = float("nan")  # masked: must not reach any sum or gradient
+    seqs = (3,) if packed else (2,)
+    weights = {name: torch.randn(seqs if name in ("kl_sum", "kl_mean") else shape, generator=g)
+               for name in DIFFERENTIABLE}
+    for name in ("logprobs", "entropy"):  # unmasked outputs: a trainer masks them itself
+        weights[name].view(-1)[4] = 0.0
+    extra = dict(cu_seqlens=torch.tensor([0, 5, 9, 13])) if packed else {}
+    return logits, ref_logits, labels, mask, weights, extra
+
+
+def _loss(out, weights):
+    return sum((getattr(out, name).float() * weights[name]).sum() for name in DIFFERENTIABLE
+               if getattr(out, name) is not None and getattr(out, name).requires_grad)
+
+
+def _same_on_every_rank(group, tensor):
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    assert all(torch.equal(p, parts[0]) | (torch.isnan(p) & torch.isnan(parts[0])).all() for p in parts), \
+        "ranks disagree"
+
+
+def _compare_penalty(rank, world_size, group):
+    vocab = sum(SHARDS[world_size])
+    start, end = _span(rank, world_size)
+    case = 0
+    for backend in _backends():
+        for dtype in (torch.float32, torch.bfloat16):
+            for packed in (False, True):
+                for estimator in ESTIMATOR_NAMES:
+                    if backend != "cpu" and estimator not in ("k1", "k3+", "low_var_kl", "full"):
+                        continue  # the slower backends: one of each kind (plain, straight-through, clamped, exact)
+                    case += 1
+                    logits, ref_logits, labels, mask, weights, extra = _inputs(case, dtype, packed, vocab)
+                    temperature = 0.7 if case % 2 else torch.rand(labels.shape, generator=torch.Generator()
+                                                                  .manual_seed(case)) + 0.5
+                    kwargs = dict(ref_logits=ref_logits, mask=mask, estimator=estimator, return_entropy=True,
+                                  temperature=temperature, backend=backend, **extra)
+                    full_logits = logits.clone().requires_grad_()
+                    want = kl_kernels.kl_penalty(full_logits, labels, **kwargs)
+                    _loss(want, weights).backward()
+                    outputs = []
+                    for _ in range(2):  # twice: bitwise reproducible
+                        shard = logits[..., start:end].clone().requires_grad_()
+                        got = kl_kernels.kl_penalty(shard, labels, process_group=group,
+                                                    **{**kwargs, "ref_logits": ref_logits[..., start:end]})
+                        _loss(got, weights).backward()
+                        outputs.append((got, shard.grad))
+                    where = f"rank {rank}/{world_size} {backend} {dtype} packed={packed} {estimator}"
+                    for name, value in want._asdict().items():
+                        torch.testing.assert_close(getattr(got, name), value, rtol=2e-5, atol=2e-5, equal_nan=True,
+                                                   msg=lambda m: f"{where} {name}: {m}")
+                        assert torch.equal(getattr(outputs[0][0], name).nan_to_num(), getattr(got, name).nan_to_num())
+                        _same_on_every_rank(group, getattr(got, name).nan_to_num(7.0))
+                    # the merged log-probs are a few float32 ulps of lse from the direct ones; k3 and the + forms carry that
+                    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+                    torch.testing.assert_close(shard.grad.float(), full_logits.grad[..., start:end].float(), **tol,
+                                               msg=lambda m: f"{where} gradient: {m}")
+                    assert torch.equal(outputs[0][1], shard.grad)
+                    assert torch.isfinite(shard.grad).all(), where  # the masked NaN row got an exact 0
+
+
+def _compare_logprobs_and_given_reference(rank, world_size, group):
+    vocab = sum(SHARDS[world_size])
+    start, end = _span(rank, world_size)
+    for backend in _backends():
+        logits, ref_logits, labels, mask, weights, _ = _inputs(101, torch.float32, False, vocab)
+        logits.view(-1, vocab)[4] = torch.randn(vocab, generator=torch.Generator().manual_seed(3))  # no mask here
+        full_logits, shard = logits.clone().requires_grad_(), logits[..., start:end].clone().requires_grad_()
+        want = kl_kernels.token_logprobs(full_logits, labels, return_entropy=True, temperature=1.3, backend=backend)
+        got = kl_kernels.token_logprobs(shard, labels, return_entropy=True, temperature=1.3, process_group=group,
+                                        backend=backend)
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+        (want[0] * weights["logprobs"] + want[1] * weights["entropy"]).sum().backward()
+        (got[0] * weights["logprobs"] + got[1] * weights["entropy"]).sum().backward()
+        torch.testing.assert_close(shard.grad, full_logits.grad[..., start:end], rtol=1e-5, atol=1e-6)
+        # the reference as given log-probs, k3 with OpenRLHF's clamp
+        ref_logprobs = torch.randn(labels.shape) - 3
+        kwargs = dict(ref_logprobs=ref_logprobs, mask=mask, estimator="k3", kl_clamp=10.0, backend=backend)
+        want = kl_kernels.kl_penalty(logits, labels, **kwargs)
+        got = kl_kernels.kl_penalty(logits[..., start:end], labels, process_group=group, **kwargs)
+        for name, value in want._asdict().items():
+            torch.testing.assert_close(getattr(got, name), value, rtol=2e-5, atol=2e-5, equal_nan=True)
+    # a vocabulary shard whose logits are all -inf (padded vocabulary entries): no mass, no NaN
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(11))
+    banned = torch.zeros(vocab, dtype=torch.bool)
+    banned[SHARDS[world_size][0]:SHARDS[world_size][0] + SHARDS[world_size][1]] = True  # rank 1's shard
+    logits[:, banned] = float("-inf")
+    labels = torch.tensor([0, vocab - 1, SHARDS[world_size][0]])  # the last label is banned: log-prob -inf
+    want = kl_kernels.token_logprobs(logits, labels, return_entropy=True)
+    got = kl_kernels.token_logprobs(logits[:, start:end], labels, return_entropy=True, process_group=group)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    assert got[0][2] == float("-inf") and torch.isfinite(got[1]).all()
+
+
+def _compare_linear(rank, world_size, group):
+    vocab = sum(SHARDS[world_size])
+    start, end = _span(rank, world_size)
+    g = torch.Generator().manual_seed(7)
+    hidden, weight, bias = torch.randn(2, 6, 16, generator=g), torch.randn(vocab, 16, generator=g) * 0.3, \
+        torch.randn(vocab, generator=g)
+    ref_hidden, ref_weight = torch.randn(2, 6, 8, generator=g), torch.randn(vocab, 8, generator=g) * 0.3
+    labels = torch.randint(0, vocab, (2, 6), generator=g)
+    labels[0, 2] = -100
+    w = torch.randn(3, 2, 6, generator=g)
+    for backend in _backends():
+        for estimator in ("k3", "full"):
+            kwargs = dict(ref_hidden=ref_hidden, estimator=estimator, return_entropy=True, softcap=4.0,
+                          backend=backend)
+            full = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+            want = kl_kernels.linear_kl_penalty(full[0], full[1], labels, bias=full[2], ref_weight=ref_weight,
+                                                **kwargs)
+            mine = [t.clone().requires_grad_() for t in (hidden, weight[start:end], bias[start:end])]
+            got = kl_kernels.linear_kl_penalty(mine[0], mine[1], labels, bias=mine[2],
+                                               ref_weight=ref_weight[start:end], process_group=group, **kwargs)
+            for name, value in want._asdict().items():
+                torch.testing.assert_close(getattr(got, name), value, rtol=2e-5, atol=2e-5)
+            for out in (want, got):
+                (out.logprobs * w[0] + out.kl * w[1] + out.entropy * w[2]).sum().backward()
+            # the hidden gradient on each rank is its shard's contribution: their sum is the whole gradient
+            hidden_grad = mine[0].grad.clone()
+            dist.all_reduce(hidden_grad, group=group)
+            torch.testing.assert_close(hidden_grad, full[0].grad, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine[1].grad, full[1].grad[start:end], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine[2].grad, full[2].grad[start:end], rtol=1e-5, atol=1e-5)
+    logp = kl_kernels.linear_token_logprobs(hidden, weight[start:end], labels, bias=bias[start:end],
+                                            process_group=group)
+    torch.testing.assert_close(logp, kl_kernels.linear_token_logprobs(hidden, weight, labels, bias=bias))
+
+
+def _errors_on_every_rank(rank, world_size, group):
+    vocab = sum(SHARDS[world_size])
+    start, end = _span(rank, world_size)
+    logits, ref_logits, labels, mask, _, _ = _inputs(5, torch.float32, False, vocab)
+    shard = logits[..., start:end]
+
+    def raises(match, **kwargs):
+        args = dict(logits=shard, labels=labels, ref_logits=ref_logits[..., start:end], process_group=group)
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            kl_kernels.kl_penalty(args.pop("logits"), args.pop("labels"), **args)
+
+    # a rank whose estimator or row count differs: every rank raises, naming what differs
+    raises("same estimator", estimator="k3" if rank == 1 else "k1")
+    last = 6 if rank == 0 else 7
+    raises("same rows", logits=shard[:, :last], labels=labels[:, :last], ref_logits=ref_logits[:, :last, start:end])
+    raises("same labels", labels=labels if rank else labels.flip(-1))
+    # a rank whose own checks fail raises its error; its peers say which rank failed
+    raises("mask must have shape|rank\\(s\\) \\[0\\]", mask=mask[:, :3] if rank == 0 else mask)
+    # a label outside the whole vocabulary (valid in no shard): every rank
+    bad = labels.clone()
+    bad[0, 0] = vocab
+    raises("labels", labels=bad)
+    # the group still works after all that: a good call
+    out = kl_kernels.kl_penalty(shard, labels, ref_logits=ref_logits[..., start:end], process_group=group)
+    torch.testing.assert_close(out.kl, kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits).kl, rtol=2e-5,
+                               atol=2e-5, equal_nan=True)  # row 4's NaN logits, unmasked here: NaN in both
+    # validate=False: a bad label gives NaN in its row (as without a group), no error, no hang
+    out = kl_kernels.kl_penalty(shard, bad, ref_logits=ref_logits[..., start:end], return_entropy=True,
+                                validate=False, process_group=group)
+    assert torch.isnan(out.logprobs[0, 0]) and torch.isnan(out.entropy[0, 0]) and torch.isfinite(out.kl[1]).all()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_penalty_equals_single_process(world_size):
+    _run(world_size, _compare_penalty)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_logprobs_given_reference_and_banned_shard(world_size):
+    _run(world_size, _compare_logprobs_and_given_reference)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_linear_equals_single_process(world_size):
+    _run(world_size, _compare_linear)
+
+
+def test_errors_raise_on_every_rank():
+    _run(2, _errors_on_every_rank)
+
+
+def test_communication_is_per_row_not_per_vocabulary():
+    from kl_kernels.sharding import bytes_per_token
+
+    # the forward's all_gather: k <= 6 float32 statistics per token from each other rank, whatever V is
+    assert bytes_per_token(has_ref=True, need_entropy=True, need_full=True, world_size=2) == 24
+    assert bytes_per_token(has_ref=False, need_entropy=False, need_full=False, world_size=8) == 8 * 7
+
+
+def test_without_distributed_initialised():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ValueError, match="init_process_group"):
+        kl_kernels.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 2]), process_group=object())
+
