@@ -274,9 +274,12 @@ def test_token_logprobs_any_leading_shape(backend):
 def test_bad_label_without_validate_gives_nan_not_a_crash(backend):
     logits, ref_logits, labels, _ = make_inputs(1, 6, 10, ignore_frac=0)
     labels[0, 2], labels[0, 4] = 10, -7
+    logits.requires_grad_()
     out = kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits, validate=False, backend=backend)
     assert torch.isnan(out.logprobs[0, 2]) and torch.isnan(out.logprobs[0, 4]) and torch.isnan(out.kl_sum[0])
     assert torch.isfinite(out.logprobs[0, [0, 1, 3, 5]]).all()
+    out.kl.sum().backward()  # and NaN in those rows' gradient, on every backend alike (contract section 8)
+    assert torch.isnan(logits.grad[0, [2, 4]]).all() and torch.isfinite(logits.grad[0, [0, 1, 3, 5]]).all()
 
 
 def test_kl_coef_tensor(backend):
