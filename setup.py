@@ -49,8 +49,9 @@ if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
     # -fopenmp: at::parallel_for is inlined from the headers and is serial without it
     flags = ["-O3", "-fopenmp"]
     include = [os.path.abspath("csrc")]
-    # kl_kernels._C: every schema (csrc/registration.cpp) and the CUDA kernels; no CPU-specific code
-    sources = ["csrc/registration.cpp"]
+    # kl_kernels._C: every schema (csrc/registration.cpp), the CUDA kernels and kl-bench's CPU allocation
+    # counter (csrc/memory_tracking.cpp); no instruction-set-specific code
+    sources = ["csrc/registration.cpp", "csrc/memory_tracking.cpp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and \
         os.environ.get("KL_KERNELS_NO_CUDA", "0") != "1"
     if with_cuda:

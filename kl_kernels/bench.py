@@ -133,18 +133,35 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _cpu_counter():
+    """kl_kernels._C's CPU allocation counter (csrc/memory_tracking.cpp), or None without the extension."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "track_cpu_memory") else None
+
+
 class PeakMemory:
-    """Peak extra memory of a region: CUDA allocator peak, or the process's resident high-water
-    mark on the CPU (reset through /proc/self/clear_refs, Linux only)."""
+    """Peak extra memory of a region: the CUDA allocator's peak; on the CPU the peak of the bytes
+    allocated through ATen's CPU allocator while the region runs (kl_kernels._C counts them: exact
+    and the same run to run), else, without the extension, the process's resident high-water mark
+    (reset through /proc/self/clear_refs, Linux only; it depends on what malloc kept)."""
 
     def __init__(self, device):
         self.device = device
+        self.counter = _cpu_counter() if device.type == "cpu" else None
+        self.method = "cuda allocator" if device.type == "cuda" else "cpu allocator" if self.counter else "rss"
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
+        elif self.counter is not None:
+            self.counter.track_cpu_memory(True)
+            self.counter.reset_cpu_memory_peak()
+            self.base = self.counter.cpu_memory_stats()[0]
         else:
             self.base = self._field("VmRSS")
             try:
@@ -158,6 +175,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.extra = torch.cuda.max_memory_allocated() - self.base
+        elif self.counter is not None:
+            self.extra = self.counter.cpu_memory_stats()[1] - self.base
+            self.counter.track_cpu_memory(False)
         else:
             self.extra = self._field("VmHWM") - self.base
 
@@ -351,7 +371,7 @@ def environment(device):
             pass
     return dict(device=f"{device.type}: {name}", cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 threads=torch.get_num_threads(), **versions, python=platform.python_version(), commit=commit,
-                date=time.strftime("%Y-%m-%d"))
+                date=time.strftime("%Y-%m-%d"), peak_memory=PeakMemory(device).method)
 
 
 def _cpu_model():
@@ -431,39 +451,78 @@ def summary(rows):
 
 
 def plot(rows, path, title):
-    """Median time and peak extra memory against vocabulary size, one line per provider/mode/dtype."""
+    """One row of panels per mode: the speed-up over eager (left) and the peak extra memory (right)
+    against the vocabulary size, a colour per provider and a line style per dtype, a legend on each
+    panel, ticks at the measured vocabulary sizes."""
     try:
         import matplotlib
     except ImportError as error:
         raise SystemExit(f"kl-bench --plot needs matplotlib (pip install matplotlib): {error}")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = {}
-    for row in rows:
-        series.setdefault((row["provider"], row["mode"], row["dtype"]), []).append(row)
-    # a colour per provider, a line style per mode, a marker per dtype
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(len(modes), 2, figsize=(12, 3.6 * len(modes)), squeeze=False)
     colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(r["provider"] for r in rows))}
-    styles = {"fwd": "-", "fwd+bwd": "--", "bwd": ":"}
-    markers = {d: m for d, m in zip(dict.fromkeys(r["dtype"] for r in rows), "osD^")}
-    for (provider, mode, dtype), points in sorted(series.items()):
-        points.sort(key=lambda r: r["vocab"])
-        vocab = [r["vocab"] for r in points]
-        style = dict(color=colours[provider], linestyle=styles[mode], marker=markers[dtype],
-                     label=f"{provider} {mode} {dtype}")
-        ax_time.plot(vocab, [r["median_ms"] for r in points], **style)
-        ax_memory.plot(vocab, [r["peak_extra_mb"] for r in points], **style)
-    for axis, ylabel in ((ax_time, "median ms"), (ax_memory, "peak extra memory (MB)")):
-        axis.set_xlabel("vocabulary size")
-        axis.set_ylabel(ylabel)
-        axis.set_xscale("log")
-        axis.grid(True, alpha=0.3)
-    ax_time.set_yscale("log")
-    ax_memory.legend(fontsize=7, loc="upper left", ncol=2)
-    fig.suptitle(title, fontsize=9)
+    styles = {d: s for d, s in zip(dict.fromkeys(r["dtype"] for r in rows), ("-", "--", ":", "-."))}
+    vocabs = sorted({r["vocab"] for r in rows})
+    for (ax_speed, ax_memory), mode in zip(axes, modes):
+        series = {}
+        for row in rows:
+            if row["mode"] == mode:
+                series.setdefault((row["provider"], row["dtype"]), []).append(row)
+        for (provider, dtype), points in series.items():
+            points.sort(key=lambda r: r["vocab"])
+            style = dict(color=colours[provider], linestyle=styles[dtype], marker="o", label=f"{provider} {dtype}")
+            vocab = [r["vocab"] for r in points]
+            speedups = [r.get("speedup_vs_eager") for r in points]
+            if all(speedups):
+                ax_speed.plot(vocab, speedups, **style)
+            ax_memory.plot(vocab, [max(r["peak_extra_mb"], 0.1) for r in points], **style)
+        ax_speed.set_ylabel(f"{mode}: speed-up over eager (x)")
+        ax_memory.set_ylabel(f"{mode}: peak extra memory (MB, log)")
+        ax_memory.set_yscale("log")
+        for axis in (ax_speed, ax_memory):
+            axis.set_xscale("log")
+            axis.xaxis.set_major_locator(FixedLocator(vocabs))
+            axis.xaxis.set_minor_locator(NullLocator())
+            axis.set_xticklabels([str(v) for v in vocabs])
+            axis.set_xlabel("vocabulary size")
+            axis.grid(True, alpha=0.3)
+            axis.legend(fontsize=7, ncol=2)
+    fig.suptitle(title + "\n(memory below 0.1 MB, i.e. no [N, V] buffer, is drawn at 0.1)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_title(rows, env):
+    first = rows[0] if rows else {}
+    return (f"kl-bench, {first.get('tokens')} tokens, estimator {first.get('estimator', 'k1')}; {env['device']}, "
+            f"torch {env['torch']}, commit {env['commit']}")
+
+
+def markdown(rows):
+    """The README's headline table from kl-bench rows: median ms per provider, the kernel's speed-up
+    over eager and torch.compile, its GB/s, and peak extra memory per provider."""
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    ours = [p for p in providers if p in {b.name for b in kl_kernels.available_backends()}] or providers[-1:]
+    kernel = ours[0]
+    head = ["dtype", "vocab", "mode", *providers, "vs eager", "vs compile", f"`{kernel}` GB/s (% bw)",
+            "peak extra MB: " + " / ".join(providers)]
+    lines = ["| " + " | ".join(head) + " |", "| --- | ---: | --- |" + " ---: |" * (len(head) - 3)]
+    cases = {}
+    for row in rows:
+        cases.setdefault((row["dtype"], row["vocab"], row["mode"]), {})[row["provider"]] = row
+    for (dtype, vocab, mode), case in cases.items():
+        mine = case.get(kernel)
+        ratio = lambda peer: f"{case[peer]['median_ms'] / mine['median_ms']:.1f}x" if mine and peer in case else "-"  # noqa: E731
+        cells = [dtype, str(vocab), mode, *(f"{case[p]['median_ms']:.0f}" if p in case else "-" for p in providers),
+                 ratio("eager"), ratio("compile"),
+                 f"{mine['gb_per_s']:.1f} ({mine['pct_bandwidth']:.0f}%)" if mine and "gb_per_s" in mine else "-",
+                 " / ".join(f"{case[p]['peak_extra_mb']:.0f}" if p in case else "-" for p in providers)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -491,6 +550,9 @@ def main(argv=None):
                         help="from hidden states: F.linear + penalty (eager, compile), TRL's chunked head, "
                              "logits+<backend>, and linear_kl_penalty per backend (kl_kernels/bench_linear.py)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024], help="hidden sizes H for --linear")
+    parser.add_argument("--from", dest="from_json", metavar="FILE",
+                        help="no measuring: the rows of a previous --json file, for --plot / --markdown")
+    parser.add_argument("--markdown", action="store_true", help="also print the rows as the README's table")
     parser.add_argument("--tp", type=int, metavar="W", default=None,
                         help="a tensor-parallel vocabulary: W gloo processes on this CPU, each with 1/W of the "
                              "vocabulary (kl_kernels/bench_sharding.py); prints the bytes exchanged per token")
@@ -500,6 +562,16 @@ def main(argv=None):
             import matplotlib  # noqa: F401
         except ImportError as error:
             parser.error(f"--plot needs matplotlib (pip install matplotlib, or the package's bench extra): {error}")
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        rows, env = saved["rows"], saved["environment"]
+        print(summary(rows))
+        if args.markdown:
+            print(markdown(rows))
+        if args.plot:
+            plot(rows, args.plot, plot_title(rows, env))
+        return 0
     device = torch.device(args.device)
     env = environment(device)
     bandwidth = read_bandwidth(device)
@@ -544,7 +616,8 @@ def main(argv=None):
                         row["speedup_vs_eager"] = eager_ms / row["median_ms"] if eager_ms else None
                     rows.extend(case)
                 del inputs
-    fix_malloc_for_peaks()
+    if PeakMemory(device).method == "rss":
+        fix_malloc_for_peaks()
     for row in rows:
         speedup = f"{row['speedup_vs_eager']:.2f}x" if row["speedup_vs_eager"] else "-"
         if suite:
@@ -570,9 +643,10 @@ def main(argv=None):
             writer.writeheader()
             for row in rows:
                 writer.writerow({**row, **env, "read_bandwidth_gb_per_s": bandwidth})
+    if args.markdown:
+        print(markdown(rows))
     if args.plot:
-        plot(rows, args.plot, f"kl-bench, {args.tokens} tokens, estimator {args.estimator}; {env['device']}, "
-                              f"torch {env['torch']}, commit {env['commit']}")
+        plot(rows, args.plot, plot_title(rows, env))
     if args.compare:
         lines, regressions = compare(rows, args.compare, args.threshold)
         print(f"# against {args.compare} (threshold {args.threshold:.0%}): {regressions} regression(s)")

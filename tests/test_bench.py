@@ -1,6 +1,7 @@
 """kl-bench itself: its providers compute the same penalty, its files are written, --compare flags
 a slower row, and the row-looped TRL algorithm matches log_softmax + gather."""
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -55,10 +56,25 @@ def test_cli_writes_files_and_compares(tmp_path, capsys):
 
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = [dict(provider=p, mode=m, dtype="float32", vocab=v, median_ms=1.0 + v / 100, peak_extra_mb=v / 10)
-            for p in ("eager", "cpu") for m in ("fwd", "fwd+bwd") for v in (50, 80)]
+    rows = [dict(provider=p, mode=m, dtype=d, vocab=v, median_ms=1.0 + v / 100, peak_extra_mb=v / 10 * (p == "eager"),
+                 speedup_vs_eager=1.0 if p == "eager" else 3.0)
+            for p in ("eager", "cpu") for m in ("fwd", "fwd+bwd") for d in ("float32", "bfloat16") for v in (50, 80)]
     bench.plot(rows, tmp_path / "plot.png", "test")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_from_results_file_plot_and_markdown(tmp_path, capsys):
+    """--from: the table and the plot of a committed results file, without measuring again."""
+    out = tmp_path / "rows.json"
+    assert bench.main(["--tokens", "64", "--vocab", "50", "--providers", "eager", "cpu", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    capsys.readouterr()
+    args = ["--from", str(out), "--markdown"]
+    if importlib.util.find_spec("matplotlib"):
+        args += ["--plot", str(tmp_path / "again.png")]
+    assert bench.main(args) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| dtype | vocab | mode | eager | cpu | vs eager |") and len(table) == 2 + 2
 
 
 @pytest.mark.parametrize("estimator", ["k1", "low_var_kl", "full"])
@@ -124,3 +140,20 @@ def test_cli_tensor_parallel_mode(tmp_path):
     for row in rows:
         assert row["received_bytes_per_token"] == pytest.approx(5 * 4 + 80 / 96)
         assert row["max_abs_diff_vs_single"] < 1e-4 and row["sharded_ms"] > 0
+
+
+@pytest.mark.parametrize("provider", ["eager", "cpu"])
+def test_cpu_peak_memory_is_reproducible_and_counts_the_gradient(provider):
+    """The CPU peak comes from kl_kernels._C's allocation counter: the same row twice gives the same
+    bytes, and never fewer than the op must allocate (the bf16 logits gradient)."""
+    fn = bench.make_provider(provider, "k1")
+    device = torch.device("cpu")
+    assert bench.PeakMemory(device).method == "cpu allocator"
+    peaks = [bench.peak_extra_bytes(fn, 512, 3000, torch.bfloat16, "fwd+bwd", device) for _ in range(2)]
+    assert peaks[0] == peaks[1]
+    gradient = 512 * 3000 * 2
+    assert peaks[0] >= gradient
+    if provider == "eager":  # at least one float32 log-softmax of the policy: the [N, V] temporary the kernels avoid
+        assert peaks[0] >= 512 * 3000 * 4 + gradient
+    else:
+        assert peaks[0] < gradient + 512 * 3000  # the gradient and O(N) outputs, no [N, V] temporary

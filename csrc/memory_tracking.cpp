@@ -1,0 +1,78 @@
+// A counting wrapper around the CPU allocator, for kl-bench's peak-memory column on the CPU: the
+// CPU allocator has no peak counter (CUDA's has), and the process's resident high-water mark
+// depends on what malloc kept from earlier steps (the same row measured 0 MB, then 62.5 MB).
+// While tracking, every ATen CPU allocation is counted at its requested size until its storage is
+// freed; the peak of those live bytes is exact and the same from run to run. Allocations made
+// outside ATen's allocator (oneDNN scratch space, Python objects) are not seen.
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdint>
+#include <utility>
+
+#include "memory_tracking.h"
+
+namespace kl_kernels {
+namespace {
+
+std::atomic<int64_t> live_bytes{0};
+std::atomic<int64_t> peak_bytes{0};
+
+struct Block {  // the wrapped allocator's DataPtr and the size it was asked for
+  c10::DataPtr inner;
+  int64_t size;
+};
+
+void release(void* context) {
+  auto* block = static_cast<Block*>(context);
+  live_bytes -= block->size;
+  delete block;  // frees the memory through the wrapped allocator's own deleter
+}
+
+class CountingAllocator final : public c10::Allocator {
+ public:
+  c10::Allocator* inner = nullptr;
+
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr data = inner->allocate(n);
+    void* pointer = data.get();
+    const int64_t now = live_bytes += static_cast<int64_t>(n);
+    int64_t peak = peak_bytes.load();
+    while (now > peak && !peak_bytes.compare_exchange_weak(peak, now)) {
+    }
+    return {pointer, new Block{std::move(data), static_cast<int64_t>(n)}, &release, c10::Device(c10::kCPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+// Never destroyed: a storage allocated while tracking may be freed after tracking stopped.
+CountingAllocator& counting() {
+  static auto* allocator = new CountingAllocator();
+  return *allocator;
+}
+
+}  // namespace
+
+void track_cpu_memory(bool enable) {
+  CountingAllocator& allocator = counting();
+  c10::Allocator* current = c10::GetCPUAllocator();
+  if (enable && current != &allocator) {
+    allocator.inner = current;
+    c10::SetCPUAllocator(&allocator, /*priority=*/0);
+    TORCH_CHECK(c10::GetCPUAllocator() == &allocator,
+                "kl_kernels: another CPU allocator was installed with a higher priority; cannot track memory");
+  } else if (!enable && current == &allocator) {
+    c10::SetCPUAllocator(allocator.inner, /*priority=*/0);
+  }
+}
+
+std::pair<int64_t, int64_t> cpu_memory_stats() { return {live_bytes.load(), peak_bytes.load()}; }
+
+void reset_cpu_memory_peak() { peak_bytes = live_bytes.load(); }
+
+}  // namespace kl_kernels
