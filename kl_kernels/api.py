@@ -14,7 +14,7 @@ import torch
 
 from . import sharding
 from . import validation as check
-from .dispatch import select_backend
+from .dispatch import PassArgs, select_backend
 from .estimators import estimate, parse_estimator
 from .ops import FusedKLFunction
 from .reference import compute_dtype
@@ -103,9 +103,10 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         chosen = select_backend(backend, logits.device, (logits.dtype,))
     shard = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate, "token_logprobs", labels,
                                  return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature)
-    logp, _, entropy, _ = FusedKLFunction.apply(
-        chosen.impl, _as_rows(logits), labels.reshape(-1).to(torch.int64).contiguous(), None, temp, ignore_index,
-        shard, bool(return_entropy), False, bool(inplace_backward))
+    rows = _as_rows(logits)
+    args = PassArgs(rows, labels.reshape(-1).to(torch.int64).contiguous(), None, temp, ignore_index, shard)
+    logp, _, entropy, _ = FusedKLFunction.apply(chosen.impl, rows, args, bool(return_entropy), False,
+                                                bool(inplace_backward))
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -247,10 +248,11 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
     shard = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan, validate,
                          ref_logits is not None, return_entropy, temperature)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    rows = _as_rows(logits)
+    args = PassArgs(rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
+                    plan.ignore_index, shard)
     logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
-        chosen.impl, _as_rows(logits), flat_labels, None if ref_logits is None else _as_rows(ref_logits),
-        plan.temperature, plan.ignore_index, shard, bool(return_entropy), plan.estimator.name == "full",
-        bool(inplace_backward))
+        chosen.impl, rows, args, bool(return_entropy), plan.estimator.name == "full", bool(inplace_backward))
     return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
                             ref_logprobs, mask, kl_coef)
 

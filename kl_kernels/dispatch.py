@@ -9,9 +9,11 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import torch
+
+from .sharding import VocabShard
 
 ENV_VAR = "KL_KERNELS_BACKEND"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -21,6 +23,46 @@ class BackendInfo(NamedTuple):
     name: str
     available: bool
     reason: str | None
+
+
+class PassArgs(NamedTuple):
+    """What every backend's fused pass reads, forward and backward: the kernel contract's inputs."""
+    logits: torch.Tensor  # [B, T, V] policy logits (this rank's vocabulary shard), vocabulary dim contiguous
+    labels: torch.Tensor  # [N = B*T] int64, ids of the whole vocabulary
+    ref_logits: Optional[torch.Tensor]  # [B, T, V] reference logits (any floating dtype), or None
+    temperature: Union[float, torch.Tensor]  # T itself, everywhere: a float, or [N] in the compute dtype
+    ignore_index: int
+    shard: VocabShard  # where the V columns sit in the vocabulary (sharding.whole(V) when not sharded)
+
+
+class RowStats(NamedTuple):
+    """What every backend's forward returns: [N] each, float32 (float64 for float64 logits); None where
+    not asked for. lse / ref_lse are saved for the backward."""
+    logp: torch.Tensor
+    ref_logp: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
+    full_kl: Optional[torch.Tensor]
+    lse: torch.Tensor
+    ref_lse: Optional[torch.Tensor]
+
+
+class RowGrads(NamedTuple):
+    """The upstream gradients the backward takes: [N] each, or None when nothing flows from that output."""
+    logp: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
+    full_kl: Optional[torch.Tensor]
+
+
+@runtime_checkable
+class FusedPass(Protocol):
+    """What a backend implements (reference.py in PyTorch; ops.op_backend over the C++ and Triton ops)."""
+
+    def fused_kl_fwd(self, args: PassArgs, need_entropy: bool, need_full: bool) -> RowStats:
+        """One read of the logits (and reference logits): the per-row statistics."""
+
+    def fused_kl_bwd(self, args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
+        """The logits' gradient in their dtype (written into args.logits when inplace), from the
+        statistics the forward saved (for a shard: the merged ones of the whole vocabulary)."""
 
 
 def _load_reference():
@@ -92,7 +134,7 @@ class Backend:
         return _LOADED[self.name]
 
     @property
-    def impl(self):
+    def impl(self) -> FusedPass:
         return self._loaded[0]
 
     @property

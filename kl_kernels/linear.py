@@ -21,7 +21,7 @@ import torch
 
 from . import sharding
 from . import validation as check
-from .dispatch import select_backend
+from .dispatch import PassArgs, RowGrads, RowStats, select_backend
 from .ops import first_order_only
 from .reference import compute_dtype
 from .sharding import merge
@@ -77,17 +77,16 @@ class LinearKLFunction(torch.autograd.Function):
             n1 = min(n0 + rows, n_tokens)
             z, _ = _logits_tile(hidden[n0:n1], weight, bias, logit_scale, softcap)
             ref_z = _logits_tile(ref_hidden[n0:n1], ref_weight, ref_bias, logit_scale, softcap)[0] if has_ref else None
-            tile = impl.fused_kl_fwd(z.unsqueeze(0), labels[n0:n1], None if ref_z is None else ref_z.unsqueeze(0),
-                                     _rows(temperature, n0, n1), ignore_index, shard.start, shard.size, need_entropy,
-                                     need_full)
+            tile = impl.fused_kl_fwd(_tile_args(z, ref_z, labels, temperature, ignore_index, shard, n0, n1),
+                                     need_entropy, need_full)
             for out, value in zip((logp, ref_logp, entropy, full_kl, lse, ref_lse), tile):
                 if value is not None and out.numel():
                     out[n0:n1] = value
             del z, ref_z  # before the next tile is made: the budget holds one tile of each at a time
         if shard.group is not None:  # weight holds this rank's vocabulary shard: merge the ranks' statistics
-            stats = merge(shard, labels, ignore_index, logp, ref_logp if has_ref else None,
-                          entropy if need_entropy else None, full_kl if need_full else None, lse,
-                          ref_lse if has_ref else None)
+            stats = merge(PassArgs(None, labels, None, temperature, ignore_index, shard),
+                          RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
+                                   full_kl if need_full else None, lse, ref_lse if has_ref else None))
             logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
         ctx.impl, ctx.logit_scale, ctx.softcap, ctx.ignore_index, ctx.rows = impl, logit_scale, softcap, ignore_index, rows
@@ -132,12 +131,12 @@ class LinearKLFunction(torch.autograd.Function):
             z, tanh = _logits_tile(hidden_tile, weight, bias, ctx.logit_scale, ctx.softcap)
             ref_z = _logits_tile(ref_hidden[n0:n1], ref_weight, ref_bias, ctx.logit_scale, ctx.softcap)[0] \
                 if use_ref else None
-            dz = ctx.impl.fused_kl_bwd(
-                _rows(grad_logp, n0, n1), _rows(grad_entropy, n0, n1), _rows(grad_full, n0, n1), z.unsqueeze(0),
-                labels[n0:n1], None if ref_z is None else ref_z.unsqueeze(0), _rows(temperature, n0, n1),
-                ctx.ignore_index, ctx.shard.start, ctx.shard.size, lse[n0:n1], ref_lse[n0:n1] if use_ref else None,
-                entropy[n0:n1] if entropy.numel() else None, full_kl[n0:n1] if full_kl.numel() else None, True)
-            dz = z if dz is None else dz.view(z.shape)  # the in-place op returns nothing: z holds dlogits
+            stats = RowStats(None, None, entropy[n0:n1] if entropy.numel() else None,
+                             full_kl[n0:n1] if full_kl.numel() else None, lse[n0:n1],
+                             ref_lse[n0:n1] if use_ref else None)
+            grads = RowGrads(*(_rows(g, n0, n1) for g in (grad_logp, grad_entropy, grad_full)))
+            args = _tile_args(z, ref_z, labels, temperature, ctx.ignore_index, ctx.shard, n0, n1)
+            dz = ctx.impl.fused_kl_bwd(args, stats, grads, True).view(z.shape)  # in place: z now holds dlogits
             if tanh is not None:  # selected: a dead row's tanh may be NaN (NaN hidden states under the mask)
                 dz = torch.where(live[n0:n1, None], dz * (1.0 - tanh * tanh), 0.0)
             if ctx.logit_scale != 1.0:
@@ -156,6 +155,12 @@ class LinearKLFunction(torch.autograd.Function):
             del z, tanh, ref_z, dz  # before the next tile is made
         del partial  # before the float32 sums are cast: not three [V, H] buffers at once
         return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 12
+
+
+def _tile_args(z, ref_z, labels, temperature, ignore_index, shard, n0, n1):
+    """The PassArgs of one tile of rows [n0, n1): its logits as [1, rows, V]."""
+    return PassArgs(z.unsqueeze(0), labels[n0:n1], None if ref_z is None else ref_z.unsqueeze(0),
+                    _rows(temperature, n0, n1), ignore_index, shard)
 
 
 def _rows(value, n0, n1):

@@ -1,13 +1,16 @@
 """Autograd around a backend's fused pass.
 
-A backend provides `fused_kl_fwd` / `fused_kl_bwd` (see reference.py for the contract). The
-forward saves only O(N) row statistics besides the inputs; the backward recomputes softmax from
-the saved log-sum-exp in one more pass over the logits.
+A backend implements dispatch.FusedPass: `fused_kl_fwd(args, need_entropy, need_full)` -> RowStats and
+`fused_kl_bwd(args, stats, grads, inplace)` -> the logits' gradient, on dispatch.PassArgs (reference.py
+is the PyTorch truth; op_backend below adapts the C++ and Triton ops). The forward saves only O(N)
+row statistics besides the inputs; the backward recomputes softmax from the saved log-sum-exp in one
+more pass over the logits.
 """
 from __future__ import annotations
 
 import torch
 
+from .dispatch import PassArgs, RowGrads, RowStats
 from .sharding import merge
 
 
@@ -22,71 +25,69 @@ def first_order_only() -> None:
 
 
 class FusedKLFunction(torch.autograd.Function):
-    """shard: where the logits' columns sit in the vocabulary (sharding.VocabShard); with a process
-    group the per-row statistics of every rank's shard are merged after the kernel (sharding.merge),
-    and the backward's kernel gets the merged ones."""
+    """The fused pass with autograd: args is a PassArgs whose logits are the `logits` argument (given
+    separately so that autograd sees them). With a sharded vocabulary (args.shard.group) the per-row
+    statistics of every rank's shard are merged after the kernel (sharding.merge), and the backward's
+    kernel gets the merged ones."""
 
     @staticmethod
-    def forward(ctx, impl, logits, labels, ref_logits, temperature, ignore_index, shard, need_entropy, need_full,
-                inplace):
-        stats = impl.fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, shard.start, shard.size,
-                                  need_entropy, need_full)
-        if shard.group is not None:
-            stats = merge(shard, labels, ignore_index, *stats)
-        logp, ref_logp, entropy, full_kl, lse, ref_lse = stats
-        ctx.impl, ctx.ignore_index, ctx.shard, ctx.inplace = impl, ignore_index, shard, inplace
+    def forward(ctx, impl, logits, args, need_entropy, need_full, inplace):
+        args = args._replace(logits=logits)
+        stats = impl.fused_kl_fwd(args, need_entropy, need_full)
+        if args.shard.group is not None:
+            stats = merge(args, stats)
+        ctx.impl, ctx.inplace = impl, inplace
         ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
-        ctx.scalar_temperature = None if isinstance(temperature, torch.Tensor) else temperature
-        tensor_temperature = temperature if isinstance(temperature, torch.Tensor) else None
-        ctx.save_for_backward(logits, labels, ref_logits if need_full else None, tensor_temperature,
-                              lse, ref_lse if need_full else None, entropy, full_kl)
-        if ref_logp is not None:
-            ctx.mark_non_differentiable(ref_logp)
-        return logp, ref_logp, entropy, full_kl
+        tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
+        # the tensors are saved, the rest of args kept as is; the reference only for `full`'s gradient
+        ctx.args = args._replace(logits=None, labels=None, ref_logits=None,
+                                 temperature=None if tensor_temperature is not None else args.temperature)
+        ctx.save_for_backward(logits, args.labels, args.ref_logits if need_full else None, tensor_temperature,
+                              stats.lse, stats.ref_lse if need_full else None, stats.entropy, stats.full_kl)
+        if stats.ref_logp is not None:
+            ctx.mark_non_differentiable(stats.ref_logp)
+        return stats.logp, stats.ref_logp, stats.entropy, stats.full_kl
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
         first_order_only()
         logits, labels, ref_logits, tensor_temperature, lse, ref_lse, entropy, full_kl = ctx.saved_tensors
-        temperature = tensor_temperature if tensor_temperature is not None else ctx.scalar_temperature
         if grad_logp is None and grad_entropy is None and grad_full is None:
-            return (None,) * 10
-        grad = ctx.impl.fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                                     ctx.ignore_index, ctx.shard.start, ctx.shard.size, lse, ref_lse, entropy,
-                                     full_kl, ctx.inplace)
-        return None, grad, None, None, None, None, None, None, None, None
+            return (None,) * 6
+        temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
+        args = ctx.args._replace(logits=logits, labels=labels, ref_logits=ref_logits, temperature=temperature)
+        stats = RowStats(None, None, entropy, full_kl, lse, ref_lse)
+        grad = ctx.impl.fused_kl_bwd(args, stats, RowGrads(grad_logp, grad_entropy, grad_full), ctx.inplace)
+        return None, grad, None, None, None, None
 
 
 def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
-    """fused_kl_fwd / fused_kl_bwd of the reference.py contract over a backend's three registered ops
-    (the C++ ops and the Triton ops share one schema). The ops' temperature convention, the same for
-    every backend: T itself, as an [N] tensor (None when scalar) plus a float (1.0 when a tensor).
+    """fused_kl_fwd / fused_kl_bwd of dispatch.FusedPass over a backend's three registered ops (the
+    C++ ops and the Triton ops share one schema). The ops' temperature convention, the same for every
+    backend: T itself, as an [N] tensor (None when scalar) plus a float (1.0 when a tensor); the
+    shard as two ints, vocab_start and vocab_size.
     row_dtype: the dtype the ops want [N] inputs in (the Triton kernels read fp32), None for as given."""
     def rows(t):
         return None if t is None else (t if row_dtype is None else t.to(row_dtype)).contiguous()
 
-    def split(temperature):
-        if isinstance(temperature, torch.Tensor):
-            return rows(temperature), 1.0
-        return None, float(temperature)
+    def common(args: PassArgs):
+        temperature = args.temperature
+        split = (rows(temperature), 1.0) if isinstance(temperature, torch.Tensor) else (None, float(temperature))
+        return (args.logits, args.labels, args.ref_logits, *split, args.ignore_index, args.shard.start,
+                args.shard.size)
 
-    def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, vocab_start, vocab_size, need_entropy,
-                     need_full):
-        logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(
-            logits, labels, ref_logits, *split(temperature), ignore_index, vocab_start, vocab_size, need_entropy,
-            need_full)
-        has_ref = ref_logits is not None
-        return (logp, ref_logp if has_ref else None, entropy if need_entropy else None,
-                full_kl if need_full else None, lse, ref_lse if has_ref else None)
+    def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStats:
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(*common(args), need_entropy, need_full)
+        has_ref = args.ref_logits is not None
+        return RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
+                        full_kl if need_full else None, lse, ref_lse if has_ref else None)
 
-    def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                     ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, inplace):
-        args = (rows(grad_logp), rows(grad_entropy), rows(grad_full), logits, labels, ref_logits, *split(temperature),
-                ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl)
+    def fused_kl_bwd(args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
+        op_args = (*map(rows, grads), *common(args), stats.lse, stats.ref_lse, stats.entropy, stats.full_kl)
         if inplace:
-            bwd_inplace_op(*args)
-            return logits
-        return bwd_op(*args)
+            bwd_inplace_op(*op_args)
+            return args.logits
+        return bwd_op(*op_args)
 
     return fused_kl_fwd, fused_kl_bwd
 

@@ -1,24 +1,24 @@
 """Pure-PyTorch truth for the fused pass, chunked over rows.
 
-Every backend implements the same two functions on the same arguments:
+Every backend implements the same two functions (dispatch.FusedPass), on dispatch.PassArgs:
 
-  fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, vocab_start, vocab_size,
-               need_entropy, need_full) -> (logp, ref_logp, entropy, full_kl, lse, ref_lse)  each [N] or None
-  fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-               ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, inplace)
-      -> grad_logits [B, T, V]
+  fused_kl_fwd(args, need_entropy, need_full) -> RowStats(logp, ref_logp, entropy, full_kl, lse, ref_lse)
+  fused_kl_bwd(args, stats, grads, inplace) -> grad_logits [B, T, V]
 
-logits / ref_logits are [B, T, V] with a contiguous vocabulary dim (any row strides, so
-`logits[:, :-1]` is read in place); labels are [N = B*T] int64; temperature is a float or an [N]
-tensor. The V columns are the ids [vocab_start, vocab_start + V) of a vocabulary of vocab_size ids:
-0 and V, or a tensor-parallel rank's shard (sharding.py). Labels are ids of the whole vocabulary; in
-another shard, a label has log-prob -inf here (no mass in these columns) and no term in the
-backward, whose lse / ref_lse / entropy / full_kl are then those of the whole vocabulary. Work happens one block of rows at a time (at most CHUNK_ELEMENTS values of [rows, V] in
-the compute dtype), so memory stays O(chunk) whatever N is.
+args.logits / args.ref_logits are [B, T, V] with a contiguous vocabulary dim (any row strides, so
+`logits[:, :-1]` is read in place); args.labels are [N = B*T] int64; args.temperature is a float or
+an [N] tensor. The V columns are the ids [shard.start, shard.start + V) of a vocabulary of
+shard.size ids: 0 and V, or a tensor-parallel rank's shard (sharding.py). Labels are ids of the
+whole vocabulary; in another shard, a label has log-prob -inf here (no mass in these columns) and
+no term in the backward, whose stats (lse, ref_lse, entropy, full_kl) are then those of the whole
+vocabulary. Work happens one block of rows at a time (at most CHUNK_ELEMENTS values of [rows, V]
+in the compute dtype), so memory stays O(chunk) whatever N is.
 """
 from __future__ import annotations
 
 import torch
+
+from .dispatch import PassArgs, RowGrads, RowStats
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per block: a handful of these is the peak
 
@@ -81,12 +81,12 @@ def _shifted(log_softmax, saved_lse):
     return log_p + (lse - saved_lse.to(lse.dtype)).unsqueeze(-1)
 
 
-def _label_columns(labels: torch.Tensor, ignore_index: int, vocab_start: int, vocab_size: int, V: int):
+def _label_columns(labels: torch.Tensor, ignore_index: int, shard, V: int):
     """(valid, bad, owned, column) of each label: not ignored; outside the vocabulary (validate=False
     only: NaN rows); in these V columns; its column here (0 where not owned, so any gather is in bounds)."""
     valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= vocab_size))
-    column = labels - vocab_start
+    bad = valid & ((labels < 0) | (labels >= shard.size))
+    column = labels - shard.start
     owned = valid & ~bad & (column >= 0) & (column < V)
     return valid, bad, owned, torch.where(owned, column, torch.zeros_like(column))
 
@@ -98,8 +98,8 @@ def _label_logprob(log_probs: torch.Tensor, valid, bad, owned, column):
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
-def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, vocab_start, vocab_size, need_entropy,
-                 need_full):
+def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStats:
+    logits, labels, ref_logits, temperature, ignore_index, shard = args
     B, T, V = logits.shape
     N = B * T
     dtype = compute_dtype(logits.dtype)
@@ -113,7 +113,7 @@ def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, vocab_st
     if need_full:
         full_kl = new()
     for n0, n1, (rows, ref_rows) in _row_blocks(logits, ref_logits):
-        label = _label_columns(labels[n0:n1], ignore_index, vocab_start, vocab_size, V)
+        label = _label_columns(labels[n0:n1], ignore_index, shard, V)
         valid, bad = label[:2]
         x = _scaled(rows, temperature, n0, n1, dtype)
         log_p, row_lse = _log_softmax(x)
@@ -131,18 +131,20 @@ def fused_kl_fwd(logits, labels, ref_logits, temperature, ignore_index, vocab_st
             if need_full:
                 kl = _p_times(p, log_p - log_q).sum(-1)
                 full_kl[n0:n1] = torch.where(valid, torch.where(bad, torch.nan, kl), 0.0)
-    return logp, ref_logp, entropy, full_kl, lse, ref_lse
+    return RowStats(logp, ref_logp, entropy, full_kl, lse, ref_lse)
 
 
-def fused_kl_bwd(grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                 ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, inplace):
+def fused_kl_bwd(args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
     """d logp/dz = (1[v=y] - p)/T;  dH/dz = -p (log p + H)/T;  dKL/dz = p (log p - log q - KL)/T."""
+    logits, labels, ref_logits, temperature, ignore_index, shard = args
+    grad_logp, grad_entropy, grad_full = grads
+    lse, ref_lse, entropy, full_kl = stats.lse, stats.ref_lse, stats.entropy, stats.full_kl
     B, T, V = logits.shape
     dtype = compute_dtype(logits.dtype)
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     ref_logits = ref_logits if grad_full is not None else None
     for n0, n1, (rows, out, ref_rows) in _row_blocks(logits, grad, ref_logits):
-        valid, bad, owned, column = _label_columns(labels[n0:n1], ignore_index, vocab_start, vocab_size, V)
+        valid, bad, owned, column = _label_columns(labels[n0:n1], ignore_index, shard, V)
         # recomputed rather than x - saved lse, for the digits (see _log_softmax), then moved from these
         # columns' lse to the saved one (a shard's to the whole vocabulary's; exactly 0 when unsharded)
         log_p = _shifted(_log_softmax(_scaled(rows, temperature, n0, n1, dtype)), lse[n0:n1])

@@ -161,15 +161,13 @@ def _weighted(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(weight == 0, 0.0, weight * values).sum(0)
 
 
-def merge(shard: VocabShard, labels: torch.Tensor, ignore_index: int, logp, ref_logp, entropy, full_kl, lse, ref_lse):
-    """The six per-row statistics of the shards -> those of the whole vocabulary (module docstring),
-    the same bits on every rank. Arguments and results as a backend's fused_kl_fwd (None: absent)."""
-    stats = [logp, lse, ref_logp, ref_lse, entropy, full_kl]
-    present = [t for t in stats if t is not None]
-    gathered = _all_gather(shard.group, torch.stack(present)).double()  # [W, k, N], merged in float64
-    parts = iter(gathered.unbind(1))
-    logp_r, lse_r, ref_logp_r, ref_lse_r, entropy_r, full_r = (next(parts) if t is not None else None for t in stats)
-    valid = labels != ignore_index
+def merge(args, stats):
+    """A shard's per-row statistics (dispatch.RowStats of the kernel on args.logits) -> those of the
+    whole vocabulary (module docstring), the same bits on every rank."""
+    shard, labels = args.shard, args.labels
+    names = [name for name, value in stats._asdict().items() if value is not None]
+    gathered = _all_gather(shard.group, torch.stack([getattr(stats, n) for n in names])).double()  # [W, k, N]
+    part = dict(zip(names, gathered.unbind(1)))
     ends = torch.tensor(shard.ends, device=labels.device)
     # the rank whose shard holds the label (a label outside the vocabulary: every rank gave NaN)
     owner = torch.bucketize(labels, ends, right=True).clamp_(max=len(shard.ends) - 1).unsqueeze(0)
@@ -182,18 +180,18 @@ def merge(shard: VocabShard, labels: torch.Tensor, ignore_index: int, logp, ref_
         label_logp = torch.where(owner_lse == float("-inf"), owner_lse - lse_all, picked + (owner_lse - lse_all))
         return lse_all, label_logp, lse_shards - lse_all
 
-    lse_all, logp_all, log_w = total(lse_r, logp_r)
+    out = {}
+    out["lse"], out["logp"], log_w = total(part["lse"], part["logp"])
     weight = log_w.exp()
-    out = {"logp": logp_all, "lse": lse_all}
-    if ref_lse_r is not None:
-        out["ref_lse"], out["ref_logp"], log_v = total(ref_lse_r, ref_logp_r)
-    if entropy_r is not None:
-        out["entropy"] = _weighted(weight, entropy_r - log_w)
-    if full_r is not None:
-        out["full_kl"] = _weighted(weight, full_r + log_w - log_v)
-    dtype = logp.dtype
-    result = {name: torch.where(valid, value, 0.0).to(dtype) for name, value in out.items()}  # ignored rows: 0
-    return tuple(result.get(name) for name in ("logp", "ref_logp", "entropy", "full_kl", "lse", "ref_lse"))
+    if "ref_lse" in part:
+        out["ref_lse"], out["ref_logp"], log_v = total(part["ref_lse"], part["ref_logp"])
+    if "entropy" in part:
+        out["entropy"] = _weighted(weight, part["entropy"] - log_w)
+    if "full_kl" in part:
+        out["full_kl"] = _weighted(weight, part["full_kl"] + log_w - log_v)
+    valid = labels != args.ignore_index
+    dtype = stats.logp.dtype
+    return stats._replace(**{name: torch.where(valid, value, 0.0).to(dtype) for name, value in out.items()})
 
 
 def bytes_per_token(has_ref: bool, need_entropy: bool, need_full: bool, world_size: int, itemsize: int = 4) -> int:

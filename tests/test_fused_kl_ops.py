@@ -203,3 +203,16 @@ def test_cuda_matches_triton(dtype, vocab):
         torch.testing.assert_close(getattr(outs["cuda"], field), getattr(outs["triton"], field), rtol=2e-5,
                                    atol=2e-5, msg=field)
     torch.testing.assert_close(grads["cuda"].float(), grads["triton"].float(), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [info.name for info in kl_kernels.available_backends() if info.available])
+def test_every_backend_implements_the_kernel_contract(name):
+    """dispatch.FusedPass: the same two functions on the same records, for every backend."""
+    import inspect
+
+    from kl_kernels.dispatch import BACKENDS, FusedPass
+
+    impl = BACKENDS[name].impl
+    assert isinstance(impl, FusedPass)
+    assert list(inspect.signature(impl.fused_kl_fwd).parameters) == ["args", "need_entropy", "need_full"]
+    assert list(inspect.signature(impl.fused_kl_bwd).parameters) == ["args", "stats", "grads", "inplace"]
