@@ -35,19 +35,23 @@ def test_the_build_matching_the_cpu_is_loaded():
     assert extension.CPU_ISA == want
 
 
+# run in a fresh process: prints the CPU build loaded and the cpu backend's error against the reference
+CPU_BUILD_CHECK = textwrap.dedent("""
+    import torch, kl_kernels
+    from kl_kernels import extension
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 1000)
+    labels = torch.randint(0, 1000, (3, 7))
+    got = kl_kernels.kl_penalty(logits, labels, ref_logits=logits.flip(0), estimator="k3", backend="cpu")
+    want = kl_kernels.kl_penalty(logits.double(), labels, ref_logits=logits.flip(0).double(), estimator="k3",
+                                 backend="reference")
+    print(extension.CPU_ISA, (got.kl.double() - want.kl).abs().max().item())
+""")
+
+
 @needs_x86_build
 def test_forced_avx2_build_runs_and_agrees():
-    isa, error = _run("""
-        import torch, kl_kernels
-        from kl_kernels import extension
-        torch.manual_seed(0)
-        logits = torch.randn(3, 7, 1000)
-        labels = torch.randint(0, 1000, (3, 7))
-        got = kl_kernels.kl_penalty(logits, labels, ref_logits=logits.flip(0), estimator="k3", backend="cpu")
-        want = kl_kernels.kl_penalty(logits.double(), labels, ref_logits=logits.flip(0).double(), estimator="k3",
-                                     backend="reference")
-        print(extension.CPU_ISA, (got.kl.double() - want.kl).abs().max().item())
-    """, ATEN_CPU_CAPABILITY="avx2")
+    isa, error = _run(CPU_BUILD_CHECK, ATEN_CPU_CAPABILITY="avx2")
     assert isa == "avx2" and float(error) < 1e-5
 
 

@@ -8,13 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import zipfile
 
 import pytest
 import torch
 
-from test_extension_build import X86, needs_x86_build
+from test_extension_build import CPU_BUILD_CHECK, X86, needs_x86_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,18 +49,9 @@ def test_wheel_metadata_pins_torch_and_records_the_commit(wheel):
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_wheel_runs_the_cpu_backend_from_its_own_directory(wheel, capability, tmp_path):
     _, site = wheel
-    code = textwrap.dedent("""
-        import torch, kl_kernels
-        from kl_kernels import extension
-        assert kl_kernels.__file__.startswith(%r), kl_kernels.__file__
-        torch.manual_seed(0)
-        logits = torch.randn(3, 7, 1000)
-        labels = torch.randint(0, 1000, (3, 7))
-        got = kl_kernels.kl_penalty(logits, labels, ref_logits=logits.flip(0), estimator="k3", backend="cpu")
-        want = kl_kernels.kl_penalty(logits.double(), labels, ref_logits=logits.flip(0).double(), estimator="k3",
-                                     backend="reference")
-        print(extension.CPU_ISA, (got.kl.double() - want.kl).abs().max().item())
-    """ % str(site))
+    # the checkout's kl_kernels must not be the one imported
+    code = f"import kl_kernels; assert kl_kernels.__file__.startswith({str(site)!r}), kl_kernels.__file__\n" \
+        + CPU_BUILD_CHECK
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ATEN_CPU_CAPABILITY")}
     env["PYTHONPATH"] = str(site)
     if capability != "default":
