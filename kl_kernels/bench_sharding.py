@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 import kl_kernels
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback for a local process group (kl-bench --tp and the tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -105,7 +106,7 @@ def run(world, tokens, vocabs, dtypes, modes, estimator, repeats, json_path=None
     cases = [(tokens, vocab, dtype, mode) for dtype in dtypes for vocab in vocabs for mode in modes]
     with mp.Manager() as manager:
         results = manager.list()
-        mp.spawn(_worker, args=(world, _free_port(), cases, repeats, estimator, results), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), cases, repeats, estimator, results), nprocs=world, join=True)
         rows = list(results)
     print(f"{'ranks':>5} {'dtype':<9} {'vocab':>7} {'mode':<8} {'sharded ms':>10} {'1-process ms':>12} "
           f"{'recv B/token':>12} {'shard logits B/token':>20} {'max diff':>9}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 # kl-guide.md: healthy per-token KL 0.01-0.05, per-sequence total 1-6

@@ -6,7 +6,6 @@ import math
 import os
 import statistics
 
-from .diagnostics import diagnose
 
 TAIL = 10  # a run's final figures: the mean of its last TAIL steps
 HACKED = 0.3  # nats/token of true quality lost: the text has degraded

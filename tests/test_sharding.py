@@ -8,14 +8,13 @@ sharded call and the single-process call, and compares. Failures come back as th
 """
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kl_kernels
+from kl_kernels.bench_sharding import free_port
 from kl_kernels.estimators import ESTIMATOR_NAMES
 
 # shard sizes in rank order (uneven on purpose: a size-1 shard, labels owned unevenly)
@@ -28,14 +27,8 @@ def _backends():
             if info.available and info.name != "cuda"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world_size: int, worker):
-    mp.spawn(_entry, args=(world_size, _free_port(), worker), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(world_size, free_port(), worker), nprocs=world_size, join=True)
 
 
 def _entry(rank, world_size, port, worker):

@@ -172,14 +172,6 @@ def test_controller_follows_installed_verl():
         assert ours.value == pytest.approx(theirs.value, rel=1e-12)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _megatron_stand_in(group):
     """megatron-core (not installable here: no wheel in this machine's index) as far as verl's
     tensor_parallel module reads it: the tensor-parallel group. Megatron's cross entropy must not
@@ -281,4 +273,6 @@ def test_megatron_vocab_parallel_functions_and_sharded_head():
     patched, in 2 gloo processes: against verl's own entropy on the same group and float64."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_tensor_parallel_worker, args=(2, _free_port()), nprocs=2, join=True)
+    from kl_kernels.bench_sharding import free_port
+
+    mp.spawn(_tensor_parallel_worker, args=(2, free_port()), nprocs=2, join=True)
