@@ -34,6 +34,9 @@ TILE_BYTES = 512 << 20
 # has at most max(512, N / 8) rows: well below the whole logits tensor even when the budget is not
 # (N = 4096, V = 32000: 2097 rows fit 512 MiB, which would have held half the logits).
 EFFICIENT_TILE_ROWS = 512
+# The bf16/fp16 weight gradient of a tile is made this many bytes of vocabulary rows at a time
+# before it joins the float32 sum (a whole [V, H] buffer was 262 MB at V = 32000, H = 4096).
+PARTIAL_BYTES = 32 << 20
 
 
 def _rows_per_tile(n_tokens: int, vocab: int, element_bytes: int, tile_bytes: int, has_ref: bool) -> int:
@@ -113,10 +116,12 @@ class LinearKLFunction(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         # a tile's weight gradient goes straight into the float32 sum (addmm_); in a lower dtype the
-        # matmul runs in it (as F.linear's backward would) into one reused buffer: no [V, H] allocation
-        # per tile (fresh pages cost more than the matmul's own memory traffic)
-        partial = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) \
-            if need_weight and weight.dtype != torch.float32 else None
+        # matmul runs in it (as F.linear's backward would), PARTIAL_BYTES of vocabulary rows at a time,
+        # into one reused buffer: no [V, H] buffer beside the float32 sum, and no fresh pages per tile
+        # (they cost more than the matmul's own memory traffic)
+        vocab_rows = max(1, PARTIAL_BYTES // max(1, weight.shape[1] * weight.element_size()))
+        partial = torch.empty((min(vocab_rows, weight.shape[0]), weight.shape[1]), dtype=weight.dtype,
+                              device=weight.device) if need_weight and weight.dtype != torch.float32 else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         use_ref = grad_full is not None and ref_hidden is not None
         # rows nothing flows back from (masked, ignored) have dlogits 0, but 0 * NaN is NaN in the
@@ -149,11 +154,13 @@ class LinearKLFunction(torch.autograd.Function):
                 if partial is None:
                     grad_weight.addmm_(dz.t(), live_hidden)
                 else:
-                    grad_weight.add_(torch.mm(dz.t(), live_hidden, out=partial))
+                    for v0 in range(0, weight.shape[0], vocab_rows):  # fixed order: deterministic
+                        v1 = min(v0 + vocab_rows, weight.shape[0])
+                        grad_weight[v0:v1].add_(torch.mm(dz[:, v0:v1].t(), live_hidden, out=partial[:v1 - v0]))
             if grad_bias is not None:
                 grad_bias += dz.float().sum(0)
             del z, tanh, ref_z, dz  # before the next tile is made
-        del partial  # before the float32 sums are cast: not three [V, H] buffers at once
+        del partial
         return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 12
 
 
