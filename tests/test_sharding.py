@@ -23,8 +23,10 @@ DIFFERENTIABLE = ("logprobs", "kl", "penalty", "kl_sum", "kl_mean", "entropy")
 
 
 def _backends():
-    return [info.name for info in kl_kernels.available_backends()
-            if info.available and info.name != "cuda"]
+    """The backends that serve the CPU tensors gloo moves here (triton only in the interpreter)."""
+    from kl_kernels.dispatch import BACKENDS
+
+    return [b.name for b in BACKENDS.values() if b.unavailable_reason is None and (not b.devices or "cpu" in b.devices)]
 
 
 def _run(world_size: int, worker):
