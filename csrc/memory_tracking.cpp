@@ -10,6 +10,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
+#include <unordered_map>
 #include <utility>
 
 #include "memory_tracking.h"
@@ -25,10 +27,22 @@ struct Block {  // the wrapped allocator's DataPtr and the size it was asked for
   int64_t size;
 };
 
-void release(void* context) {
-  auto* block = static_cast<Block*>(context);
-  live_bytes -= block->size;
-  delete block;  // frees the memory through the wrapped allocator's own deleter
+// Blocks by data pointer: the DataPtr handed out has its data pointer as context, as raw_allocate
+// (used by oneDNN's bf16 matmuls) requires, so the wrapped allocation is found here on release.
+std::mutex blocks_mutex;
+std::unordered_map<void*, Block>& blocks() {
+  static auto* table = new std::unordered_map<void*, Block>();
+  return *table;
+}
+
+void release(void* pointer) {
+  std::unordered_map<void*, Block>::node_type node;
+  {
+    std::lock_guard<std::mutex> lock(blocks_mutex);
+    node = blocks().extract(pointer);
+  }
+  if (!node.empty()) live_bytes -= node.mapped().size;
+  // node's destructor frees the memory through the wrapped allocator's own deleter, outside the lock
 }
 
 class CountingAllocator final : public c10::Allocator {
@@ -38,12 +52,19 @@ class CountingAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr data = inner->allocate(n);
     void* pointer = data.get();
+    if (pointer == nullptr) return data;  // nothing allocated (n = 0): nothing to count
     const int64_t now = live_bytes += static_cast<int64_t>(n);
     int64_t peak = peak_bytes.load();
     while (now > peak && !peak_bytes.compare_exchange_weak(peak, now)) {
     }
-    return {pointer, new Block{std::move(data), static_cast<int64_t>(n)}, &release, c10::Device(c10::kCPU)};
+    {
+      std::lock_guard<std::mutex> lock(blocks_mutex);
+      blocks().emplace(pointer, Block{std::move(data), static_cast<int64_t>(n)});
+    }
+    return {pointer, pointer, &release, c10::Device(c10::kCPU)};
   }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);

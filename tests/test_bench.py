@@ -157,3 +157,12 @@ def test_cpu_peak_memory_is_reproducible_and_counts_the_gradient(provider):
         assert peaks[0] >= 512 * 3000 * 4 + gradient
     else:
         assert peaks[0] < gradient + 512 * 3000  # the gradient and O(N) outputs, no [N, V] temporary
+
+
+def test_cpu_counter_serves_raw_allocations():
+    """oneDNN's bf16 matmul allocates through Allocator::raw_allocate, which needs a DataPtr whose
+    context is its data pointer: the counter must serve it (it crashed the H = 4096 kl-bench row)."""
+    with bench.PeakMemory(torch.device("cpu")) as peak:
+        a, b = torch.randn(512, 256).bfloat16(), torch.randn(1000, 256).bfloat16()
+        out = torch.nn.functional.linear(a, b)
+    assert peak.extra >= out.nbytes + a.nbytes + b.nbytes
