@@ -192,10 +192,3 @@ def merge(args, stats):
     valid = labels != args.ignore_index
     dtype = stats.logp.dtype
     return stats._replace(**{name: torch.where(valid, value, 0.0).to(dtype) for name, value in out.items()})
-
-
-def bytes_per_token(has_ref: bool, need_entropy: bool, need_full: bool, world_size: int, itemsize: int = 4) -> int:
-    """What one rank receives per token in the forward's all_gather (kl-bench --tp reports it):
-    k statistics from each of the other ranks; O(1) in the vocabulary."""
-    k = 2 + 2 * has_ref + need_entropy + need_full
-    return k * itemsize * (world_size - 1)

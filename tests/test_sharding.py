@@ -241,14 +241,6 @@ def test_errors_raise_on_every_rank():
     _run(2, _errors_on_every_rank)
 
 
-def test_communication_is_per_row_not_per_vocabulary():
-    from kl_kernels.sharding import bytes_per_token
-
-    # the forward's all_gather: k <= 6 float32 statistics per token from each other rank, whatever V is
-    assert bytes_per_token(has_ref=True, need_entropy=True, need_full=True, world_size=2) == 24
-    assert bytes_per_token(has_ref=False, need_entropy=False, need_full=False, world_size=8) == 8 * 7
-
-
 def test_without_distributed_initialised():
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
