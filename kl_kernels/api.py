@@ -98,8 +98,6 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         ignore_index = check.ignore_index(ignore_index)
         dtype = compute_dtype(logits.dtype)
         temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
-        if validate and process_group is None:
-            check.label_values(labels, logits.shape[-1], ignore_index)
         chosen = select_backend(backend, logits.device, (logits.dtype,))
     shard = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate, "token_logprobs", labels,
                                  return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature)
@@ -131,7 +129,7 @@ class _PenaltyPlan(NamedTuple):
     dtype: torch.dtype  # compute dtype of the outputs
 
 
-def _plan_penalty(labels, device, vocab, dtype, *, source, ref_logprobs, mask, cu_seqlens, kl_coef, estimator,
+def _plan_penalty(labels, device, dtype, *, source, ref_logprobs, mask, cu_seqlens, kl_coef, estimator,
                   temperature, log_ratio_clamp, kl_clamp, ignore_index, validate, has_ref_model):
     """The checks and choices shared by the logits and hidden-state forms of the penalty.
 
@@ -187,8 +185,6 @@ def _plan_penalty(labels, device, vocab, dtype, *, source, ref_logprobs, mask, c
         positions = lambda: torch.arange(n_tokens, device=device)  # noqa: E731
         per_sequence = (n_seqs, lambda: torch.searchsorted(offsets[1:], positions(), right=True).clamp_(max=max(n_seqs - 1, 0)))
     temp = _temperature(temperature, labels.shape, device, dtype, validate, per_sequence)
-    if validate and vocab is not None:  # None: a vocabulary shard, checked once the ranks agreed on its size
-        check.label_values(labels, vocab, ignore_index)
     return _PenaltyPlan(layout, offsets, est, temp, ignore_index, dtype)
 
 
@@ -238,9 +234,8 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
             check.shape(ref_logits, logits.shape, "ref_logits", "the logits' shape")
             check.same_device(logits.device, ref_logits=ref_logits)
         plan = _plan_penalty(
-            labels, logits.device, None if process_group is not None else logits.shape[-1],
-            compute_dtype(logits.dtype), source=("logits", logits.shape), ref_logprobs=ref_logprobs, mask=mask,
-            cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
+            labels, logits.device, compute_dtype(logits.dtype), source=("logits", logits.shape), ref_logprobs=ref_logprobs,
+            mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
             log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
             has_ref_model=ref_logits is not None)
         dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)

@@ -60,21 +60,26 @@ class Chain:
         self.log_probs = probs.log()
 
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """[batch, MAX_LEN + 1] sequences BOS x1 ... (EOS-padded after the first EOS)."""
-        tokens = torch.full((batch, MAX_LEN + 1), EOS, dtype=torch.long)
-        tokens[:, 0] = BOS
-        alive = torch.ones(batch, dtype=torch.bool)
-        for t in range(1, MAX_LEN + 1):
-            nxt = torch.multinomial(self.log_probs[tokens[:, t - 1]].exp(), 1, generator=generator).squeeze(1)
-            tokens[:, t] = torch.where(alive, nxt, EOS)
-            alive &= nxt != EOS
-        return tokens
+        return generate(lambda prefix: self.log_probs[prefix[:, -1]].exp(), batch, generator)
 
     def quality(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[batch] mean log-likelihood per generated token under the chain (the true quality)."""
         prev, nxt = tokens[:, :-1].clamp(max=CONTENT + 1), tokens[:, 1:]
         ll = self.log_probs[prev, nxt.clamp(max=CONTENT)]
         return (ll * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def generate(next_probs, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch, MAX_LEN + 1] sequences BOS x1 ... (EOS-padded after the first EOS), each next token
+    drawn from next_probs(prefix [batch, t]) -> [batch, CONTENT + 1] probabilities."""
+    tokens = torch.full((batch, MAX_LEN + 1), EOS, dtype=torch.long)
+    tokens[:, 0] = BOS
+    alive = torch.ones(batch, dtype=torch.bool)
+    for t in range(1, MAX_LEN + 1):
+        nxt = torch.multinomial(next_probs(tokens[:, :t]), 1, generator=generator).squeeze(1)
+        tokens[:, t] = torch.where(alive, nxt, EOS)
+        alive &= nxt != EOS
+    return tokens
 
 
 def response_mask(tokens: torch.Tensor) -> torch.Tensor:
@@ -106,15 +111,7 @@ class TinyLM(torch.nn.Module):
 
     @torch.no_grad()
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        tokens = torch.full((batch, MAX_LEN + 1), EOS, dtype=torch.long)
-        tokens[:, 0] = BOS
-        alive = torch.ones(batch, dtype=torch.bool)
-        for t in range(1, MAX_LEN + 1):
-            logits = self(tokens[:, :t])[:, -1]
-            nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator).squeeze(1)
-            tokens[:, t] = torch.where(alive, nxt, EOS)
-            alive &= nxt != EOS
-        return tokens
+        return generate(lambda prefix: torch.softmax(self(prefix)[:, -1].float(), -1), batch, generator)
 
 
 def pretrain(chain: Chain, width: int, seed: int, steps: int) -> TinyLM:

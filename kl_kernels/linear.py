@@ -69,8 +69,9 @@ class LinearKLFunction(torch.autograd.Function):
     as ops.FusedKLFunction: logp, ref_logp (None without a reference), entropy, full_kl."""
 
     @staticmethod
-    def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, temperature,
-                logit_scale, softcap, ignore_index, shard, need_entropy, need_full, rows):
+    def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, args, logit_scale, softcap,
+                need_entropy, need_full, rows):
+        """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard)."""
         n_tokens, has_ref = hidden.shape[0], ref_hidden is not None
         dtype = compute_dtype(hidden.dtype)
         new = lambda needed: hidden.new_empty((n_tokens if needed else 0,), dtype=dtype)  # noqa: E731
@@ -80,25 +81,22 @@ class LinearKLFunction(torch.autograd.Function):
             n1 = min(n0 + rows, n_tokens)
             z, _ = _logits_tile(hidden[n0:n1], weight, bias, logit_scale, softcap)
             ref_z = _logits_tile(ref_hidden[n0:n1], ref_weight, ref_bias, logit_scale, softcap)[0] if has_ref else None
-            tile = impl.fused_kl_fwd(_tile_args(z, ref_z, labels, temperature, ignore_index, shard, n0, n1),
-                                     need_entropy, need_full)
+            tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, n0, n1), need_entropy, need_full)
             for out, value in zip((logp, ref_logp, entropy, full_kl, lse, ref_lse), tile):
                 if value is not None and out.numel():
                     out[n0:n1] = value
             del z, ref_z  # before the next tile is made: the budget holds one tile of each at a time
-        if shard.group is not None:  # weight holds this rank's vocabulary shard: merge the ranks' statistics
-            stats = merge(PassArgs(None, labels, None, temperature, ignore_index, shard),
-                          RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
+        if args.shard.group is not None:  # weight holds this rank's vocabulary shard: merge the ranks' statistics
+            stats = merge(args, RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
                                    full_kl if need_full else None, lse, ref_lse if has_ref else None))
             logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
-        ctx.impl, ctx.logit_scale, ctx.softcap, ctx.ignore_index, ctx.rows = impl, logit_scale, softcap, ignore_index, rows
-        ctx.shard = shard
-        ctx.scalar_temperature = None if isinstance(temperature, torch.Tensor) else temperature
+        ctx.impl, ctx.logit_scale, ctx.softcap, ctx.rows = impl, logit_scale, softcap, rows
+        tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
+        ctx.args = args._replace(labels=None, temperature=None if tensor_temperature is not None else args.temperature)
         # the reference model is saved only for `full`, whose gradient reads its logits
         ctx.save_for_backward(hidden, weight, bias, *((ref_hidden, ref_weight, ref_bias) if need_full else (None,) * 3),
-                              labels, lse, ref_lse if need_full else None, entropy, full_kl,
-                              temperature if isinstance(temperature, torch.Tensor) else None)
+                              args.labels, lse, ref_lse if need_full else None, entropy, full_kl, tensor_temperature)
         if has_ref:
             ctx.mark_non_differentiable(ref_logp)
         return logp, ref_logp if has_ref else None, entropy if need_entropy else None, full_kl if need_full else None
@@ -108,10 +106,11 @@ class LinearKLFunction(torch.autograd.Function):
         first_order_only()
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, entropy, full_kl,
          tensor_temperature) = ctx.saved_tensors
-        temperature = tensor_temperature if tensor_temperature is not None else ctx.scalar_temperature
+        args = ctx.args._replace(labels=labels, temperature=tensor_temperature if tensor_temperature is not None
+                                 else ctx.args.temperature)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
         if grad_logp is None and grad_entropy is None and grad_full is None:
-            return (None,) * 16
+            return (None,) * 13
         # each tile writes its own rows of the hidden gradient once: no float32 sum needed
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -126,7 +125,7 @@ class LinearKLFunction(torch.autograd.Function):
         use_ref = grad_full is not None and ref_hidden is not None
         # rows nothing flows back from (masked, ignored) have dlogits 0, but 0 * NaN is NaN in the
         # weight gradient's matmul: their hidden rows are replaced by 0 there (select, not multiply)
-        live = labels != ctx.ignore_index
+        live = labels != args.ignore_index
         flows = [g != 0 for g in (grad_logp, grad_entropy, grad_full) if g is not None]
         live = live & torch.stack(flows).any(0)
         zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
@@ -140,8 +139,7 @@ class LinearKLFunction(torch.autograd.Function):
                              full_kl[n0:n1] if full_kl.numel() else None, lse[n0:n1],
                              ref_lse[n0:n1] if use_ref else None)
             grads = RowGrads(*(_rows(g, n0, n1) for g in (grad_logp, grad_entropy, grad_full)))
-            args = _tile_args(z, ref_z, labels, temperature, ctx.ignore_index, ctx.shard, n0, n1)
-            dz = ctx.impl.fused_kl_bwd(args, stats, grads, True).view(z.shape)  # in place: z now holds dlogits
+            dz = ctx.impl.fused_kl_bwd(_tile_args(args, z, ref_z, n0, n1), stats, grads, True).view(z.shape)  # in place: z now holds dlogits
             if tanh is not None:  # selected: a dead row's tanh may be NaN (NaN hidden states under the mask)
                 dz = torch.where(live[n0:n1, None], dz * (1.0 - tanh * tanh), 0.0)
             if ctx.logit_scale != 1.0:
@@ -161,13 +159,14 @@ class LinearKLFunction(torch.autograd.Function):
                 grad_bias += dz.float().sum(0)
             del z, tanh, ref_z, dz  # before the next tile is made
         del partial
-        return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 12
+        return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 9
 
 
-def _tile_args(z, ref_z, labels, temperature, ignore_index, shard, n0, n1):
+def _tile_args(args, z, ref_z, n0, n1):
     """The PassArgs of one tile of rows [n0, n1): its logits as [1, rows, V]."""
-    return PassArgs(z.unsqueeze(0), labels[n0:n1], None if ref_z is None else ref_z.unsqueeze(0),
-                    _rows(temperature, n0, n1), ignore_index, shard)
+    return args._replace(logits=z.unsqueeze(0), labels=args.labels[n0:n1],
+                         ref_logits=None if ref_z is None else ref_z.unsqueeze(0),
+                         temperature=_rows(args.temperature, n0, n1))
 
 
 def _rows(value, n0, n1):
@@ -239,15 +238,13 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         ignore_index = check.ignore_index(ignore_index)
         vocab = weight.shape[0]
         temp = _temperature(temperature, labels.shape, hidden.device, compute_dtype(hidden.dtype), validate)
-        if validate and process_group is None:
-            check.label_values(labels, vocab, ignore_index)
         chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
     shard = sharding.vocab_shard(process_group, hidden.device, vocab, validate, "linear_token_logprobs", labels,
                                  return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature)
     rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, has_ref=False)
+    args = PassArgs(None, labels.reshape(-1).to(torch.int64).contiguous(), None, temp, ignore_index, shard)
     logp, _, entropy, _ = LinearKLFunction.apply(
-        chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None,
-        labels.reshape(-1).to(torch.int64).contiguous(), temp, logit_scale, softcap, ignore_index, shard,
+        chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None, args, logit_scale, softcap,
         bool(return_entropy), False, rows)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
@@ -279,9 +276,8 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
             _check_linear(ref_hidden, ref_weight, ref_bias, labels, "ref_")
         validate = validate and check.has_values(hidden)
         plan = _plan_penalty(
-            labels, hidden.device, None if process_group is not None else weight.shape[0],
-            compute_dtype(hidden.dtype), source=("hidden", hidden.shape), ref_logprobs=ref_logprobs, mask=mask,
-            cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
+            labels, hidden.device, compute_dtype(hidden.dtype), source=("hidden", hidden.shape), ref_logprobs=ref_logprobs,
+            mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
             log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
             has_ref_model=ref_hidden is not None)
         dtypes = [_tile_dtype(hidden.dtype, logit_scale, softcap)]
@@ -297,7 +293,7 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
     detached = lambda t: None if t is None else t.detach()  # noqa: E731
     logp, ref_logp, entropy, full_kl = LinearKLFunction.apply(
         chosen.impl, flat(hidden), weight, bias, flat(detached(ref_hidden)), detached(ref_weight), detached(ref_bias),
-        flat_labels, plan.temperature, logit_scale, softcap, plan.ignore_index, shard, bool(return_entropy),
-        plan.estimator.name == "full", rows)
+        PassArgs(None, flat_labels, None, plan.temperature, plan.ignore_index, shard), logit_scale, softcap,
+        bool(return_entropy), plan.estimator.name == "full", rows)
     return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
                             ref_logprobs, mask, kl_coef)

@@ -23,6 +23,7 @@ Only collectives NCCL also has are used (all_gather), on the inputs' device.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import struct
 import weakref
 import zlib
@@ -32,7 +33,7 @@ import torch
 
 from . import validation as check
 
-# Shard layouts seen with validate=False (no host sync per call): the group -> {local size: layout}.
+# Shard layouts seen, for validate=False (no host sync per call): group -> {local size: every rank's end id}.
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -98,9 +99,9 @@ def agree(group, device, local_vocab: int, header: dict, validate: bool, error: 
         raise ValueError(f"process_group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)
     if not validate and error is None:
-        layout = _LAYOUTS.get(group, {}).get(local_vocab)
-        if layout is not None:
-            return VocabShard(layout[0][rank], layout[1], group, layout[2])
+        ends = _LAYOUTS.get(group, {}).get(local_vocab)
+        if ends is not None:
+            return _shard_of(rank, ends, group)
     names = list(header)
     mine = torch.tensor([local_vocab, error is not None, *header.values()], dtype=torch.int64, device=device)
     everyone = _all_gather(group, mine).tolist()
@@ -115,21 +116,23 @@ def agree(group, device, local_vocab: int, header: dict, validate: bool, error: 
         if len(set(values)) > 1:
             raise ValueError(f"process_group: every rank must pass the same {name}, got {values} on ranks "
                              f"0..{len(values) - 1}")
-    sizes = [row[0] for row in everyone]
-    ends = tuple(torch.tensor(sizes).cumsum(0).tolist())
-    starts = (0,) + ends[:-1]
-    _LAYOUTS.setdefault(group, {})[local_vocab] = (starts, ends[-1], ends)
-    return VocabShard(starts[rank], ends[-1], group, ends)
+    ends = tuple(itertools.accumulate(row[0] for row in everyone))
+    _LAYOUTS.setdefault(group, {})[local_vocab] = ends
+    return _shard_of(rank, ends, group)
+
+
+def _shard_of(rank: int, ends: tuple, group) -> VocabShard:
+    return VocabShard(ends[rank - 1] if rank else 0, ends[-1], group, ends)
 
 
 def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, labels: torch.Tensor,
                 **options) -> VocabShard:
     """whole(local_vocab) without a group; else this rank's shard, once every rank agreed on the
-    call's header (function, labels and the options of header()), and with validate=True the labels
-    checked against the whole vocabulary (the same labels on every rank: all raise alike)."""
-    if group is None:
-        return whole(local_vocab)
-    shard = agree(group, device, local_vocab, header(function, labels, validate, **options), validate)
+    call's header (function, labels and the options of header()). With validate=True the labels are
+    checked against the whole vocabulary, here for every call (with a group: the same labels on every
+    rank, so all raise alike)."""
+    shard = whole(local_vocab) if group is None else \
+        agree(group, device, local_vocab, header(function, labels, validate, **options), validate)
     if validate:
         check.label_values(labels, shard.size, options["ignore_index"])
     return shard

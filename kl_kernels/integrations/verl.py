@@ -85,21 +85,19 @@ def _tensor_parallel_group(original):
     return original.__globals__["mpu"].get_tensor_model_parallel_group()
 
 
-def _vocab_parallel_entropy(a, original):
+def _vocab_parallel_entropy(a, original, dtype=None):
     """Entropy of [..., V/tp] logits over the whole vocabulary, in the logits' dtype as verl's."""
     logits = a["vocab_parallel_logits"]
-    group = _tensor_parallel_group(original)
-    return fused_rows(logits, None, return_entropy=True, process_group=group)[1].to(logits.dtype)
+    entropy = fused_rows(logits, None, return_entropy=True, process_group=_tensor_parallel_group(original))[1]
+    return entropy.to(dtype or logits.dtype)
 
 
 def _vocab_parallel_entropy_with_chunking(a, original):
     """verl's chunked form: [B, T, V/tp] logits (it slices [:, i:i + chunk, :]), float32 (verl fills a
     zeros buffer)."""
-    logits = a["vocab_parallel_logits"]
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+    if not isinstance(a["vocab_parallel_logits"], torch.Tensor) or a["vocab_parallel_logits"].dim() != 3:
         raise Fallback("verl's chunked vocab-parallel entropy takes [B, T, V/tp] logits")
-    return fused_rows(logits, None, return_entropy=True, process_group=_tensor_parallel_group(original))[1].to(
-        torch.get_default_dtype())
+    return _vocab_parallel_entropy(a, original, torch.get_default_dtype())
 
 
 def _vocab_parallel_log_probs(a, original):
