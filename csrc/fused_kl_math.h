@@ -1,4 +1,4 @@
-// Per-row math of the fused KL pass, shared by every C++ kernel (CPU now, CUDA later).
+// Per-row math of the fused KL pass, shared by every C++ kernel (CPU and CUDA).
 // Torch-free and host/device-inline so that plain nvcc can compile it with the device code.
 //
 // Notation: z = policy row, z' = reference row, T = temperature, inv_t = 1/T, y = label.
@@ -125,6 +125,78 @@ KL_HOST_DEVICE vec_t grad_weight(vec_t log_p, vec_t log_q, vec_t g_logp, vec_t g
   vec_t f = -g_logp - g_entropy * (log_p + entropy);
   if (use_ref) f = f + g_full * (log_p - log_q - kl);
   return f;
+}
+
+// ---- The KL estimator of one token (kl_kernels/estimators.py is the truth; this is its C++ form,
+// shared by the CPU and CUDA kernels, and the Triton helpers in kl_kernels/triton/fused_kl.py).
+// Kinds as estimators.ESTIMATOR_CODES. r = log(q/p) = ref_logp - logp, clamped first when a
+// log-ratio clamp is set (verl's low_var_kl); the kl clamp bounds the value (the sampled estimators'
+// gradient is 0 where it bites; `full`'s follows torch.clamp: 0 strictly outside the bounds).
+enum EstimatorKind : int64_t { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3, kFull = 4 };
+
+template <typename acc_t>
+struct EstimatorSpec {
+  int64_t kind;
+  bool straight_through;  // the "+" forms: the value of `kind`, the gradient of unclamped k2
+  acc_t log_ratio_clamp, kl_clamp;  // +inf: none
+};
+
+// value, and its derivative by logp (sampled estimators) or by the exact KL (`full`)
+template <typename acc_t>
+struct Estimate {
+  acc_t value, slope;
+};
+
+// clamp that keeps NaN (std::min / std::max would not), with torch.clamp's inclusive gradient mask
+template <typename acc_t>
+KL_HOST_DEVICE acc_t clamp_keep_nan(acc_t x, acc_t bound) {
+  return x < -bound ? -bound : x > bound ? bound : x;
+}
+
+template <typename acc_t>
+KL_HOST_DEVICE Estimate<acc_t> estimate(const EstimatorSpec<acc_t>& e, acc_t logp, acc_t ref_logp, acc_t full) {
+  const acc_t inf = INFINITY;
+  Estimate<acc_t> out;
+  if (e.kind == kFull) {
+    out = {full, acc_t(1)};
+  } else if (e.kind == kK1 && e.log_ratio_clamp == inf) {
+    out = {logp - ref_logp, acc_t(1)};  // one subtraction, not a negated reverse ratio (as estimators.py)
+  } else {
+    acc_t r = ref_logp - logp;  // d r / d logp = -1, or 0 where the log-ratio clamp holds it (a select:
+    bool held = false;          // torch.clamp's gradient is 0 there even when the slope is NaN)
+    if (e.log_ratio_clamp != inf) {
+      held = !(r >= -e.log_ratio_clamp && r <= e.log_ratio_clamp);
+      r = clamp_keep_nan(r, e.log_ratio_clamp);
+    }
+    switch (e.kind) {
+      case kK1: out = {-r, acc_t(1)}; break;
+      case kAbs: out = {std::fabs(r), r > 0 ? acc_t(-1) : r < 0 ? acc_t(1) : acc_t(0)}; break;  // torch: sgn(NaN) = 0
+      case kK2: out = {acc_t(0.5) * r * r, -r}; break;
+      default:  // k3 = e^r - r - 1, via expm1 for the digits that cancel; +inf at r = +inf (slope 0: a constant)
+        out = r == inf ? Estimate<acc_t>{inf, acc_t(0)} : Estimate<acc_t>{std::expm1(r) - r, -std::expm1(r)};
+    }
+    if (held) out.slope = 0;
+  }
+  if (e.kl_clamp != inf) {
+    const bool inside = out.value >= -e.kl_clamp && out.value <= e.kl_clamp;
+    // a sampled estimator is bounded where it bites (strictly outside) and keeps NaN; `full` is torch.clamp
+    if (e.kind == kFull ? !inside : (out.value > e.kl_clamp || out.value < -e.kl_clamp)) out.slope = 0;
+    out.value = clamp_keep_nan(out.value, e.kl_clamp);
+  }
+  if (e.straight_through) out.slope = logp - ref_logp;
+  return out;
+}
+
+// The gradient a token's kl receives from kl, penalty, kl_sum and kl_mean, times the estimator's
+// slope; 0 (not 0 * inf) where nothing flows, as autograd's select would give.
+template <typename acc_t>
+KL_HOST_DEVICE acc_t kl_upstream(acc_t g_kl, acc_t g_penalty, acc_t kl_coef, acc_t g_sum, acc_t g_mean, acc_t count) {
+  return g_kl - kl_coef * g_penalty + g_sum + g_mean / (count > acc_t(1) ? count : acc_t(1));
+}
+
+template <typename acc_t>
+KL_HOST_DEVICE acc_t times_slope(acc_t upstream, acc_t slope) {
+  return upstream == acc_t(0) ? acc_t(0) : upstream * slope;
 }
 
 }  // namespace kl_kernels

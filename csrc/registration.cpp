@@ -73,4 +73,30 @@ TORCH_LIBRARY(kl_kernels, m) {
       "Tensor labels, Tensor? ref_logits, Tensor? temperature, float scalar_temperature, "
       "int ignore_index, int vocab_start, int vocab_size, Tensor lse, Tensor? ref_lse, Tensor? entropy, "
       "Tensor? full_kl) -> ()");
+  // kl_penalty in one op (docs/contract.md section 2): the row pass, then the estimator (a code of
+  // estimators.ESTIMATOR_CODES; clamps None when unset), masks (mask: nonzero = valid), penalty
+  // -kl_coef * kl (kl_coef: a 0-dim tensor, or None and then scalar_kl_coef) and per-sequence sums:
+  // padded: sequence b is row b of [B, T]; else cu_seqlens [S+1] (None: one sequence of all rows).
+  // Exactly one of ref_logits / ref_logprobs. Outputs [N] (logp .. penalty), [S] (kl_sum .. counts:
+  // valid rows per sequence), [N] int32 sequence (each row's, -1 outside all), then [N] entropy,
+  // full_kl, lse, ref_lse as fused_kl_fwd. counts and sequence are for the backward.
+  m.def(
+      "kl_penalty_fwd(Tensor logits, Tensor labels, Tensor? ref_logits, Tensor? ref_logprobs, Tensor? mask, "
+      "Tensor? cu_seqlens, Tensor? temperature, float scalar_temperature, int ignore_index, int estimator, "
+      "bool straight_through, float? log_ratio_clamp, float? kl_clamp, Tensor? kl_coef, float scalar_kl_coef, "
+      "bool padded, bool need_entropy) -> (Tensor logp, Tensor ref_logp, Tensor kl, Tensor penalty, "
+      "Tensor kl_sum, Tensor kl_mean, Tensor counts, Tensor sequence, Tensor entropy, Tensor full_kl, Tensor lse, "
+      "Tensor ref_lse)");
+  // its backward, one op: the upstream gradients of logprobs, kl, penalty, kl_sum, kl_mean and
+  // entropy (None where nothing flows) -> the logits' gradient, from what the forward returned
+#define KL_PENALTY_BWD_SCHEMA(name, logits)                                                                     \
+  name "(Tensor? grad_logp, Tensor? grad_kl, Tensor? grad_penalty, Tensor? grad_kl_sum, Tensor? grad_kl_mean, " \
+       "Tensor? grad_entropy, " logits ", Tensor labels, Tensor? ref_logits, Tensor? mask, Tensor? temperature, " \
+       "float scalar_temperature, int ignore_index, int estimator, bool straight_through, "                        \
+       "float? log_ratio_clamp, float? kl_clamp, Tensor? kl_coef, float scalar_kl_coef, Tensor logp, "             \
+       "Tensor ref_logp, Tensor counts, Tensor sequence, Tensor lse, Tensor? ref_lse, Tensor? entropy, "           \
+       "Tensor? full_kl)"
+  m.def(KL_PENALTY_BWD_SCHEMA("kl_penalty_bwd", "Tensor logits") " -> Tensor");
+  m.def(KL_PENALTY_BWD_SCHEMA("kl_penalty_bwd_", "Tensor(a!) logits") " -> ()");
+#undef KL_PENALTY_BWD_SCHEMA
 }

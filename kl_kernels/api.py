@@ -1,9 +1,11 @@
 """Public entry points of the fused pass: token_logprobs and kl_penalty (docs/contract.md sections 1-2).
 
-Each validates its inputs before any work, picks a backend (dispatch.py), runs that backend's
-fused pass over the logits through one autograd Function (ops.py), and finishes with O(N)
-elementwise work shared by every backend: the estimator (estimators.py), the masks and the
-per-sequence sums.
+Each validates its inputs before any work, picks a backend (dispatch.py) and runs that backend's
+fused pass over the logits through one autograd Function (ops.py). kl_penalty on a kernel backend
+(cpu, triton, cuda) is one op each way: the kernels compute the estimator, masks, penalty and
+per-sequence sums too (dispatch.OnePass). Otherwise (the reference backend, a tensor-parallel call
+whose row statistics are merged across ranks first, the hidden-state functions) the row pass is
+followed by _penalty_outputs: the same estimator in PyTorch ops (estimators.py, the truth).
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import torch
 
 from . import sharding
 from . import validation as check
-from .dispatch import PassArgs, select_backend
+from .dispatch import PassArgs, PenaltyArgs, select_backend
 from .estimators import estimate, parse_estimator
-from .ops import FusedKLFunction
+from .ops import FusedKLFunction, FusedPenaltyFunction
 from .reference import compute_dtype
 
 
@@ -122,7 +124,7 @@ def _sequence_sums(values, layout, offsets):
 class _PenaltyPlan(NamedTuple):
     """What kl_penalty and linear_kl_penalty decide before the fused pass, from checked arguments."""
     layout: str  # "padded" ([B, T] labels) or "packed" ([N] labels)
-    offsets: torch.Tensor | None  # packed: sequence boundaries [B+1], clamped into range
+    cu_seqlens: torch.Tensor | None  # packed: as given (None: one sequence); see _offsets
     estimator: object  # estimators.Estimator
     temperature: object  # float, or [N] tensor in the compute dtype
     ignore_index: int
@@ -172,20 +174,26 @@ def _plan_penalty(labels, device, dtype, *, source, ref_logprobs, mask, cu_seqle
     ignore_index = check.ignore_index(ignore_index)
 
     per_sequence = None
-    if layout == "padded":
-        offsets = None
-    elif cu_seqlens is None:
-        offsets = torch.tensor([0, n_tokens], dtype=torch.int64, device=device)
-    else:
+    if layout == "packed" and cu_seqlens is not None:
         n_seqs = cu_seqlens.numel() - 1
         if validate:
             check.cu_seqlens_values(cu_seqlens, n_tokens)
-        # made monotone and in range even without validate: no kernel may read out of bounds
-        offsets = cu_seqlens.to(torch.int64).clamp(0, n_tokens).cummax(0).values
-        positions = lambda: torch.arange(n_tokens, device=device)  # noqa: E731
-        per_sequence = (n_seqs, lambda: torch.searchsorted(offsets[1:], positions(), right=True).clamp_(max=max(n_seqs - 1, 0)))
+
+        def sequence_of_token():
+            offsets = _offsets(cu_seqlens, n_tokens, device)
+            positions = torch.arange(n_tokens, device=device)
+            return torch.searchsorted(offsets[1:], positions, right=True).clamp_(max=max(n_seqs - 1, 0))
+        per_sequence = (n_seqs, sequence_of_token)
     temp = _temperature(temperature, labels.shape, device, dtype, validate, per_sequence)
-    return _PenaltyPlan(layout, offsets, est, temp, ignore_index, dtype)
+    return _PenaltyPlan(layout, cu_seqlens if layout == "packed" else None, est, temp, ignore_index, dtype)
+
+
+def _offsets(cu_seqlens, n_tokens, device):
+    """Packed sequence boundaries [S+1]: cu_seqlens made monotone and clamped into [0, N] even
+    without validate (no kernel may read out of bounds; the one-pass kernels do the same)."""
+    if cu_seqlens is None:
+        return torch.tensor([0, n_tokens], dtype=torch.int64, device=device)
+    return cu_seqlens.to(torch.int64).clamp(0, n_tokens).cummax(0).values
 
 
 def _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy, full_kl, ref_logprobs, mask, kl_coef):
@@ -207,8 +215,9 @@ def _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy, full_kl
         kl_seq, valid_seq = kl.view(shape), valid.view(shape).to(dtype)
     else:
         kl_seq, valid_seq = kl, valid.to(dtype)
-    kl_sum = _sequence_sums(kl_seq, plan.layout, plan.offsets)
-    counts = _sequence_sums(valid_seq, plan.layout, plan.offsets)
+    offsets = None if plan.layout == "padded" else _offsets(plan.cu_seqlens, flat_labels.numel(), device)
+    kl_sum = _sequence_sums(kl_seq, plan.layout, offsets)
+    counts = _sequence_sums(valid_seq, plan.layout, offsets)
     # a sequence with no valid token has kl_sum exactly 0 (selected), so 0 / 1 = 0: no select needed
     kl_mean = kl_sum / counts.clamp(min=1)
     coef = kl_coef.to(device=device, dtype=dtype) if isinstance(kl_coef, torch.Tensor) else float(kl_coef)
@@ -246,6 +255,17 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
     rows = _as_rows(logits)
     args = PassArgs(rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
                     plan.ignore_index, shard)
+    if shard.group is None and chosen.one_pass(logits.device):
+        # the whole penalty in the backend's ops: one forward op, one backward op
+        coef = kl_coef.to(device=logits.device, dtype=plan.dtype) if isinstance(kl_coef, torch.Tensor) else None
+        penalty = PenaltyArgs(plan.estimator, None if ref_logprobs is None else ref_logprobs.detach().reshape(-1),
+                              None if mask is None else mask.reshape(-1), plan.layout == "padded", plan.cu_seqlens,
+                              float(kl_coef) if coef is None else coef)
+        outputs = FusedPenaltyFunction.apply(chosen.impl, rows, coef, args, penalty, bool(return_entropy),
+                                             bool(inplace_backward))
+        shape = labels.shape
+        return KLPenaltyOutput(*(t.view(shape) for t in outputs[:4]), *outputs[4:6],
+                               outputs[6].view(shape) if return_entropy else None)
     logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
         chosen.impl, rows, args, bool(return_entropy), plan.estimator.name == "full", bool(inplace_backward))
     return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,

@@ -53,6 +53,43 @@ class RowGrads(NamedTuple):
     full_kl: Optional[torch.Tensor]
 
 
+class PenaltyArgs(NamedTuple):
+    """What kl_penalty's one-pass ops read besides PassArgs (never sharded: a tensor-parallel call
+    merges the rows' statistics across ranks first, then runs api.py's epilogue)."""
+    estimator: object  # estimators.Estimator (name, straight_through, log_ratio_clamp, kl_clamp)
+    ref_logprobs: Optional[torch.Tensor]  # [N] given reference log-probs (any floating dtype), when no ref_logits
+    mask: Optional[torch.Tensor]  # [N] any real dtype, nonzero = valid, or None
+    padded: bool  # sequences are the B rows of [B, T, V]; else cu_seqlens
+    cu_seqlens: Optional[torch.Tensor]  # packed: [S+1] as the caller gave it (the kernels clamp it); None: one sequence
+    kl_coef: Union[float, torch.Tensor]  # a float or a 0-dim tensor
+
+
+class PenaltyStats(NamedTuple):
+    """What the one-pass forward returns: kl_penalty's outputs ([N] and [S]) and what its backward reads."""
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    kl: torch.Tensor
+    penalty: torch.Tensor
+    kl_sum: torch.Tensor
+    kl_mean: torch.Tensor
+    counts: torch.Tensor  # [S] valid rows per sequence, in the compute dtype
+    sequence: torch.Tensor  # [N] int32: each row's sequence, -1 outside every one (packed, validate=False)
+    entropy: Optional[torch.Tensor]
+    full_kl: Optional[torch.Tensor]
+    lse: torch.Tensor
+    ref_lse: Optional[torch.Tensor]
+
+
+class PenaltyGrads(NamedTuple):
+    """Upstream gradients of kl_penalty's six differentiable outputs, None where nothing flows."""
+    logp: Optional[torch.Tensor]
+    kl: Optional[torch.Tensor]
+    penalty: Optional[torch.Tensor]
+    kl_sum: Optional[torch.Tensor]
+    kl_mean: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
+
+
 @runtime_checkable
 class FusedPass(Protocol):
     """What a backend implements (reference.py in PyTorch; ops.op_backend over the C++ and Triton ops)."""
@@ -63,6 +100,22 @@ class FusedPass(Protocol):
     def fused_kl_bwd(self, args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
         """The logits' gradient in their dtype (written into args.logits when inplace), from the
         statistics the forward saved (for a shard: the merged ones of the whole vocabulary)."""
+
+
+@runtime_checkable
+class OnePass(FusedPass, Protocol):
+    """A backend that also runs all of kl_penalty in its kernels: at most two launches each way
+    (the row pass with the estimator as its epilogue, and the per-sequence sums)."""
+
+    def serves_one_pass(self, device: torch.device) -> bool:
+        """Whether the one-pass ops are built for this device."""
+
+    def kl_penalty_fwd(self, args: PassArgs, penalty: PenaltyArgs, need_entropy: bool) -> PenaltyStats:
+        """The row pass, the estimator, masks, penalty and per-sequence sums."""
+
+    def kl_penalty_bwd(self, args: PassArgs, penalty: PenaltyArgs, stats: PenaltyStats, grads: PenaltyGrads,
+                       inplace: bool) -> torch.Tensor:
+        """The logits' gradient from the six outputs' upstream gradients, one more pass."""
 
 
 def _load_reference():
@@ -140,6 +193,11 @@ class Backend:
     @property
     def unavailable_reason(self) -> str | None:
         return self._loaded[1]
+
+    def one_pass(self, device: torch.device) -> bool:
+        """Whether it runs all of kl_penalty in its own ops on this device (dispatch.OnePass)."""
+        serves = getattr(self.impl, "serves_one_pass", None)
+        return serves is not None and serves(device)
 
     def not_supported_reasons(self, device: torch.device, dtypes) -> list[str]:
         reasons = []

@@ -15,6 +15,9 @@ _SAMPLED = {"k1": ("k1", "kl"), "abs": ("abs",), "k2": ("k2", "mse"), "k3": ("k3
 _ALIASES = {alias: name for name, aliases in _SAMPLED.items() for alias in aliases}
 ESTIMATOR_NAMES = tuple(sorted([*_ALIASES, "full", *(alias + "+" for alias in _ALIASES)]))
 
+# the kernels' estimator codes (csrc/fused_kl_math.h EstimatorKind, the Triton kernels' ESTIMATOR)
+ESTIMATOR_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3, "full": 4}
+
 # verl's low_var_kl clamps, used for whichever clamp the caller leaves None
 LOW_VAR_KL_LOG_RATIO_CLAMP = 20.0
 LOW_VAR_KL_CLAMP = 10.0

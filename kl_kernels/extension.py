@@ -13,7 +13,7 @@ import importlib.util
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers the schemas, and the CUDA kernels)
-from .ops import op_backend, register_fakes
+from .ops import op_backend, penalty_op_backend, register_fakes
 
 register_fakes()
 
@@ -56,3 +56,16 @@ def unavailable_reason(dispatch_key: str) -> str | None:
 
 fused_kl_fwd, fused_kl_bwd = op_backend(torch.ops.kl_kernels.fused_kl_fwd, torch.ops.kl_kernels.fused_kl_bwd,
                                        torch.ops.kl_kernels.fused_kl_bwd_)
+kl_penalty_fwd, kl_penalty_bwd = penalty_op_backend(torch.ops.kl_kernels.kl_penalty_fwd,
+                                                    torch.ops.kl_kernels.kl_penalty_bwd,
+                                                    torch.ops.kl_kernels.kl_penalty_bwd_)
+_ONE_PASS_OPS = ("kl_penalty_fwd", "kl_penalty_bwd", "kl_penalty_bwd_")
+
+
+# device type -> whether kl_penalty's one-pass ops have kernels for it (CPU always; CUDA when built)
+_ONE_PASS = {device: all(torch._C._dispatch_has_kernel_for_dispatch_key(f"kl_kernels::{op}", key) for op in _ONE_PASS_OPS)
+             for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def serves_one_pass(device: torch.device) -> bool:
+    return _ONE_PASS.get(device.type, False)

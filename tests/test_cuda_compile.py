@@ -1,6 +1,7 @@
 """The CUDA device code compiles with plain nvcc for sm_80 and sm_90, under the flags torch's
 extension builds add (no implicit half/bfloat16 conversions or operators). Runs without a GPU;
 the kernels' results are checked on a GPU by the suite's cuda backend tests."""
+import glob
 import os
 import shutil
 import subprocess
@@ -39,3 +40,21 @@ def test_device_code_compiles_with_plain_nvcc(tmp_path, arch):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "instantiate.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
+def test_torch_glue_compiles_against_this_torch(tmp_path):
+    """csrc/cuda/*.cu (argument checks, outputs, launches) compiled, not linked, against the installed
+    torch's headers: the glue's C++ is checked without a CUDA build of torch. A CPU wheel lacks one
+    generated header of c10/cuda (build macros); a stand-in defines the shared-library build."""
+    from torch.utils.cpp_extension import include_paths
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [flag for path in include_paths() for flag in ("-I", path)]
+    for source in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))):
+        command = [find_nvcc(), "-std=c++17", "-O0", "-arch=sm_90", *TORCH_NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=_C",
+                   *includes, "-Xcompiler", f"-idirafter{tmp_path / 'stub'}", "-I", os.path.abspath(CSRC), "-c", source,
+                   "-o", str(tmp_path / "glue.o")]
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]

@@ -7,6 +7,7 @@ import torch
 import kl_kernels
 
 import truth
+from conftest import BACKENDS_UNDER_TEST, GPU_BACKENDS
 
 NAMES = ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "kl+", "abs+", "k2+", "mse+", "k3+", "low_var_kl+"]
 
@@ -73,3 +74,59 @@ def test_bad_input(kwargs, error, words):
         kl_kernels.kl_from_logprobs(torch.zeros(3), torch.zeros(4), estimator="k1")
     with pytest.raises(TypeError, match="logprobs"):
         kl_kernels.kl_from_logprobs(torch.zeros(3, dtype=torch.long), torch.zeros(3), estimator="k1")
+
+
+# ---- The kernels' estimator (csrc/fused_kl_math.h for cpu and cuda, _estimate in the Triton kernels)
+# against estimators.py in float64, at chosen log-ratios r = log(q/p): zero, tiny, the clamps'
+# bounds exactly, beyond them, where k3's exp overflows in float32, +-inf and NaN. Value and slope
+# depend on r alone, so each is read from a row where r is exact: the value from a row whose label
+# log-prob is exactly 0 (one finite logit) with ref_logprobs = r; the slope d kl / d logp from the
+# one-pass backward op, given logp and ref_logp directly, on a two-column row of equal logits
+# (p = 1/2 each): the gradient at the other column is -slope / 2 (at the label column an infinite
+# slope meets its own -p term: inf - inf).
+
+ONE_PASS_OPS = {"cpu": ("kl_penalty_fwd", "kl_penalty_bwd"), "cuda": ("kl_penalty_fwd", "kl_penalty_bwd"),
+                "triton": ("triton_kl_penalty_fwd", "triton_kl_penalty_bwd")}
+LOG_RATIOS = [0.0, 1e-8, -1e-8, 0.5, -0.5, 3.0, -7.25, 19.5, 20.0, -20.0, 20.5, 30.0, 88.75, 100.0,
+              math.inf, -math.inf, math.nan]
+CLAMPS = [(None, None), (20.0, None), (None, 10.0), (20.0, 10.0)]
+
+
+def _kernel_value_and_slope(backend, estimator, clamps, r):
+    from kl_kernels.estimators import ESTIMATOR_CODES, parse_estimator
+    fwd, bwd = (getattr(torch.ops.kl_kernels, name) for name in ONE_PASS_OPS[backend])
+    est = parse_estimator(estimator, *clamps)
+    n = r.numel()
+    spec = (ESTIMATOR_CODES[est.name], est.straight_through, est.log_ratio_clamp, est.kl_clamp)
+    logits = torch.full((1, n, 3), -math.inf)
+    logits[..., 0] = 1.5  # log p(label 0) = 0 exactly
+    labels = torch.zeros(n, dtype=torch.long)
+    out = fwd(logits, labels, None, r, None, None, None, 1.0, -100, *spec, None, 0.1, True, False)
+    value = out[2]
+    logp = torch.full((n,), -2.0)
+    grad = bwd(None, torch.ones(n), None, None, None, None, torch.zeros(1, n, 2), labels, None, None, None, 1.0,
+               -100, *spec, None, 0.1, logp, logp + r, torch.ones(1), torch.zeros(n, dtype=torch.int32),
+               torch.full((n,), math.log(2.0)), None, None, None)
+    return value, -2 * grad[0, :, 1], logp
+
+
+@pytest.mark.parametrize("backend", [name for name in ONE_PASS_OPS if name in BACKENDS_UNDER_TEST])
+@pytest.mark.parametrize("estimator", NAMES)
+@pytest.mark.parametrize("clamps", CLAMPS)
+def test_kernel_estimators_match_estimators_py(backend, estimator, clamps):
+    from kl_kernels.estimators import estimate, parse_estimator
+    on_gpu = backend in GPU_BACKENDS and torch.cuda.is_available()  # else triton runs interpreted on CPU tensors
+    with torch.device("cuda" if on_gpu else "cpu"):
+        r = torch.tensor(LOG_RATIOS, dtype=torch.float32)
+        value, slope, logp = _kernel_value_and_slope(backend, estimator, clamps, r)
+    r, value, slope, logp = r.cpu(), value.cpu(), slope.cpu(), logp.cpu()
+    est = parse_estimator(estimator, *clamps)
+    # the truth in float64 from the same float32 inputs, rounded to float32 (an overflow is inf there too)
+    lp = torch.zeros(r.numel(), dtype=torch.float64, requires_grad=True)
+    want = estimate(est, lp, r.double())
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(value, want.detach().float(), rtol=4e-6, atol=1e-12, equal_nan=True)
+    lp = logp.double().requires_grad_(True)
+    slope_want = torch.autograd.grad(estimate(est, lp, (logp + r).double()).sum(), lp)[0].float()
+    # the float64 autograd truth writes e^r - 1 as (e^r) - 1: nothing lost beyond float32 rounding
+    torch.testing.assert_close(slope, slope_want, rtol=4e-6, atol=1e-12, equal_nan=True)

@@ -44,18 +44,24 @@ SCRIPT = textwrap.dedent("""
                                         temperature=temperature, validate=False, backend="triton")
             return out.kl_mean, out.entropy
 
-        def backward(z, zr, y, g):
+        counts, sequence = torch.ones(2, device="cuda"), torch.zeros(14, dtype=torch.int32, device="cuda")
+
+        def backward(z, zr, y, g, counts, sequence):
             f = torch.ops.kl_kernels.triton_fused_kl_fwd(z, y.view(-1), zr, None, 1.0, -100, 0, 50, True, True)
             logp, _, entropy, full, lse, ref_lse = f
             grad = torch.ops.kl_kernels.triton_fused_kl_bwd(g, g, g, z, y.view(-1), zr, None, 1.0, -100, 0, 50, lse, ref_lse,
                                                             entropy, full)
+            # kl_penalty's one-pass backward (k3 with a mask): still only its gradient is written
+            grad_penalty = torch.ops.kl_kernels.triton_kl_penalty_bwd(
+                g, g, g, None, counts, None, z, y.view(-1), zr, g, None, 1.0, -100, 3, False, 20.0, 10.0, None, 0.1,
+                logp, logp, counts, sequence, lse, ref_lse, None, None)
             z2 = z.clone()
             torch.ops.kl_kernels.triton_fused_kl_bwd_(g, None, None, z2, y.view(-1), None, None, 1.0, -100, 0, 50, lse, None,
                                                       None, None)
-            return grad, z2
+            return grad, grad_penalty, z2
 
         aot_function(forward, fw_compiler=capture)(z, zr, y, mask, temperature)
-        aot_function(backward, fw_compiler=capture)(z, zr, y, g)
+        aot_function(backward, fw_compiler=capture)(z, zr, y, g, counts, sequence)
     for code in graphs:
         for line in code.splitlines():
             if "triton_kernel_wrapper_functional(" in line:
@@ -71,9 +77,13 @@ def test_triton_ops_lower_without_cloning_the_logits():
     assert result.returncode == 0, result.stderr[-4000:]
     launches = [line.split(" ", 3)[-1] for line in result.stdout.strip().splitlines()]
     outputs = ["'logp_ptr'", "'ref_logp_ptr'", "'entropy_ptr'", "'full_kl_ptr'", "'lse_ptr'", "'ref_lse_ptr'"]
+    sums = ["'kl_sum_ptr'", "'kl_mean_ptr'", "'counts_ptr'", "'sequence_ptr'"]
     assert launches == [
-        f"[{', '.join(outputs)}]",  # kl_penalty's forward
+        # kl_penalty's forward: two launches, the rows (with kl and penalty) and the per-sequence sums
+        f"[{', '.join(outputs + [repr('kl_ptr'), repr('penalty_ptr')])}]",
+        f"[{', '.join(sums)}]",
         f"[{', '.join(outputs)}]",  # the forward op
         "['grad_ptr']",  # the backward writes only its fresh gradient
+        "['grad_ptr']",  # so does kl_penalty's one-pass backward
         "['grad_ptr']",  # the in-place backward: grad_ptr is the logits themselves (declared mutated by the op)
     ], result.stdout

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -411,12 +412,222 @@ void fused_kl_bwd_inplace_cpu(const std::optional<Tensor>& grad_logp, const std:
                     logits);
 }
 
+// ---- kl_penalty in one op: the row pass above, then the estimator, masks, penalty and per-sequence
+// sums over its [N] statistics, and in the backward the chain from all six outputs back to the rows'
+// upstream gradients before the row pass. The O(N) loops cost nothing next to the [N, V] pass, but on
+// a GPU each would be a launch, and here each was an ATen op with its own [N] temporaries.
+
+// The rows of each sequence: padded [B, T] (sequence b is rows b*T ... b*T + T - 1), or packed
+// cu_seqlens as given, clamped into [0, N] and made non-decreasing here (validate=False must not
+// read out of bounds); packed without cu_seqlens is one sequence of all N rows.
+std::vector<int64_t> sequence_bounds(bool padded, int64_t B, int64_t T, const std::optional<Tensor>& cu_seqlens) {
+  const int64_t N = B * T;
+  std::vector<int64_t> bounds;
+  if (padded) {
+    for (int64_t b = 0; b <= B; ++b) bounds.push_back(b * T);
+  } else if (!cu_seqlens.has_value()) {
+    bounds = {0, N};
+  } else {
+    KL_CHECK_ARG(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1, "cu_seqlens", "must be 1-D [S+1], got ",
+                 cu_seqlens->sizes());
+    const Tensor cu = cu_seqlens->to(at::kLong).contiguous();
+    const int64_t* c = cu.data_ptr<int64_t>();
+    int64_t running = 0;
+    for (int64_t i = 0; i < cu.numel(); ++i) bounds.push_back(running = std::max(running, std::clamp(c[i], int64_t(0), N)));
+  }
+  return bounds;
+}
+
+// nonzero = valid, as a bool per row (a mask may have any real dtype); empty when there is no mask
+Tensor valid_rows(const std::optional<Tensor>& mask, int64_t N) {
+  if (!mask.has_value()) return Tensor();
+  KL_CHECK_ARG(mask->numel() == N, "mask", "must have one value per row (", N, "), got ", mask->sizes());
+  return mask->ne(0).reshape({N}).contiguous();
+}
+
+template <typename acc_t>
+EstimatorSpec<acc_t> estimator_spec(int64_t estimator, bool straight_through, std::optional<double> log_ratio_clamp,
+                                    std::optional<double> kl_clamp) {
+  KL_CHECK_ARG(estimator >= kK1 && estimator <= kFull, "estimator", "must be a code 0-4 (estimators.py), got ", estimator);
+  const acc_t none = std::numeric_limits<acc_t>::infinity();
+  return {estimator, straight_through, log_ratio_clamp ? acc_t(*log_ratio_clamp) : none,
+          kl_clamp ? acc_t(*kl_clamp) : none};
+}
+
+template <typename acc_t>
+acc_t coefficient(const std::optional<Tensor>& kl_coef, double scalar_kl_coef) {
+  return kl_coef.has_value() ? kl_coef->to(c10::CppTypeToScalarType<acc_t>::value).template item<acc_t>()
+                             : static_cast<acc_t>(scalar_kl_coef);
+}
+
+using PenaltyOutputs =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+PenaltyOutputs kl_penalty_fwd_cpu(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+                                  const std::optional<Tensor>& ref_logprobs, const std::optional<Tensor>& mask,
+                                  const std::optional<Tensor>& cu_seqlens, const std::optional<Tensor>& temperature,
+                                  double scalar_temperature, int64_t ignore_index, int64_t estimator,
+                                  bool straight_through, std::optional<double> log_ratio_clamp,
+                                  std::optional<double> kl_clamp, const std::optional<Tensor>& kl_coef,
+                                  double scalar_kl_coef, bool padded, bool need_entropy) {
+  const bool full = estimator == kFull;
+  KL_CHECK_ARG(ref_logits.has_value() != ref_logprobs.has_value(), "ref_logits", "or ref_logprobs: exactly one is needed");
+  auto [logp, ref_logp, ent, full_kl, lse, ref_lse] = fused_kl_fwd_cpu(
+      logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, 0, logits.size(2), need_entropy, full);
+  const int64_t B = logits.size(0), T = logits.size(1), N = B * T;
+  const std::vector<int64_t> bounds = sequence_bounds(padded, B, T, cu_seqlens);
+  const int64_t S = static_cast<int64_t>(bounds.size()) - 1;
+  KL_CHECK_ARG(S < (int64_t(1) << 31), "cu_seqlens", "may hold at most 2^31 - 1 sequences");
+  const Tensor valid = valid_rows(mask, N);
+  const auto options = logp.options();
+  if (ref_logprobs.has_value()) ref_logp = at::empty({N}, options);
+  Tensor kl = at::empty({N}, options), penalty = at::empty({N}, options), kl_sum = at::empty({S}, options),
+         kl_mean = at::empty({S}, options), counts = at::empty({S}, options),
+         sequence = at::empty({N}, options.dtype(at::kInt));
+  int32_t* seq = sequence.data_ptr<int32_t>();
+  std::fill(seq, seq + N, -1);  // rows outside every sequence (packed, validate=False) stay -1
+  AT_DISPATCH_FLOATING_TYPES(logp.scalar_type(), "kl_penalty_fwd_cpu", [&] {
+    using acc_t = scalar_t;
+    const EstimatorSpec<acc_t> spec = estimator_spec<acc_t>(estimator, straight_through, log_ratio_clamp, kl_clamp);
+    const acc_t coef = coefficient<acc_t>(kl_coef, scalar_kl_coef);
+    Tensor given_holder;
+    const acc_t* given = per_row<acc_t>(ref_logprobs, given_holder, N, logp.scalar_type(), "ref_logprobs");
+    const int64_t* y = labels.data_ptr<int64_t>();
+    const bool* ok = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+    const acc_t* lp = logp.data_ptr<acc_t>();
+    acc_t* rlp = ref_logp.data_ptr<acc_t>();
+    const acc_t* fk = full ? full_kl.data_ptr<acc_t>() : nullptr;
+    acc_t *k = kl.data_ptr<acc_t>(), *pen = penalty.data_ptr<acc_t>();
+    at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const bool labelled = y[n] != ignore_index;
+        if (given) rlp[n] = labelled ? given[n] : acc_t(0);
+        // select, never multiply: a masked row's NaN or infinite log-ratio reaches no output
+        const bool use = labelled && (!ok || ok[n]);
+        k[n] = use ? estimate(spec, lp[n], rlp[n], fk ? fk[n] : acc_t(0)).value : acc_t(0);
+        pen[n] = -coef * k[n];
+      }
+    });
+    acc_t *sum = kl_sum.data_ptr<acc_t>(), *mean = kl_mean.data_ptr<acc_t>(), *cnt = counts.data_ptr<acc_t>();
+    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        double total = 0;  // in row order, in double: deterministic, and no drift over long sequences
+        int64_t used = 0;
+        for (int64_t n = bounds[s]; n < bounds[s + 1]; ++n) {
+          seq[n] = static_cast<int32_t>(s);
+          total += static_cast<double>(k[n]);
+          used += y[n] != ignore_index && (!ok || ok[n]);
+        }
+        sum[s] = static_cast<acc_t>(total);
+        cnt[s] = static_cast<acc_t>(used);
+        mean[s] = sum[s] / std::max(cnt[s], acc_t(1));  // a sequence with no valid row: 0 / 1
+      }
+    });
+  });
+  return {logp, ref_logp, kl, penalty, kl_sum, kl_mean, counts, sequence, ent, full_kl, lse, ref_lse};
+}
+
+// The rows' upstream gradients (of logp and, for `full`, of the exact KL) from those of the six
+// outputs, then the row backward.
+void kl_penalty_bwd_into(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_kl,
+                         const std::optional<Tensor>& grad_penalty, const std::optional<Tensor>& grad_kl_sum,
+                         const std::optional<Tensor>& grad_kl_mean, const std::optional<Tensor>& grad_entropy,
+                         const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+                         const std::optional<Tensor>& mask, const std::optional<Tensor>& temperature,
+                         double scalar_temperature, int64_t ignore_index, int64_t estimator, bool straight_through,
+                         std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,
+                         const std::optional<Tensor>& kl_coef, double scalar_kl_coef, const Tensor& logp,
+                         const Tensor& ref_logp, const Tensor& counts, const Tensor& sequence,
+                         const Tensor& lse, const std::optional<Tensor>& ref_lse,
+                         const std::optional<Tensor>& entropy_out, const std::optional<Tensor>& full_out,
+                         Tensor& grad) {
+  check_rows(logits, "logits");
+  const int64_t B = logits.size(0), T = logits.size(1), N = B * T;
+  check_labels(labels, N);
+  const bool full = estimator == kFull;
+  const int64_t S = counts.numel();
+  KL_CHECK_ARG(sequence.scalar_type() == at::kInt && sequence.is_contiguous() && sequence.numel() == N, "sequence",
+               "must be the forward's contiguous int32 [", N, "] sequence ids");
+  const Tensor valid = valid_rows(mask, N);
+  const bool through_kl = grad_kl || grad_penalty || grad_kl_sum || grad_kl_mean;
+  const at::ScalarType acc = logp.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES(acc, "kl_penalty_bwd_cpu", [&] {
+    using acc_t = scalar_t;
+    const EstimatorSpec<acc_t> spec = estimator_spec<acc_t>(estimator, straight_through, log_ratio_clamp, kl_clamp);
+    const acc_t coef = through_kl && grad_penalty ? coefficient<acc_t>(kl_coef, scalar_kl_coef) : acc_t(0);
+    Tensor h[6];
+    const acc_t* gl = per_row<acc_t>(grad_logp, h[0], N, acc, "grad_logp");
+    const acc_t* gk = per_row<acc_t>(grad_kl, h[1], N, acc, "grad_kl");
+    const acc_t* gp = per_row<acc_t>(grad_penalty, h[2], N, acc, "grad_penalty");
+    const acc_t* gs = per_row<acc_t>(grad_kl_sum, h[3], S, acc, "grad_kl_sum");
+    const acc_t* gm = per_row<acc_t>(grad_kl_mean, h[4], S, acc, "grad_kl_mean");
+    const acc_t* fk = full ? per_row<acc_t>(full_out, h[5], N, acc, "full_kl") : nullptr;
+    const acc_t *lp = logp.data_ptr<acc_t>(), *rlp = ref_logp.data_ptr<acc_t>(), *cnt = counts.data_ptr<acc_t>();
+    const int64_t* y = labels.data_ptr<int64_t>();
+    const bool* ok = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+    // the logp and (for full) exact-KL gradients the row backward takes
+    Tensor row_grad = at::empty({N}, logp.options()), full_grad = at::empty({full ? N : 0}, logp.options());
+    acc_t *rg = row_grad.data_ptr<acc_t>(), *fg = full ? full_grad.data_ptr<acc_t>() : nullptr;
+    const int32_t* seq = sequence.data_ptr<int32_t>();
+    at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t s = seq[n];  // -1: outside every sequence (packed, validate=False), no sum term
+        const bool use = through_kl && y[n] != ignore_index && (!ok || ok[n]);
+        const acc_t upstream =
+            use ? kl_upstream(gk ? gk[n] : acc_t(0), gp ? gp[n] : acc_t(0), coef, gs && s >= 0 ? gs[s] : acc_t(0),
+                              gm && s >= 0 ? gm[s] : acc_t(0), s >= 0 ? cnt[s] : acc_t(1))
+                : acc_t(0);
+        const acc_t slope = use ? estimate(spec, lp[n], rlp[n], fk ? fk[n] : acc_t(0)).slope : acc_t(0);
+        const acc_t through = times_slope(upstream, slope);
+        rg[n] = (gl ? gl[n] : acc_t(0)) + (full ? acc_t(0) : through);
+        if (full) fg[n] = through;
+      }
+    });
+    fused_kl_bwd_into(row_grad, grad_entropy, full ? std::optional<Tensor>(full_grad) : std::nullopt, logits, labels,
+                      full ? ref_logits : std::optional<Tensor>(), temperature, scalar_temperature, ignore_index, 0, logits.size(2),
+                      lse, full ? ref_lse : std::optional<Tensor>(), entropy_out,
+                      full ? full_out : std::optional<Tensor>(), grad);
+  });
+}
+
+#define KL_PENALTY_BWD_ARGS                                                                                        \
+  const std::optional<Tensor>&grad_logp, const std::optional<Tensor>&grad_kl,                                      \
+      const std::optional<Tensor>&grad_penalty, const std::optional<Tensor>&grad_kl_sum,                           \
+      const std::optional<Tensor>&grad_kl_mean, const std::optional<Tensor>&grad_entropy
+#define KL_PENALTY_BWD_REST                                                                                        \
+  const Tensor &labels, const std::optional<Tensor>&ref_logits, const std::optional<Tensor>&mask,                 \
+      const std::optional<Tensor>&temperature, double scalar_temperature, int64_t ignore_index, int64_t estimator, \
+      bool straight_through, std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,               \
+      const std::optional<Tensor>&kl_coef, double scalar_kl_coef, const Tensor &logp, const Tensor &ref_logp,     \
+      const Tensor &counts, const Tensor &sequence, const Tensor &lse,                                             \
+      const std::optional<Tensor>&ref_lse, const std::optional<Tensor>&entropy_out,                              \
+      const std::optional<Tensor>&full_out
+#define KL_PENALTY_BWD_CALL(logits, grad)                                                                          \
+  kl_penalty_bwd_into(grad_logp, grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean, grad_entropy, logits, labels,  \
+                      ref_logits, mask, temperature, scalar_temperature, ignore_index, estimator, straight_through, \
+                      log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, logp, ref_logp, counts, sequence, lse,   \
+                      ref_lse, entropy_out, full_out, grad)
+
+Tensor kl_penalty_bwd_cpu(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_BWD_REST) {
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  advise_huge_pages(grad);
+  KL_PENALTY_BWD_CALL(logits, grad);
+  return grad;
+}
+
+void kl_penalty_bwd_inplace_cpu(KL_PENALTY_BWD_ARGS, Tensor& logits, KL_PENALTY_BWD_REST) {
+  KL_PENALTY_BWD_CALL(logits, logits);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kl_kernels, CPU, m) {
   m.impl("fused_kl_fwd", &fused_kl_fwd_cpu);
   m.impl("fused_kl_bwd", &fused_kl_bwd_cpu);
   m.impl("fused_kl_bwd_", &fused_kl_bwd_inplace_cpu);
+  m.impl("kl_penalty_fwd", &kl_penalty_fwd_cpu);
+  m.impl("kl_penalty_bwd", &kl_penalty_bwd_cpu);
+  m.impl("kl_penalty_bwd_", &kl_penalty_bwd_inplace_cpu);
 }
 
 }  // namespace kl_kernels

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -75,10 +76,23 @@ void check_common(const Tensor& logits, const Tensor& labels, const std::optiona
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cuda(
-    const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
-    const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index, int64_t vocab_start,
-    int64_t vocab_size, bool need_entropy, bool need_full) {
+using FwdOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// fused_kl_fwd's launch; `penalty` adds kl_penalty's epilogue (its kl / penalty outputs already set)
+FwdOutputs forward(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+                   const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index,
+                   int64_t vocab_start, int64_t vocab_size, bool need_entropy, bool need_full, cuda::PenaltyFwd penalty);
+
+FwdOutputs fused_kl_fwd_cuda(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+                             const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index,
+                             int64_t vocab_start, int64_t vocab_size, bool need_entropy, bool need_full) {
+  return forward(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, vocab_start, vocab_size,
+                 need_entropy, need_full, cuda::PenaltyFwd{});
+}
+
+FwdOutputs forward(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+                   const std::optional<Tensor>& temperature, double scalar_temperature, int64_t ignore_index,
+                   int64_t vocab_start, int64_t vocab_size, bool need_entropy, bool need_full, cuda::PenaltyFwd penalty) {
   check_common(logits, labels, ref_logits, temperature);
   const VocabShard shard = checked_shard(vocab_start, vocab_size, logits.size(2));
   KL_CHECK_ARG(!need_full || ref_logits.has_value(), "need_full", "needs ref_logits");
@@ -86,13 +100,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cuda(
   const int64_t N = logits.size(0) * logits.size(1), V = logits.size(2);
   const bool has_ref = ref_logits.has_value();
   const auto stats = [&](bool needed) { return at::empty({needed ? N : 0}, logits.options().dtype(at::kFloat)); };
-  Tensor logp = stats(true), ref_logp = stats(has_ref), entropy = stats(need_entropy), full = stats(need_full),
+  const bool has_ref_logp = has_ref || penalty.ref_logprobs != nullptr;
+  Tensor logp = stats(true), ref_logp = stats(has_ref_logp), entropy = stats(need_entropy), full = stats(need_full),
          lse = stats(true), ref_lse = stats(has_ref);
   cuda::FwdParams p{labels.data_ptr<int64_t>(), ptr<float>(temperature), static_cast<float>(1.0 / scalar_temperature),
                     N, V, ignore_index, shard, need_entropy, need_full, logp.data_ptr<float>(),
-                    has_ref ? ref_logp.data_ptr<float>() : nullptr, need_entropy ? entropy.data_ptr<float>() : nullptr,
-                    need_full ? full.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
-                    has_ref ? ref_lse.data_ptr<float>() : nullptr};
+                    has_ref_logp ? ref_logp.data_ptr<float>() : nullptr,
+                    need_entropy ? entropy.data_ptr<float>() : nullptr, need_full ? full.data_ptr<float>() : nullptr,
+                    lse.data_ptr<float>(), has_ref ? ref_lse.data_ptr<float>() : nullptr, penalty};
   const Tensor& reference = has_ref ? *ref_logits : logits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dtype_switch(logits.scalar_type(), "logits", [&](auto policy_tag) {
@@ -112,7 +127,8 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
                        const std::optional<Tensor>& ref_logits, const std::optional<Tensor>& temperature,
                        double scalar_temperature, int64_t ignore_index, int64_t vocab_start, int64_t vocab_size,
                        const Tensor& lse, const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy,
-                       const std::optional<Tensor>& full_kl, const Tensor& grad) {
+                       const std::optional<Tensor>& full_kl, const Tensor& grad,
+                       cuda::PenaltyBwd penalty = cuda::PenaltyBwd{}) {
   check_common(logits, labels, ref_logits, temperature);
   const VocabShard shard = checked_shard(vocab_start, vocab_size, logits.size(2));
   check_rows(grad, "grad");
@@ -124,7 +140,8 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
   check_rowwise(lse, N, "lse", at::kFloat);
   KL_CHECK_ARG(!grad_entropy.has_value() || entropy.has_value(), "entropy", "is needed for grad_entropy");
   if (grad_entropy.has_value()) check_rowwise(entropy, N, "entropy", at::kFloat);
-  if (grad_full.has_value()) {
+  const bool use_ref = grad_full.has_value() || (penalty.on && penalty.spec.kind == kFull);
+  if (use_ref) {
     KL_CHECK_ARG(ref_logits.has_value() && ref_lse.has_value() && full_kl.has_value(), "grad_full",
                  "needs ref_logits, ref_lse and full_kl");
     check_rowwise(ref_lse, N, "ref_lse", at::kFloat);
@@ -133,10 +150,10 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
   const c10::cuda::CUDAGuard guard(logits.device());
   cuda::BwdParams p{labels.data_ptr<int64_t>(), ptr<float>(temperature), static_cast<float>(1.0 / scalar_temperature),
                     N, V, ignore_index, shard, ptr<float>(grad_logp), ptr<float>(grad_entropy), ptr<float>(grad_full),
-                    lse.data_ptr<float>(), grad_full.has_value() ? ptr<float>(ref_lse) : nullptr,
-                    grad_entropy.has_value() ? ptr<float>(entropy) : nullptr,
-                    grad_full.has_value() ? ptr<float>(full_kl) : nullptr};
-  const Tensor& reference = grad_full.has_value() ? *ref_logits : logits;
+                    lse.data_ptr<float>(), use_ref ? ptr<float>(ref_lse) : nullptr,
+                    grad_entropy.has_value() ? ptr<float>(entropy) : nullptr, use_ref ? ptr<float>(full_kl) : nullptr,
+                    penalty};
+  const Tensor& reference = use_ref ? *ref_logits : logits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dtype_switch(logits.scalar_type(), "logits", [&](auto policy_tag) {
     using scalar_t = typename decltype(policy_tag)::type;
@@ -172,9 +189,145 @@ void fused_kl_bwd_inplace_cuda(const std::optional<Tensor>& grad_logp, const std
                     ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl, logits);
 }
 
+// ---- kl_penalty in two launches forward (the row kernel with the estimator epilogue, then
+// sequence_sums_kernel) and one backward (the row kernel with the chain from all six outputs).
+
+cuda::AnyMask any_mask(const std::optional<Tensor>& mask, int64_t N) {
+  if (!mask.has_value()) return {nullptr, 0, false};
+  KL_CHECK_ARG(mask->is_cuda() && mask->numel() == N && mask->is_contiguous(), "mask",
+               "must be a contiguous CUDA tensor with one value per row (", N, "), got ", mask->sizes());
+  KL_CHECK_ARG(!mask->is_complex(), "mask", "must be real");
+  return {mask->data_ptr(), static_cast<int>(mask->element_size()), mask->is_floating_point()};
+}
+
+EstimatorSpec<float> spec_of(int64_t estimator, bool straight_through, std::optional<double> log_ratio_clamp,
+                             std::optional<double> kl_clamp) {
+  KL_CHECK_ARG(estimator >= kK1 && estimator <= kFull, "estimator", "must be a code 0-4 (estimators.py), got ", estimator);
+  return {estimator, straight_through, log_ratio_clamp ? static_cast<float>(*log_ratio_clamp) : INFINITY,
+          kl_clamp ? static_cast<float>(*kl_clamp) : INFINITY};
+}
+
+const float* coef_ptr(const std::optional<Tensor>& kl_coef) {
+  if (!kl_coef.has_value()) return nullptr;
+  KL_CHECK_ARG(kl_coef->is_cuda() && kl_coef->numel() == 1 && kl_coef->scalar_type() == at::kFloat, "kl_coef",
+               "must be a one-element float32 CUDA tensor");
+  return kl_coef->data_ptr<float>();
+}
+
+using PenaltyOutputs =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+PenaltyOutputs kl_penalty_fwd_cuda(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+                                   const std::optional<Tensor>& ref_logprobs, const std::optional<Tensor>& mask,
+                                   const std::optional<Tensor>& cu_seqlens, const std::optional<Tensor>& temperature,
+                                   double scalar_temperature, int64_t ignore_index, int64_t estimator,
+                                   bool straight_through, std::optional<double> log_ratio_clamp,
+                                   std::optional<double> kl_clamp, const std::optional<Tensor>& kl_coef,
+                                   double scalar_kl_coef, bool padded, bool need_entropy) {
+  check_common(logits, labels, ref_logits, temperature);
+  KL_CHECK_ARG(ref_logits.has_value() != ref_logprobs.has_value(), "ref_logits", "or ref_logprobs: exactly one is needed");
+  const int64_t B = logits.size(0), T = logits.size(1), N = B * T;
+  check_rowwise(ref_logprobs, N, "ref_logprobs", at::kFloat);
+  const bool full = estimator == kFull;
+  int64_t S = B;
+  if (!padded) S = cu_seqlens.has_value() ? std::max<int64_t>(cu_seqlens->numel() - 1, 0) : 1;
+  if (cu_seqlens.has_value()) {
+    KL_CHECK_ARG(cu_seqlens->is_cuda() && cu_seqlens->dim() == 1 && cu_seqlens->is_contiguous() &&
+                     (cu_seqlens->scalar_type() == at::kInt || cu_seqlens->scalar_type() == at::kLong),
+                 "cu_seqlens", "must be a contiguous 1-D int32 or int64 CUDA tensor");
+    KL_CHECK_ARG(S < (int64_t(1) << 31), "cu_seqlens", "may hold at most 2^31 - 1 sequences");
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto options = logits.options().dtype(at::kFloat);
+  Tensor kl = at::empty({N}, options), penalty = at::empty({N}, options), kl_sum = at::empty({S}, options),
+         kl_mean = at::empty({S}, options), counts = at::empty({S}, options),
+         sequence = at::empty({N}, options.dtype(at::kInt));
+  const cuda::AnyMask valid = any_mask(mask, N);
+  cuda::PenaltyFwd epilogue{true, ptr<float>(ref_logprobs), valid,
+                            spec_of(estimator, straight_through, log_ratio_clamp, kl_clamp), coef_ptr(kl_coef),
+                            static_cast<float>(scalar_kl_coef), kl.data_ptr<float>(), penalty.data_ptr<float>()};
+  auto [logp, ref_logp, entropy, full_kl, lse, ref_lse] =
+      forward(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, 0, logits.size(2),
+              need_entropy, full, epilogue);
+  if (!padded && S == 0) sequence.fill_(-1);  // cu_seqlens of one entry: every row outside
+  cuda::SumParams sums{kl.data_ptr<float>(), labels.data_ptr<int64_t>(), valid,
+                       cu_seqlens.has_value() ? cu_seqlens->data_ptr() : nullptr,
+                       cu_seqlens.has_value() ? static_cast<int>(cu_seqlens->element_size()) : 8,
+                       cu_seqlens.has_value() ? cu_seqlens->numel() : 0, N, T, S, ignore_index, padded,
+                       kl_sum.data_ptr<float>(), kl_mean.data_ptr<float>(), counts.data_ptr<float>(),
+                       sequence.data_ptr<int32_t>()};
+  cuda::launch_sequence_sums(sums, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {logp, ref_logp, kl, penalty, kl_sum, kl_mean, counts, sequence, entropy, full_kl, lse, ref_lse};
+}
+
+void kl_penalty_bwd_into(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_kl,
+                         const std::optional<Tensor>& grad_penalty, const std::optional<Tensor>& grad_kl_sum,
+                         const std::optional<Tensor>& grad_kl_mean, const std::optional<Tensor>& grad_entropy,
+                         const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
+                         const std::optional<Tensor>& mask, const std::optional<Tensor>& temperature,
+                         double scalar_temperature, int64_t ignore_index, int64_t estimator, bool straight_through,
+                         std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,
+                         const std::optional<Tensor>& kl_coef, double scalar_kl_coef, const Tensor& logp,
+                         const Tensor& ref_logp, const Tensor& counts, const Tensor& sequence, const Tensor& lse,
+                         const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy,
+                         const std::optional<Tensor>& full_kl, const Tensor& grad) {
+  check_rows(logits, "logits");
+  const int64_t N = logits.size(0) * logits.size(1), S = counts.numel();
+  for (const auto& [t, name] : {std::pair{&grad_kl, "grad_kl"}, {&grad_penalty, "grad_penalty"}}) {
+    check_rowwise(*t, N, name, at::kFloat);
+  }
+  for (const auto& [t, name] : {std::pair{&grad_kl_sum, "grad_kl_sum"}, {&grad_kl_mean, "grad_kl_mean"}}) {
+    check_rowwise(*t, S, name, at::kFloat);
+  }
+  check_rowwise(logp, N, "logp", at::kFloat);
+  check_rowwise(ref_logp, N, "ref_logp", at::kFloat);
+  check_rowwise(counts, S, "counts", at::kFloat);
+  check_rowwise(sequence, N, "sequence", at::kInt);
+  const bool on = grad_kl || grad_penalty || grad_kl_sum || grad_kl_mean;
+  cuda::PenaltyBwd chain{on, ptr<float>(grad_kl), ptr<float>(grad_penalty), ptr<float>(grad_kl_sum),
+                         ptr<float>(grad_kl_mean), counts.data_ptr<float>(), logp.data_ptr<float>(),
+                         ref_logp.data_ptr<float>(), sequence.data_ptr<int32_t>(), any_mask(mask, N),
+                         spec_of(estimator, straight_through, log_ratio_clamp, kl_clamp), coef_ptr(kl_coef),
+                         static_cast<float>(scalar_kl_coef)};
+  fused_kl_bwd_into(grad_logp, grad_entropy, std::nullopt, logits, labels, ref_logits, temperature,
+                    scalar_temperature, ignore_index, 0, logits.size(2), lse, ref_lse, entropy, full_kl, grad, chain);
+}
+
+#define KL_PENALTY_BWD_ARGS                                                                                        \
+  const std::optional<Tensor>&grad_logp, const std::optional<Tensor>&grad_kl,                                      \
+      const std::optional<Tensor>&grad_penalty, const std::optional<Tensor>&grad_kl_sum,                           \
+      const std::optional<Tensor>&grad_kl_mean, const std::optional<Tensor>&grad_entropy
+#define KL_PENALTY_BWD_REST                                                                                        \
+  const Tensor &labels, const std::optional<Tensor>&ref_logits, const std::optional<Tensor>&mask,                 \
+      const std::optional<Tensor>&temperature, double scalar_temperature, int64_t ignore_index, int64_t estimator, \
+      bool straight_through, std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,               \
+      const std::optional<Tensor>&kl_coef, double scalar_kl_coef, const Tensor &logp, const Tensor &ref_logp,     \
+      const Tensor &counts, const Tensor &sequence, const Tensor &lse, const std::optional<Tensor>&ref_lse,       \
+      const std::optional<Tensor>&entropy, const std::optional<Tensor>&full_kl
+#define KL_PENALTY_BWD_CALL(logits, grad)                                                                          \
+  kl_penalty_bwd_into(grad_logp, grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean, grad_entropy, logits, labels,  \
+                      ref_logits, mask, temperature, scalar_temperature, ignore_index, estimator, straight_through, \
+                      log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, logp, ref_logp, counts, sequence, lse,   \
+                      ref_lse, entropy, full_kl, grad)
+
+Tensor kl_penalty_bwd_cuda(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_BWD_REST) {
+  check_rows(logits, "logits");
+  Tensor grad = at::empty(logits.sizes(), logits.options());
+  KL_PENALTY_BWD_CALL(logits, grad);
+  return grad;
+}
+
+void kl_penalty_bwd_inplace_cuda(KL_PENALTY_BWD_ARGS, Tensor& logits, KL_PENALTY_BWD_REST) {
+  KL_PENALTY_BWD_CALL(logits, logits);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kl_kernels, CUDA, m) {
+  m.impl("kl_penalty_fwd", &kl_penalty_fwd_cuda);
+  m.impl("kl_penalty_bwd", &kl_penalty_bwd_cuda);
+  m.impl("kl_penalty_bwd_", &kl_penalty_bwd_inplace_cuda);
   m.impl("fused_kl_fwd", &fused_kl_fwd_cuda);
   m.impl("fused_kl_bwd", &fused_kl_bwd_cuda);
   m.impl("fused_kl_bwd_", &fused_kl_bwd_inplace_cuda);

@@ -132,6 +132,37 @@ __device__ __forceinline__ RowSums<float> block_merge(RowSums<float> r, float in
   return r;
 }
 
+// A mask of any real dtype read as "nonzero = valid" without converting it first (a launch): the
+// element's bits are nonzero, the sign bit aside for floats (-0.0 is zero; NaN is nonzero).
+struct AnyMask {
+  const void* data;  // null: every row valid
+  int element_size;
+  bool is_float;
+  __device__ __forceinline__ bool valid(int64_t n) const {
+    if (data == nullptr) return true;
+    uint64_t bits;
+    switch (element_size) {
+      case 1: bits = static_cast<const uint8_t*>(data)[n]; break;
+      case 2: bits = static_cast<const uint16_t*>(data)[n]; break;
+      case 4: bits = static_cast<const uint32_t*>(data)[n]; break;
+      default: bits = static_cast<const uint64_t*>(data)[n];
+    }
+    if (is_float) bits &= ~(uint64_t(1) << (8 * element_size - 1));
+    return bits != 0;
+  }
+};
+
+// kl_penalty's epilogue of the forward kernel (on = false: fused_kl_fwd alone)
+struct PenaltyFwd {
+  bool on;
+  const float* ref_logprobs;  // [N] given reference log-probs (null with ref_logits)
+  AnyMask mask;
+  EstimatorSpec<float> spec;
+  const float* kl_coef_ptr;  // 0-dim, or null: then kl_coef
+  float kl_coef;
+  float *kl, *penalty;  // [N]
+};
+
 struct FwdParams {
   const int64_t* labels;     // [N]
   const float* temperature;  // [N] or null: then inv_temperature
@@ -140,7 +171,20 @@ struct FwdParams {
   VocabShard shard;  // the columns' place in the vocabulary (fused_kl_math.h)
   bool need_entropy, need_full;
   float *logp, *ref_logp, *entropy, *full_kl, *lse, *ref_lse;  // [N] each; ref_* null without a reference
+  PenaltyFwd penalty;
 };
+
+// The token's kl and penalty from its finished statistics (thread 0 of the row's block).
+__device__ __forceinline__ void penalty_epilogue(const FwdParams& p, int64_t n, bool labelled, float logp,
+                                                 float ref_logp, float full) {
+  const PenaltyFwd& e = p.penalty;
+  if (e.ref_logprobs != nullptr) p.ref_logp[n] = ref_logp = labelled ? e.ref_logprobs[n] : 0.0f;
+  // select, never multiply: a masked row's NaN or infinite log-ratio reaches no output
+  const bool use = labelled && e.mask.valid(n);
+  const float kl = use ? estimate(e.spec, logp, ref_logp, full).value : 0.0f;
+  p.penalty.kl[n] = kl;
+  p.penalty.penalty[n] = -(e.kl_coef_ptr != nullptr ? *e.kl_coef_ptr : e.kl_coef) * kl;
+}
 
 template <typename scalar_t, typename ref_t>
 __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_t> ref_logits, bool has_ref,
@@ -155,6 +199,7 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
       if (has_ref) p.ref_logp[n] = p.ref_lse[n] = 0.0f;
       if (p.need_entropy) p.entropy[n] = 0.0f;
       if (p.need_full) p.full_kl[n] = 0.0f;
+      if (p.penalty.on) penalty_epilogue(p, n, false, 0.0f, 0.0f, 0.0f);
     }
     return;  // the whole block: no barrier is left waiting
   }
@@ -180,16 +225,116 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
   const int64_t col = label - p.shard.start;
   const float nan = __int_as_float(0x7fc00000), inf = __int_as_float(0x7f800000);
   auto out = [&](float value) { return bad ? nan : value; };
-  p.logp[n] = out(owned ? label_logprob(ps, to_float(row[col]) * inv_t, lse) : -inf);
+  const float logp = out(owned ? label_logprob(ps, to_float(row[col]) * inv_t, lse) : -inf);
+  p.logp[n] = logp;
   if (p.need_entropy) p.entropy[n] = out(entropy(ps, lse));
+  float ref_logp = 0.0f, full = 0.0f;
   if (has_ref) {
     const RowSums<float> qs = scaled(reference, inv_t);
     const float ref_lse = log_sum_exp(qs);
     p.ref_lse[n] = ref_lse;
-    p.ref_logp[n] = out(owned ? label_logprob(qs, to_float(ref_row[col]) * inv_t, ref_lse) : -inf);
-    if (p.need_full) p.full_kl[n] = out(full_kl(ps, lse, ref_lse));
+    p.ref_logp[n] = ref_logp = out(owned ? label_logprob(qs, to_float(ref_row[col]) * inv_t, ref_lse) : -inf);
+    if (p.need_full) p.full_kl[n] = full = out(full_kl(ps, lse, ref_lse));
+  }
+  if (p.penalty.on) penalty_epilogue(p, n, true, logp, ref_logp, full);
+}
+
+// kl_penalty's second launch: one block per sequence adds its rows' kl in a fixed order (a strided
+// float64 sum per thread, then a fixed tree: deterministic, no atomics), counts its valid rows and
+// writes each row's sequence id for the backward. Packed boundaries are cu_seqlens clamped into
+// [0, N] and made non-decreasing (a running max, as the CPU kernel), so validate=False never reads
+// out of bounds; the first and last blocks mark rows outside every sequence with -1.
+struct SumParams {
+  const float* kl;  // [N]
+  const int64_t* labels;
+  AnyMask mask;
+  const void* cu_seqlens;  // [n_cu] int32 or int64, null: padded (T rows each) or one sequence of all N
+  int cu_element_size;
+  int64_t n_cu, N, T, S, ignore_index;
+  bool padded;
+  float *kl_sum, *kl_mean, *counts;  // [S]
+  int32_t* sequence;                 // [N]
+};
+
+constexpr int kSumThreads = 256;
+
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T value, T* scratch, Op op) {  // fixed order; result in every thread
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (int half = kSumThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) scratch[threadIdx.x] = op(scratch[threadIdx.x], scratch[threadIdx.x + half]);
+    __syncthreads();
+  }
+  const T result = scratch[0];
+  __syncthreads();
+  return result;
+}
+
+__device__ __forceinline__ int64_t boundary(const SumParams& p, int64_t i) {  // clamped into [0, N]
+  const int64_t c = p.cu_element_size == 4 ? static_cast<const int32_t*>(p.cu_seqlens)[i]
+                                           : static_cast<const int64_t*>(p.cu_seqlens)[i];
+  return c < 0 ? 0 : c > p.N ? p.N : c;
+}
+
+__global__ void __launch_bounds__(kSumThreads) sequence_sums_kernel(SumParams p) {
+  __shared__ double sums[kSumThreads];
+  __shared__ int64_t ints[kSumThreads];
+  const int64_t s = blockIdx.x;
+  int64_t start, end;
+  if (p.padded) {
+    start = s * p.T, end = start + p.T;
+  } else if (p.cu_seqlens == nullptr) {
+    start = 0, end = p.N;
+  } else {  // running max of the boundaries up to s and s + 1
+    int64_t a = 0, b = 0;
+    for (int64_t i = threadIdx.x; i <= s + 1 && i < p.n_cu; i += kSumThreads) {
+      const int64_t c = boundary(p, i);
+      if (i <= s && c > a) a = c;
+      if (c > b) b = c;
+    }
+    auto max_op = [](int64_t x, int64_t y) { return x > y ? x : y; };
+    start = block_reduce(a, ints, max_op);
+    end = block_reduce(b, ints, max_op);
+  }
+  if (s == 0)
+    for (int64_t n = threadIdx.x; n < start; n += kSumThreads) p.sequence[n] = -1;
+  if (s == p.S - 1)
+    for (int64_t n = end + threadIdx.x; n < p.N; n += kSumThreads) p.sequence[n] = -1;
+  double total = 0;
+  int64_t used = 0;
+  for (int64_t n = start + threadIdx.x; n < end; n += kSumThreads) {
+    total += p.kl[n];
+    used += p.labels[n] != p.ignore_index && p.mask.valid(n);
+    p.sequence[n] = static_cast<int32_t>(s);
+  }
+  total = block_reduce(total, sums, [](double x, double y) { return x + y; });
+  used = block_reduce(used, ints, [](int64_t x, int64_t y) { return x + y; });
+  if (threadIdx.x == 0) {
+    const float sum = static_cast<float>(total), count = static_cast<float>(used);
+    p.kl_sum[s] = sum;
+    p.counts[s] = count;
+    p.kl_mean[s] = sum / (count > 1.0f ? count : 1.0f);  // a sequence with no valid row: 0 / 1
   }
 }
+
+inline void launch_sequence_sums(const SumParams& p, cudaStream_t stream) {
+  if (p.S == 0) return;
+  sequence_sums_kernel<<<static_cast<unsigned>(p.S), kSumThreads, 0, stream>>>(p);
+}
+
+// kl_penalty's chain in the backward kernel (on = false: fused_kl_bwd alone): the gradients of kl,
+// penalty [N] and kl_sum, kl_mean [S] reach the row's logp (or, for `full`, its exact KL)
+struct PenaltyBwd {
+  bool on;
+  const float *grad_kl, *grad_penalty, *grad_kl_sum, *grad_kl_mean;  // each null when nothing flows
+  const float *counts, *logp, *ref_logp;
+  const int32_t* sequence;
+  AnyMask mask;
+  EstimatorSpec<float> spec;
+  const float* kl_coef_ptr;
+  float kl_coef;
+};
 
 struct BwdParams {
   const int64_t* labels;
@@ -199,19 +344,39 @@ struct BwdParams {
   VocabShard shard;
   const float *grad_logp, *grad_entropy, *grad_full;  // [N] each, or null
   const float *lse, *ref_lse, *entropy, *full_kl;      // saved by the forward (null when unused)
+  PenaltyBwd penalty;
 };
+
+// The row's upstream gradient through its kl (fused_kl_math.h kl_upstream, times_slope)
+__device__ __forceinline__ float through_kl(const BwdParams& p, int64_t n, int64_t label) {
+  const PenaltyBwd& c = p.penalty;
+  if (label == p.ignore_index || !c.mask.valid(n)) return 0.0f;
+  const int64_t s = c.sequence[n];  // -1: outside every sequence, no sum term
+  const float upstream = kl_upstream(
+      c.grad_kl ? c.grad_kl[n] : 0.0f, c.grad_penalty ? c.grad_penalty[n] : 0.0f,
+      c.grad_penalty ? (c.kl_coef_ptr ? *c.kl_coef_ptr : c.kl_coef) : 0.0f,
+      c.grad_kl_sum && s >= 0 ? c.grad_kl_sum[s] : 0.0f, c.grad_kl_mean && s >= 0 ? c.grad_kl_mean[s] : 0.0f,
+      s >= 0 ? c.counts[s] : 1.0f);
+  const float full = c.spec.kind == kFull ? p.full_kl[n] : 0.0f;
+  return times_slope(upstream, estimate(c.spec, c.logp[n], c.ref_logp[n], full).slope);
+}
 
 // grad may alias logits (inplace_backward): each value is read before the same thread writes it.
 template <typename scalar_t, typename ref_t>
 __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> logits, Rows<const ref_t> ref_logits,
                                     BwdParams p) {
   const int64_t n = blockIdx.x;
-  const bool use_ref = p.grad_full != nullptr;
+  const bool chain_full = p.penalty.on && p.penalty.spec.kind == kFull;
+  const bool use_ref = p.grad_full != nullptr || chain_full;
   RowGrad<float> r{p.grad_logp ? p.grad_logp[n] : 0.0f, p.grad_entropy ? p.grad_entropy[n] : 0.0f,
-                   use_ref ? p.grad_full[n] : 0.0f, p.grad_entropy ? p.entropy[n] : 0.0f,
+                   p.grad_full ? p.grad_full[n] : 0.0f, p.grad_entropy ? p.entropy[n] : 0.0f,
                    use_ref ? p.full_kl[n] : 0.0f, p.lse[n], use_ref ? p.ref_lse[n] : 0.0f,
                    p.temperature != nullptr ? 1.0f / p.temperature[n] : p.inv_temperature};
   const int64_t label = p.labels[n];
+  if (p.penalty.on) {  // every thread computes it: a few flops, no barrier
+    const float through = through_kl(p, n, label);
+    if (chain_full) r.g_full += through; else r.g_logp += through;
+  }
   scalar_t* out = grad.row(n);
   // nothing flows back from ignored or fully masked rows: an exact 0, even for NaN logits (not read)
   if (label == p.ignore_index || (r.g_logp == 0.0f && r.g_entropy == 0.0f && r.g_full == 0.0f)) {

@@ -5,12 +5,13 @@ tile by tile, into running online log-sum-exp sums kept in raw logit units with 
 inside exp, as csrc/fused_kl_math.h does for the C++ kernels:
     s  = sum_v e_v,  sx = sum_v e_v (z_v - m),  sd = sum_v e_v (z_v - z'_v),   e_v = exp((z_v - m) / T)
     lse = m/T + log s,  H = log s - (sx/T)/s,  KL(p||q) = (sd/T)/s - lse + ref_lse.
-The label logits are single loads. Outputs are [N] float32. The estimator, masks and sequence
-sums are O(N) and stay in api.py's epilogue, shared by every backend (one definition of each
-estimator), so these kernels never depend on the estimator.
+The label logits are single loads. Outputs are [N] float32. For kl_penalty (PENALTY) the same
+kernel goes on to the token's estimator (_estimate: estimators.py in Triton, a compile-time
+choice), mask and penalty, and a second launch (_sequence_sums_kernel) adds kl per sequence.
 
 Backward, one program per row: p is recomputed from the saved lse and the gradient written in
-the logits' dtype (into the logits themselves with inplace_backward).
+the logits' dtype (into the logits themselves with inplace_backward). For kl_penalty the row first
+gathers the upstream gradients of kl, penalty, kl_sum and kl_mean through the estimator's slope.
 
 One program per row is deterministic (a fixed reduction order); no atomics. Row offsets are
 int64. The ops are torch.library.triton_op, so torch.compile(fullgraph=True) traces them.
@@ -25,7 +26,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-from ..ops import fwd_outputs, op_backend
+from ..estimators import ESTIMATOR_CODES
+from ..ops import fwd_outputs, op_backend, penalty_op_backend, penalty_outputs
 
 # TRITON_INTERPRET=1 (CPU tests): @triton.jit gives interpreted kernels, which wrap_triton hands
 # back unwrapped, so torch.compile would run them on fake tensors. There the ops are plain custom
@@ -92,6 +94,63 @@ def _weighted(e, w):
 
 
 @triton.jit
+def _expm1(x):
+    """e^x - 1 with the digits that cancel kept (Kahan: (u - 1) x / log u, u = e^x): tl has no expm1."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    return tl.where(um1 == 0.0, x, tl.where((um1 == -1.0) | (u == float("inf")), um1, um1 * x / tl.log(u)))
+
+
+@triton.jit
+def _clamp_keep_nan(x, bound):
+    return tl.where(x < -bound, -bound, tl.where(x > bound, bound, x))
+
+
+@triton.jit
+def _estimate(logp, ref_logp, full, ESTIMATOR: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
+              LOG_RATIO_CLAMP: tl.constexpr, KL_CLAMP: tl.constexpr):
+    """(value, slope) of one token's KL estimate: csrc/fused_kl_math.h's estimate(), the Triton form of
+    estimators.py. ESTIMATOR: estimators.ESTIMATOR_CODES (0 k1, 1 abs, 2 k2, 3 k3, 4 full); clamps
+    0.0 = none. slope: d value / d logp, or d value / d full for `full`."""
+    if ESTIMATOR == 4:
+        value = full
+        slope = tl.full((), 1.0, tl.float32)
+    elif (ESTIMATOR == 0) and (LOG_RATIO_CLAMP == 0.0):
+        value = logp - ref_logp
+        slope = tl.full((), 1.0, tl.float32)
+    else:
+        raw = ref_logp - logp  # r; d r / d logp = -1
+        r = raw
+        if LOG_RATIO_CLAMP > 0.0:
+            r = _clamp_keep_nan(raw, LOG_RATIO_CLAMP)
+        if ESTIMATOR == 0:
+            value = -r
+            slope = tl.full((), 1.0, tl.float32)
+        elif ESTIMATOR == 1:
+            value = tl.abs(r)
+            slope = tl.where(r > 0.0, -1.0, tl.where(r < 0.0, 1.0, 0.0))  # torch: sgn(NaN) = 0
+        elif ESTIMATOR == 2:
+            value = 0.5 * r * r
+            slope = -r
+        else:
+            em1 = _expm1(r)
+            value = tl.where(r == float("inf"), float("inf"), em1 - r)
+            slope = tl.where(r == float("inf"), 0.0, -em1)
+        if LOG_RATIO_CLAMP > 0.0:
+            # 0 where the clamp holds r, by select: torch.clamp's gradient is 0 there even for a NaN slope
+            slope = tl.where((raw >= -LOG_RATIO_CLAMP) & (raw <= LOG_RATIO_CLAMP), slope, 0.0)
+    if KL_CLAMP > 0.0:
+        if ESTIMATOR == 4:
+            slope = tl.where((value >= -KL_CLAMP) & (value <= KL_CLAMP), slope, 0.0)
+        else:
+            slope = tl.where((value > KL_CLAMP) | (value < -KL_CLAMP), 0.0, slope)
+        value = _clamp_keep_nan(value, KL_CLAMP)
+    if STRAIGHT_THROUGH:
+        slope = logp - ref_logp
+    return value, slope
+
+
+@triton.jit
 def _fused_kl_fwd_kernel(
     logits_ptr,  # [B, T, V] fp16/bf16/fp32 policy logits, vocabulary dim contiguous
     ref_logits_ptr,  # [B, T, V] reference logits, any of those dtypes (unused without HAS_REF)
@@ -100,8 +159,13 @@ def _fused_kl_fwd_kernel(
     logp_ptr, ref_logp_ptr, entropy_ptr, full_kl_ptr, lse_ptr, ref_lse_ptr,  # [N] fp32 outputs
     T, V, ignore_index, vocab_start, vocab_size,  # the columns are ids [vocab_start, vocab_start + V) of vocab_size
     stride_logits_b, stride_logits_t, stride_ref_b, stride_ref_t,
+    # kl_penalty's epilogue (PENALTY only): given ref log-probs [N], mask [N] (nonzero = valid), the
+    # kl and penalty outputs [N] fp32, kl_coef as a float or a 0-dim fp32 tensor
+    ref_logprobs_ptr, mask_ptr, kl_ptr, penalty_ptr, kl_coef, kl_coef_ptr,
     INV_TEMPERATURE: tl.constexpr, HAS_TEMPERATURE_TENSOR: tl.constexpr, HAS_REF: tl.constexpr,
     NEED_ENTROPY: tl.constexpr, NEED_FULL: tl.constexpr, BLOCK_V: tl.constexpr,
+    PENALTY: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COEF_TENSOR: tl.constexpr, ESTIMATOR: tl.constexpr,
+    STRAIGHT_THROUGH: tl.constexpr, LOG_RATIO_CLAMP: tl.constexpr, KL_CLAMP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = _row_start(logits_ptr, row, T, stride_logits_b, stride_logits_t)
@@ -150,14 +214,90 @@ def _fused_kl_fwd_kernel(
     tl.store(logp_ptr + row, tl.where(valid, logp + bad, 0.0))
     if NEED_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - sx * inv_t / s + (lse - lse) + bad, 0.0))
+    logp = tl.where(valid, logp + bad, 0.0)
+    ref_logp = tl.zeros_like(logp)
+    full = tl.zeros_like(logp)
     if HAS_REF:
         ref_lse = _log_sum_exp(ref_m, ref_s, inv_t)
         tl.store(ref_lse_ptr + row, tl.where(valid, ref_lse, 0.0))
         ref_z_y = tl.load(ref_row_ptr + safe_col, mask=valid & owned, other=0.0).to(tl.float32)
         ref_logp = tl.where(owned, _label_logprob(ref_z_y, ref_m, ref_s, inv_t, ref_lse), float("-inf"))
-        tl.store(ref_logp_ptr + row, tl.where(valid, ref_logp + bad, 0.0))
+        ref_logp = tl.where(valid, ref_logp + bad, 0.0)
+        tl.store(ref_logp_ptr + row, ref_logp)
         if NEED_FULL:
-            tl.store(full_kl_ptr + row, tl.where(valid, sd * inv_t / s - lse + ref_lse + bad, 0.0))
+            full = tl.where(valid, sd * inv_t / s - lse + ref_lse + bad, 0.0)
+            tl.store(full_kl_ptr + row, full)
+    if PENALTY:
+        if not HAS_REF:  # given reference log-probs, 0 on ignored rows as every output
+            ref_logp = tl.where(valid, tl.load(ref_logprobs_ptr + row).to(tl.float32), 0.0)
+            tl.store(ref_logp_ptr + row, ref_logp)
+        use = valid
+        if HAS_MASK:
+            use = use & (tl.load(mask_ptr + row) != 0)
+        # select, never multiply: a masked row's NaN or infinite log-ratio reaches no output
+        value, _ = _estimate(tl.where(use, logp, 0.0), tl.where(use, ref_logp, 0.0), tl.where(use, full, 0.0),
+                             ESTIMATOR, STRAIGHT_THROUGH, LOG_RATIO_CLAMP, KL_CLAMP)
+        kl = tl.where(use, value, 0.0)
+        if HAS_COEF_TENSOR:
+            kl_coef = tl.load(kl_coef_ptr).to(tl.float32)
+        tl.store(kl_ptr + row, kl)
+        tl.store(penalty_ptr + row, -kl_coef * kl)
+
+
+@triton.jit
+def _sequence_sums_kernel(
+    kl_ptr, labels_ptr, mask_ptr, cu_seqlens_ptr,  # [N] fp32 kl, [N] int64 labels, [N] mask, [S+1] boundaries
+    kl_sum_ptr, kl_mean_ptr, counts_ptr,  # [S] fp32 outputs
+    sequence_ptr,  # [N] int32: each row's sequence, -1 for rows outside every one
+    N, T, n_cu, n_seq, ignore_index,
+    PADDED: tl.constexpr, HAS_CU: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per sequence: kl_sum, the valid-row count and kl_mean, adding its rows in order in
+    float64 (deterministic, no atomics; no drift over long sequences). Packed boundaries are
+    cu_seqlens clamped into [0, N] and made non-decreasing (a running max), as the C++ kernels do,
+    so validate=False never reads out of bounds."""
+    seq = tl.program_id(0).to(tl.int64)
+    if PADDED:
+        start = seq * T
+        end = start + T
+    elif HAS_CU:
+        start = tl.zeros((), tl.int64)
+        end = tl.zeros((), tl.int64)
+        for i0 in range(0, seq + 2, BLOCK):
+            idx = i0 + tl.arange(0, BLOCK)
+            c = tl.load(cu_seqlens_ptr + idx, mask=(idx <= seq + 1) & (idx < n_cu), other=0).to(tl.int64)
+            c = tl.minimum(tl.maximum(c, 0), N)
+            start = tl.maximum(start, tl.max(tl.where(idx <= seq, c, 0), axis=0))
+            end = tl.maximum(end, tl.max(c, axis=0))
+    else:
+        start = tl.zeros((), tl.int64)
+        end = start + N
+    # packed boundaries cover one range [first start, last end): the rows before and after it belong
+    # to no sequence (validate=False only), marked by the first and the last program
+    if seq == 0:
+        for r0 in range(0, start, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            tl.store(sequence_ptr + rows, -1, mask=rows < start)
+    if seq == n_seq - 1:
+        for r0 in range(end, N, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            tl.store(sequence_ptr + rows, -1, mask=rows < N)
+    total = tl.zeros((), tl.float64)
+    count = tl.zeros((), tl.int64)
+    for r0 in range(start, end, BLOCK):
+        rows = r0 + tl.arange(0, BLOCK)
+        inside = rows < end
+        total += tl.sum(tl.load(kl_ptr + rows, mask=inside, other=0.0).to(tl.float64), axis=0)
+        use = inside & (tl.load(labels_ptr + rows, mask=inside, other=ignore_index) != ignore_index)
+        if HAS_MASK:
+            use = use & (tl.load(mask_ptr + rows, mask=inside, other=0) != 0)
+        count += tl.sum(use.to(tl.int64), axis=0)
+        tl.store(sequence_ptr + rows, seq.to(tl.int32), mask=inside)
+    kl_sum = total.to(tl.float32)
+    counted = count.to(tl.float32)
+    tl.store(kl_sum_ptr + seq, kl_sum)
+    tl.store(counts_ptr + seq, counted)
+    tl.store(kl_mean_ptr + seq, kl_sum / tl.maximum(counted, 1.0))  # a sequence with no valid row: 0 / 1
 
 
 @triton.jit
@@ -171,10 +311,20 @@ def _fused_kl_bwd_kernel(
     lse_ptr, ref_lse_ptr, entropy_ptr, full_kl_ptr,  # [N] fp32 saved by the forward
     T, V, ignore_index, vocab_start, vocab_size,
     stride_grad_b, stride_grad_t, stride_logits_b, stride_logits_t, stride_ref_b, stride_ref_t,
+    # kl_penalty's chain (PENALTY only): upstream gradients of kl, penalty [N] and kl_sum, kl_mean [S];
+    # the forward's counts [S], sequence ids [N] int32, logp and ref_logp [N]; mask; kl_coef
+    grad_kl_ptr, grad_penalty_ptr, grad_kl_sum_ptr, grad_kl_mean_ptr, counts_ptr, sequence_ptr, logp_ptr,
+    ref_logp_ptr, mask_ptr, kl_coef, kl_coef_ptr,
     INV_TEMPERATURE: tl.constexpr, HAS_TEMPERATURE_TENSOR: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr, HAS_GRAD_FULL: tl.constexpr, BLOCK_V: tl.constexpr,
+    PENALTY: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_GRAD_PENALTY: tl.constexpr, HAS_GRAD_KL_SUM: tl.constexpr,
+    HAS_GRAD_KL_MEAN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_COEF_TENSOR: tl.constexpr, ESTIMATOR: tl.constexpr,
+    STRAIGHT_THROUGH: tl.constexpr, LOG_RATIO_CLAMP: tl.constexpr, KL_CLAMP: tl.constexpr,
 ):
-    """d/dz_v = (g_logp [v == y] + p_v f_v) / T, f_v = -g_logp - g_H (log p_v + H) + g_F (log p_v - log q_v - KL)."""
+    """d/dz_v = (g_logp [v == y] + p_v f_v) / T, f_v = -g_logp - g_H (log p_v + H) + g_F (log p_v - log q_v - KL).
+    With PENALTY, g_logp (sampled estimators) or g_F (`full`) first gets the gradient through the
+    token's kl: (g_kl - kl_coef g_penalty + g_kl_sum[s] + g_kl_mean[s] / count[s]) times the estimator's
+    slope, on valid rows, 0 (not 0 * inf) where nothing flows (csrc/fused_kl_math.h kl_upstream)."""
     row = tl.program_id(0).to(tl.int64)
     grad_row_ptr = _row_start(grad_ptr, row, T, stride_grad_b, stride_grad_t)
     row_ptr = _row_start(logits_ptr, row, T, stride_logits_b, stride_logits_t)
@@ -193,9 +343,38 @@ def _fused_kl_bwd_kernel(
         g_entropy = tl.load(grad_entropy_ptr + row)
         entropy = tl.load(entropy_ptr + row)
     if HAS_GRAD_FULL:
-        g_full = tl.load(grad_full_ptr + row)
         kl = tl.load(full_kl_ptr + row)
         ref_lse = tl.load(ref_lse_ptr + row)
+        if not PENALTY:
+            g_full = tl.load(grad_full_ptr + row)
+    if PENALTY:
+        seq = tl.load(sequence_ptr + row)
+        in_seq = seq >= 0  # -1: outside every sequence (packed, validate=False): no sum term
+        seq = tl.where(in_seq, seq, 0).to(tl.int64)
+        upstream = tl.zeros((), tl.float32)
+        if HAS_GRAD_KL:
+            upstream += tl.load(grad_kl_ptr + row)
+        if HAS_GRAD_PENALTY:
+            if HAS_COEF_TENSOR:
+                kl_coef = tl.load(kl_coef_ptr).to(tl.float32)
+            upstream -= kl_coef * tl.load(grad_penalty_ptr + row)
+        if HAS_GRAD_KL_SUM:
+            upstream += tl.where(in_seq, tl.load(grad_kl_sum_ptr + seq), 0.0)
+        if HAS_GRAD_KL_MEAN:
+            upstream += tl.where(in_seq, tl.load(grad_kl_mean_ptr + seq) / tl.maximum(tl.load(counts_ptr + seq), 1.0),
+                                 0.0)
+        use = label != ignore_index
+        if HAS_MASK:
+            use = use & (tl.load(mask_ptr + row) != 0)
+        upstream = tl.where(use, upstream, 0.0)
+        logp_row = tl.where(use, tl.load(logp_ptr + row), 0.0)
+        _, slope = _estimate(logp_row, tl.where(use, tl.load(ref_logp_ptr + row), 0.0), tl.where(use, kl, 0.0),
+                             ESTIMATOR, STRAIGHT_THROUGH, LOG_RATIO_CLAMP, KL_CLAMP)
+        through = tl.where(upstream == 0.0, 0.0, upstream * slope)
+        if ESTIMATOR == 4:
+            g_full = through
+        else:
+            g_logp += through
     # rows nothing flows back from (ignored, masked) get an exact 0, NaN logits or not, and are
     # not read at all
     keep = (label != ignore_index) & ((g_logp != 0.0) | (g_entropy != 0.0) | (g_full != 0.0))
@@ -243,29 +422,46 @@ def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[tor
             logits, ref, labels, logp if temperature is None else temperature,
             logp, ref_logp, entropy, full_kl, lse, ref_lse,
             T, V, ignore_index, vocab_start, vocab_size, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
+            *(lse,) * 4, 0.0, lse,  # no penalty epilogue
             INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None, HAS_REF=has_ref,
-            NEED_ENTROPY=need_entropy, NEED_FULL=need_full, BLOCK_V=block_v, num_warps=num_warps)
+            NEED_ENTROPY=need_entropy, NEED_FULL=need_full, BLOCK_V=block_v, num_warps=num_warps,
+            PENALTY=False, HAS_MASK=False, HAS_COEF_TENSOR=False, **_estimator_constants(0, False, None, None))
     return logp, ref_logp, entropy, full_kl, lse, ref_lse
 
 
+def _or(tensor, stand_in):
+    # an absent optional pointer: any tensor stands in, its kernel branch is compiled out
+    return stand_in if tensor is None else tensor
+
+
 def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_logits, temperature,
-                scalar_temperature, ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl):
+                scalar_temperature, ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl,
+                penalty=None):
+    """penalty: kl_penalty's chain, a dict of the PENALTY arguments of _fused_kl_bwd_kernel (tensors or
+    None) plus its constexprs; None for the row backward alone."""
     B, T, V = logits.shape
     if B * T == 0:
         return
-    ref = ref_logits if (grad_full is not None and ref_logits is not None) else logits
+    use_ref = grad_full is not None or (penalty is not None and penalty["ESTIMATOR"] == ESTIMATOR_CODES["full"])
+    ref = ref_logits if (use_ref and ref_logits is not None) else logits
     block_v, num_warps = _launch_config(V)
+    # every constexpr is passed, none left to its default: torch.compile's Triton analysis wants them all
+    chain = dict(penalty or dict(PENALTY=False, HAS_GRAD_KL=False, HAS_GRAD_PENALTY=False, HAS_GRAD_KL_SUM=False,
+                                 HAS_GRAD_KL_MEAN=False, HAS_MASK=False, HAS_COEF_TENSOR=False,
+                                 **_estimator_constants(0, False, None, None)))
+    pointers = [_or(chain.pop(name, None), lse) for name in _PENALTY_BWD_POINTERS]
     wrap_triton(_fused_kl_bwd_kernel)[(B * T,)](
-        grad, logits, ref, labels, lse if temperature is None else temperature,
-        lse if grad_logp is None else grad_logp, lse if grad_entropy is None else grad_entropy,
-        lse if grad_full is None else grad_full,
-        lse, lse if ref_lse is None else ref_lse, lse if entropy is None else entropy,
-        lse if full_kl is None else full_kl,
+        grad, logits, ref, labels, _or(temperature, lse), _or(grad_logp, lse), _or(grad_entropy, lse),
+        _or(grad_full, lse), lse, _or(ref_lse, lse), _or(entropy, lse), _or(full_kl, lse),
         T, V, ignore_index, vocab_start, vocab_size, grad.stride(0), grad.stride(1), logits.stride(0), logits.stride(1),
-        ref.stride(0), ref.stride(1),
+        ref.stride(0), ref.stride(1), *pointers, chain.pop("kl_coef", 0.0), _or(chain.pop("kl_coef_tensor", None), lse),
         INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        HAS_GRAD_FULL=grad_full is not None, BLOCK_V=block_v, num_warps=num_warps)
+        HAS_GRAD_FULL=use_ref, BLOCK_V=block_v, num_warps=num_warps, **chain)
+
+
+_PENALTY_BWD_POINTERS = ("grad_kl", "grad_penalty", "grad_kl_sum", "grad_kl_mean", "counts", "sequence", "logp",
+                         "ref_logp", "mask")
 
 
 @_register_op("kl_kernels::triton_fused_kl_bwd", mutates_args=())
@@ -292,6 +488,122 @@ def _bwd_inplace_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[to
                 scalar_temperature, ignore_index, vocab_start, vocab_size, lse, ref_lse, entropy, full_kl)
 
 
+def _estimator_constants(estimator, straight_through, log_ratio_clamp, kl_clamp):
+    # compiled in: a run keeps one estimator; 0.0 = no clamp (clamps are > 0)
+    return dict(ESTIMATOR=estimator, STRAIGHT_THROUGH=straight_through, LOG_RATIO_CLAMP=log_ratio_clamp or 0.0,
+                KL_CLAMP=kl_clamp or 0.0)
+
+
+# kl_penalty in one pass: the row kernel with the estimator epilogue, then one program per sequence
+# for the sums (launch 2); the backward is the row backward with the chain from all six outputs.
+# The schemas are the C++ ops' (csrc/registration.cpp); kl_coef stays a runtime argument (adaptive
+# controllers change it every step), the estimator and clamps are compile-time constants.
+SUMS_BLOCK = 1024
+
+
+@_register_op("kl_kernels::triton_kl_penalty_fwd", mutates_args=())
+def _penalty_fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor],
+                    ref_logprobs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor], temperature: Optional[torch.Tensor], scalar_temperature: float,
+                    ignore_index: int, estimator: int, straight_through: bool, log_ratio_clamp: Optional[float],
+                    kl_clamp: Optional[float], kl_coef: Optional[torch.Tensor], scalar_kl_coef: float, padded: bool,
+                    need_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    full = estimator == ESTIMATOR_CODES["full"]
+    has_ref = ref_logits is not None
+    outputs = penalty_outputs(logits, padded, cu_seqlens, has_ref, need_entropy, full)
+    logp, ref_logp, kl, penalty, kl_sum, kl_mean, counts, sequence, entropy, full_kl, lse, ref_lse = outputs
+    B, T, V = logits.shape
+    N, S = B * T, kl_sum.shape[0]
+    mask = None if mask is None else mask.contiguous()
+    constants = _estimator_constants(estimator, straight_through, log_ratio_clamp, kl_clamp)
+    if N > 0:
+        ref = ref_logits if has_ref else logits
+        block_v, num_warps = _launch_config(V)
+        wrap_triton(_fused_kl_fwd_kernel)[(N,)](
+            logits, ref, labels, _or(temperature, logp), logp, ref_logp, entropy, full_kl, lse, ref_lse,
+            T, V, ignore_index, 0, V, logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
+            _or(None if ref_logprobs is None else ref_logprobs.contiguous(), logp), _or(mask, logp), kl, penalty,
+            scalar_kl_coef, _or(kl_coef, logp),
+            INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None, HAS_REF=has_ref,
+            NEED_ENTROPY=need_entropy, NEED_FULL=full, BLOCK_V=block_v, num_warps=num_warps, PENALTY=True,
+            HAS_MASK=mask is not None, HAS_COEF_TENSOR=kl_coef is not None, **constants)
+    if S > 0:
+        cu = None if cu_seqlens is None else cu_seqlens.contiguous()
+        wrap_triton(_sequence_sums_kernel)[(S,)](
+            kl, labels, _or(mask, kl), _or(cu, labels), kl_sum, kl_mean, counts, sequence, N, T,
+            0 if cu is None else cu.shape[0], S, ignore_index, PADDED=padded, HAS_CU=cu is not None,
+            HAS_MASK=mask is not None, BLOCK=SUMS_BLOCK)
+    elif N > 0:  # cu_seqlens of one entry: no sequence, every row outside
+        sequence.fill_(-1)
+    return logp, ref_logp, kl, penalty, kl_sum, kl_mean, counts, sequence, entropy, full_kl, lse, ref_lse
+
+
+def _launch_penalty_bwd(grad, grad_logp, grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean, grad_entropy, logits,
+                        labels, ref_logits, mask, temperature, scalar_temperature, ignore_index, estimator,
+                        straight_through, log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, logp, ref_logp, counts,
+                        sequence, lse, ref_lse, entropy, full_kl):
+    through_kl = any(g is not None for g in (grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean))
+    chain = None
+    if through_kl:
+        chain = dict(grad_kl=grad_kl, grad_penalty=grad_penalty, grad_kl_sum=grad_kl_sum, grad_kl_mean=grad_kl_mean,
+                     counts=counts, sequence=sequence, logp=logp, ref_logp=ref_logp,
+                     mask=None if mask is None else mask.contiguous(), kl_coef=scalar_kl_coef, kl_coef_tensor=kl_coef,
+                     PENALTY=True, HAS_GRAD_KL=grad_kl is not None, HAS_GRAD_PENALTY=grad_penalty is not None,
+                     HAS_GRAD_KL_SUM=grad_kl_sum is not None, HAS_GRAD_KL_MEAN=grad_kl_mean is not None,
+                     HAS_MASK=mask is not None, HAS_COEF_TENSOR=kl_coef is not None,
+                     **_estimator_constants(estimator, straight_through, log_ratio_clamp, kl_clamp))
+    _launch_bwd(grad, grad_logp, grad_entropy, None, logits, labels, ref_logits, temperature, scalar_temperature,
+                ignore_index, 0, logits.shape[2], lse, ref_lse, entropy, full_kl, chain)
+
+
+@_register_op("kl_kernels::triton_kl_penalty_bwd", mutates_args=())
+def _penalty_bwd_op(grad_logp: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor],
+                    grad_penalty: Optional[torch.Tensor], grad_kl_sum: Optional[torch.Tensor],
+                    grad_kl_mean: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], logits: torch.Tensor,
+                    labels: torch.Tensor, ref_logits: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                    temperature: Optional[torch.Tensor], scalar_temperature: float, ignore_index: int, estimator: int,
+                    straight_through: bool, log_ratio_clamp: Optional[float], kl_clamp: Optional[float],
+                    kl_coef: Optional[torch.Tensor], scalar_kl_coef: float, logp: torch.Tensor, ref_logp: torch.Tensor,
+                    counts: torch.Tensor, sequence: torch.Tensor, lse: torch.Tensor, ref_lse: Optional[torch.Tensor],
+                    entropy: Optional[torch.Tensor], full_kl: Optional[torch.Tensor]) -> torch.Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_penalty_bwd(grad, grad_logp, grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean, grad_entropy, logits,
+                        labels, ref_logits, mask, temperature, scalar_temperature, ignore_index, estimator,
+                        straight_through, log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, logp, ref_logp, counts,
+                        sequence, lse, ref_lse, entropy, full_kl)
+    return grad
+
+
+@_register_op("kl_kernels::triton_kl_penalty_bwd_", mutates_args={"logits"})
+def _penalty_bwd_inplace_op(grad_logp: Optional[torch.Tensor], grad_kl: Optional[torch.Tensor],
+                            grad_penalty: Optional[torch.Tensor], grad_kl_sum: Optional[torch.Tensor],
+                            grad_kl_mean: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                            logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor],
+                            mask: Optional[torch.Tensor], temperature: Optional[torch.Tensor],
+                            scalar_temperature: float, ignore_index: int, estimator: int, straight_through: bool,
+                            log_ratio_clamp: Optional[float], kl_clamp: Optional[float],
+                            kl_coef: Optional[torch.Tensor], scalar_kl_coef: float, logp: torch.Tensor,
+                            ref_logp: torch.Tensor, counts: torch.Tensor, sequence: torch.Tensor, lse: torch.Tensor,
+                            ref_lse: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+                            full_kl: Optional[torch.Tensor]) -> None:
+    _launch_penalty_bwd(logits, grad_logp, grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean, grad_entropy, logits,
+                        labels, ref_logits, mask, temperature, scalar_temperature, ignore_index, estimator,
+                        straight_through, log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, logp, ref_logp, counts,
+                        sequence, lse, ref_lse, entropy, full_kl)
+
+
+kl_penalty_fwd, kl_penalty_bwd = penalty_op_backend(torch.ops.kl_kernels.triton_kl_penalty_fwd,
+                                                    torch.ops.kl_kernels.triton_kl_penalty_bwd,
+                                                    torch.ops.kl_kernels.triton_kl_penalty_bwd_,
+                                                    row_dtype=torch.float32)
+
+
+def serves_one_pass(device: torch.device) -> bool:
+    return True  # wherever the backend runs (CUDA; CPU tensors under the interpreter)
+
+
 # the ops' temperature convention is T (as for the C++ ops); the launchers make 1/T a kernel constant,
 # compiled once per value, which trainers keep fixed
 fused_kl_fwd, fused_kl_bwd = op_backend(torch.ops.kl_kernels.triton_fused_kl_fwd,
@@ -305,6 +617,13 @@ def _register_interpreter_fakes() -> None:
         return fwd_outputs(logits, ref_logits is not None, need_entropy, need_full)
 
     _fwd_op.register_fake(fwd)
+    _penalty_fwd_op.register_fake(
+        lambda logits, labels, ref_logits, ref_logprobs, mask, cu_seqlens, temperature, scalar_temperature,
+        ignore_index, estimator, straight_through, log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, padded,
+        need_entropy: penalty_outputs(logits, padded, cu_seqlens, ref_logits is not None, need_entropy,
+                                      estimator == ESTIMATOR_CODES["full"]))
+    _penalty_bwd_op.register_fake(lambda *args: torch.empty_like(args[6]))
+    _penalty_bwd_inplace_op.register_fake(lambda *args: None)
     _bwd_op.register_fake(lambda grad_logp, grad_entropy, grad_full, logits, *rest: torch.empty_like(logits))
     _bwd_inplace_op.register_fake(lambda *args: None)
 
