@@ -216,3 +216,80 @@ def test_every_backend_implements_the_kernel_contract(name):
     assert isinstance(impl, FusedPass)
     assert list(inspect.signature(impl.fused_kl_fwd).parameters) == ["args", "need_entropy", "need_full"]
     assert list(inspect.signature(impl.fused_kl_bwd).parameters) == ["args", "stats", "grads", "inplace"]
+    if BACKENDS[name].is_kernel:  # kl_penalty in one pass: every kernel backend
+        from kl_kernels.dispatch import OnePass
+        assert isinstance(impl, OnePass)
+        assert list(inspect.signature(impl.kl_penalty_fwd).parameters) == ["args", "penalty", "need_entropy"]
+        assert list(inspect.signature(impl.kl_penalty_bwd).parameters) == ["args", "penalty", "stats", "grads",
+                                                                           "inplace"]
+
+
+def _penalty_op_args(device, dtype, packed, given_ref):
+    """Arguments of the one-pass ops (csrc/registration.cpp): k3 with both clamps, a float mask, a
+    kl_coef tensor, a per-row temperature; padded [2, 5] or packed [10] with cu_seqlens."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    shape = (1, 10, 37) if packed else (2, 5, 37)
+    logits = torch.randn(*shape, device=device).to(dtype)
+    ref_logits = None if given_ref else torch.randn(*shape, device=device).to(dtype)
+    ref_logprobs = -torch.rand(10, device=device) * 5 if given_ref else None
+    labels = torch.randint(0, 37, (10,), device=device)
+    labels[3] = -100
+    mask = (torch.rand(10, device=device) > 0.3).float()
+    cu_seqlens = torch.tensor([0, 4, 4, 10], dtype=torch.int32, device=device) if packed else None
+    temperature = torch.rand(10, device=device, dtype=acc) + 0.5
+    kl_coef = torch.tensor(0.2, device=device, dtype=acc)
+    return (logits, labels, ref_logits, ref_logprobs, mask, cu_seqlens, temperature, 1.0, -100,
+            3, False, 20.0, 10.0, kl_coef, 1.0, not packed, True)
+
+
+def _opcheck_penalty_ops(fwd, bwd, bwd_inplace, device, dtype, packed, given_ref):
+    args = _penalty_op_args(device, dtype, packed, given_ref)
+    opcheck(fwd.default, args)
+    out = fwd(*args)
+    logp, ref_logp, kl, penalty, kl_sum, kl_mean, counts, sequence, entropy, full_kl, lse, ref_lse = out
+    grads = [torch.randn_like(t) for t in (logp, kl, penalty, kl_sum, kl_mean, entropy)]
+    logits, labels, ref_logits, _, mask, _, temperature = args[:7]
+    rest = (labels, ref_logits, mask, temperature, *args[7:15], logp, ref_logp, counts, sequence, lse, ref_lse,
+            entropy, full_kl)
+    opcheck(bwd.default, (*grads, logits, *rest))
+    opcheck(bwd_inplace.default, (*grads, logits.clone(), *rest))
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("packed,given_ref", [(False, False), (True, True)])
+def test_penalty_ops_opcheck(dtype, packed, given_ref):
+    ops = torch.ops.kl_kernels
+    _opcheck_penalty_ops(ops.kl_penalty_fwd, ops.kl_penalty_bwd, ops.kl_penalty_bwd_, "cpu", dtype, packed, given_ref)
+
+
+@pytest.mark.skipif(not info("triton").available, reason=str(info("triton").reason))
+@pytest.mark.parametrize("packed,given_ref", [(False, False), (True, True)])
+def test_triton_penalty_ops_opcheck(packed, given_ref):
+    ops = torch.ops.kl_kernels
+    _opcheck_penalty_ops(ops.triton_kl_penalty_fwd, ops.triton_kl_penalty_bwd, ops.triton_kl_penalty_bwd_,
+                         on_device("triton"), torch.float32, packed, given_ref)
+
+
+@needs_cpu
+def test_cpu_kernels_exp_is_within_two_ulp():
+    """The CPU kernels' exp (csrc/cpu/fused_kl.cpp softmax_exp) against float64 e^x: a float32 of
+    every 997th bit pattern over [-104, 0] and [0, 1] (~1.2 million), and the ends: -inf is exactly 0
+    (a banned token adds nothing), NaN stays NaN, denormal results within 2 of their spacing. The
+    AVX-512 build has its own exp (2 ulp); the AVX2 build uses ATen's exp_u20 (20 ulp, ATen's word)."""
+    from kl_kernels.extension import CPU_ISA
+    negative = torch.arange(0x80000000, 0xC2D00001, 997, dtype=torch.int64)  # -0.0 ... -104.0
+    positive = torch.arange(0, 0x3F800001, 997, dtype=torch.int64)  # 0.0 ... 1.0
+    bits = torch.cat([negative, positive, torch.tensor([0xC2D00000, 0x3F800000, 0x80000000])])
+    x = bits.to(torch.int32).view(torch.float32)  # wraps to the same 32 bits
+    got = torch.ops.kl_kernels.softmax_exp(x).double()
+    want = torch.exp(x.double())
+    spacing = (torch.nextafter(want.float(), torch.tensor(float("inf"))) - want.float()).double()
+    normal = want >= torch.finfo(torch.float32).tiny
+    ulps = ((got - want).abs() / spacing)[normal]
+    allowed = 2.0 if CPU_ISA == "avx512" else 20.0
+    assert ulps.max() <= allowed, (ulps.max().item(), x[normal][ulps.argmax()].item())
+    assert ((got - want).abs()[~normal] <= 2 * 2.0 ** -149).all()
+    specials = torch.ops.kl_kernels.softmax_exp(torch.tensor([float("-inf"), float("nan"), -0.0, 0.0, -200.0]))
+    assert specials[0] == 0 and torch.isnan(specials[1]) and specials[2] == 1 and specials[3] == 1
+    assert specials[4] == 0

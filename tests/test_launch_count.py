@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kl_kernels
 
-from conftest import BACKENDS_UNDER_TEST
+from conftest import BACKENDS_UNDER_TEST, GPU_BACKENDS
 
 FORWARD_CEILING = BACKWARD_CEILING = 1  # the contract allows 2; this is what the cpu backend does
 
@@ -52,12 +52,25 @@ CASES = [(layout, estimator, ref) for layout in ("padded", "packed")
 # the backend's one-pass ops; on a GPU the triton op is two kernel launches forward (rows, then
 # per-sequence sums) and one backward, as is the cuda op (bench/gpu_check.sh counts them there)
 ONE_PASS_OPS = {"cpu": ("kl_kernels::kl_penalty_fwd", "kl_kernels::kl_penalty_bwd"),
+                "cuda": ("kl_kernels::kl_penalty_fwd", "kl_kernels::kl_penalty_bwd"),
                 "triton": ("kl_kernels::triton_kl_penalty_fwd", "kl_kernels::triton_kl_penalty_bwd")}
+GPU_KERNEL_CEILINGS = (2, 1)  # on a GPU: kernels launched forward (rows, sums) and backward (rows)
+
+
+def _gpu_kernels(prof):
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 @pytest.mark.parametrize("backend", [b for b in ONE_PASS_OPS if b in BACKENDS_UNDER_TEST])
 @pytest.mark.parametrize("layout,estimator,ref", CASES)
 def test_kl_penalty_is_one_op_each_way(layout, estimator, ref, backend):
+    on_gpu = backend in GPU_BACKENDS and torch.cuda.is_available()  # else triton runs interpreted on CPU
+    with torch.device("cuda" if on_gpu else "cpu"):
+        _count_launches(layout, estimator, ref, backend, on_gpu)
+
+
+def _count_launches(layout, estimator, ref, backend, on_gpu):
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     if layout == "padded":
         shape, extra = (2, 8), {}
     else:
@@ -68,13 +81,16 @@ def test_kl_penalty_is_one_op_each_way(layout, estimator, ref, backend):
                   backend=backend, **reference, **extra)
     kl_kernels.kl_penalty(logits, torch.randint(0, 100, shape), **kwargs)  # warm: first-call work is not counted
     labels = torch.randint(0, 100, shape)
-    with profile(activities=[ProfilerActivity.CPU]) as forward:
+    with profile(activities=activities) as forward:
         out = kl_kernels.kl_penalty(logits, labels, **kwargs)
     # every differentiable output gets an upstream gradient (made before the count starts)
     outputs = [out.logprobs, out.kl, out.penalty, out.kl_sum, out.kl_mean, out.entropy]
     upstream = [torch.rand_like(t) for t in outputs]
-    with profile(activities=[ProfilerActivity.CPU]) as backward:
+    with profile(activities=activities) as backward:
         torch.autograd.backward(outputs, upstream)
     fwd_op, bwd_op = ONE_PASS_OPS[backend]
     assert _launches(forward) == [fwd_op] * FORWARD_CEILING, _launches(forward)
     assert _launches(backward) == [bwd_op] * BACKWARD_CEILING, _launches(backward)
+    if on_gpu:
+        assert len(_gpu_kernels(forward)) <= GPU_KERNEL_CEILINGS[0], _gpu_kernels(forward)
+        assert len(_gpu_kernels(backward)) <= GPU_KERNEL_CEILINGS[1], _gpu_kernels(backward)

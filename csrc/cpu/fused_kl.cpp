@@ -137,6 +137,38 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
   return total;
 }
 
+// e^x for the softmax terms: x = (z - max)/T <= 0 in the forward, log p (<= ~0) in the backward. Two
+// of these per logit are the forward's whole cost, so with AVX-512 it is 12 instructions instead of
+// ATen's exp_u20 (~18): n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite: r keeps its
+// digits for |x| up to ~100), e^r by its Taylor series to r^7 (|r| <= ln2/2: truncation < 1e-8
+// relative), and vscalefps for 2^n, which is also exact at the ends: x is first raised to -104,
+// below which e^x rounds to 0 even as a denormal, so -inf (a banned token) gives exactly 0; NaN
+// stays NaN (max with x second returns x). Finite x above ~88.7 overflow to +inf as e^x does;
+// x = +inf (never passed: the callers' arguments are differences from a maximum) would give NaN.
+// Measured within 0.88 ulp of float64 e^x (exp_u20: 0.57) on every 97th float32 of [-104, 0];
+// tests/test_fused_kl_ops.py holds it to 2 ulp. ~7% off the forward at N = 4096, V = 32000.
+template <typename acc_t>
+Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), v);        // ln 2, high bits
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);       // and the rest
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040), r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+#endif
+  return x.exp_u20();
+}
+
 // Adds one tile of raw logits to a row's sums (s; sx when entropy, sd when full), in the raw
 // units of fused_kl_math.h (sx around the max).
 template <typename acc_t>
@@ -150,7 +182,7 @@ void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const Vec xv = Vec::loadu(x + i);
     const Vec shifted = xv - vm;
-    const Vec e = (shifted * v_inv_t).exp_u20();
+    const Vec e = softmax_exp(shifted * v_inv_t);
     s += e;
     const Vec is_zero = e == zero;  // e^(-inf): the term is 0 even though x is -inf
     if (need_sx) sx += Vec::blendv(e * shifted, zero, is_zero);  // around the tile's max: merge shifts it
@@ -327,7 +359,7 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
           __builtin_prefetch(reinterpret_cast<const char*>(xt + i) + kPrefetchBytes);
           if (row_ref) __builtin_prefetch(reinterpret_cast<const char*>(xrt + i) + kPrefetchBytes);
           const Vec log_p = Vec::loadu(xt + i) * v_inv_t - v_lse;
-          const Vec p = log_p.exp_u20();
+          const Vec p = softmax_exp(log_p);
           const Vec log_q = row_ref ? Vec::loadu(xrt + i) * v_inv_t - v_ref_lse : zero;
           const Vec f = grad_weight(log_p, log_q, v_gl, v_gh, v_ent, v_gf, v_kl, row_ref);
           Vec::blendv(p * f * v_inv_t, zero, p == zero).store(g + i);
@@ -619,9 +651,27 @@ void kl_penalty_bwd_inplace_cpu(KL_PENALTY_BWD_ARGS, Tensor& logits, KL_PENALTY_
   KL_PENALTY_BWD_CALL(logits, logits);
 }
 
+// The kernels' exp over a tensor, so that tests can hold it to float64 (schema in registration.cpp).
+Tensor softmax_exp_cpu(const Tensor& x) {
+  KL_CHECK_ARG(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble), "x",
+               "must be a float32 or float64 CPU tensor");
+  const Tensor in = x.contiguous();
+  Tensor out = at::empty_like(in);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "softmax_exp_cpu", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const scalar_t* src = in.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t n = in.numel(), whole = n / Vec::size() * Vec::size();
+    for (int64_t i = 0; i < whole; i += Vec::size()) softmax_exp(Vec::loadu(src + i)).store(dst + i);
+    if (whole < n) softmax_exp(Vec::loadu(src + whole, n - whole)).store(dst + whole, n - whole);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kl_kernels, CPU, m) {
+  m.impl("softmax_exp", &softmax_exp_cpu);
   m.impl("fused_kl_fwd", &fused_kl_fwd_cpu);
   m.impl("fused_kl_bwd", &fused_kl_bwd_cpu);
   m.impl("fused_kl_bwd_", &fused_kl_bwd_inplace_cpu);
