@@ -17,3 +17,25 @@ inline VocabShard checked_shard(int64_t vocab_start, int64_t vocab_size, int64_t
 }
 
 }  // namespace kl_kernels
+
+// kl_penalty_bwd's arguments (csrc/registration.cpp) in three parts around the logits, so the CPU and
+// CUDA glue declare them once: its six upstream gradients, the rest, and a call of the device's
+// kl_penalty_bwd_into with them that writes `grad`. The glue includes <ATen/core/Tensor.h> and
+// <optional> and has `using at::Tensor` before these are expanded.
+#define KL_PENALTY_BWD_ARGS                                                                                        \
+  const std::optional<Tensor>&grad_logp, const std::optional<Tensor>&grad_kl,                                      \
+      const std::optional<Tensor>&grad_penalty, const std::optional<Tensor>&grad_kl_sum,                           \
+      const std::optional<Tensor>&grad_kl_mean, const std::optional<Tensor>&grad_entropy
+#define KL_PENALTY_BWD_REST                                                                                        \
+  const Tensor &labels, const std::optional<Tensor>&ref_logits, const std::optional<Tensor>&mask,                 \
+      const std::optional<Tensor>&temperature, double scalar_temperature, int64_t ignore_index, int64_t estimator, \
+      bool straight_through, std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,               \
+      const std::optional<Tensor>&kl_coef, double scalar_kl_coef, const Tensor &logp, const Tensor &ref_logp,     \
+      const Tensor &counts, const Tensor &sequence, const Tensor &lse,                                             \
+      const std::optional<Tensor>&ref_lse, const std::optional<Tensor>&entropy_out,                              \
+      const std::optional<Tensor>&full_out
+#define KL_PENALTY_BWD_CALL(logits, grad)                                                                          \
+  kl_penalty_bwd_into(grad_logp, grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean, grad_entropy, logits, labels,  \
+                      ref_logits, mask, temperature, scalar_temperature, ignore_index, estimator, straight_through, \
+                      log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, logp, ref_logp, counts, sequence, lse,   \
+                      ref_lse, entropy_out, full_out, grad)

@@ -561,18 +561,7 @@ PenaltyOutputs kl_penalty_fwd_cpu(const Tensor& logits, const Tensor& labels, co
 
 // The rows' upstream gradients (of logp and, for `full`, of the exact KL) from those of the six
 // outputs, then the row backward.
-void kl_penalty_bwd_into(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_kl,
-                         const std::optional<Tensor>& grad_penalty, const std::optional<Tensor>& grad_kl_sum,
-                         const std::optional<Tensor>& grad_kl_mean, const std::optional<Tensor>& grad_entropy,
-                         const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
-                         const std::optional<Tensor>& mask, const std::optional<Tensor>& temperature,
-                         double scalar_temperature, int64_t ignore_index, int64_t estimator, bool straight_through,
-                         std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,
-                         const std::optional<Tensor>& kl_coef, double scalar_kl_coef, const Tensor& logp,
-                         const Tensor& ref_logp, const Tensor& counts, const Tensor& sequence,
-                         const Tensor& lse, const std::optional<Tensor>& ref_lse,
-                         const std::optional<Tensor>& entropy_out, const std::optional<Tensor>& full_out,
-                         Tensor& grad) {
+void kl_penalty_bwd_into(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_BWD_REST, Tensor& grad) {
   check_rows(logits, "logits");
   const int64_t B = logits.size(0), T = logits.size(1), N = B * T;
   check_labels(labels, N);
@@ -621,24 +610,6 @@ void kl_penalty_bwd_into(const std::optional<Tensor>& grad_logp, const std::opti
                       full ? full_out : std::optional<Tensor>(), grad);
   });
 }
-
-#define KL_PENALTY_BWD_ARGS                                                                                        \
-  const std::optional<Tensor>&grad_logp, const std::optional<Tensor>&grad_kl,                                      \
-      const std::optional<Tensor>&grad_penalty, const std::optional<Tensor>&grad_kl_sum,                           \
-      const std::optional<Tensor>&grad_kl_mean, const std::optional<Tensor>&grad_entropy
-#define KL_PENALTY_BWD_REST                                                                                        \
-  const Tensor &labels, const std::optional<Tensor>&ref_logits, const std::optional<Tensor>&mask,                 \
-      const std::optional<Tensor>&temperature, double scalar_temperature, int64_t ignore_index, int64_t estimator, \
-      bool straight_through, std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,               \
-      const std::optional<Tensor>&kl_coef, double scalar_kl_coef, const Tensor &logp, const Tensor &ref_logp,     \
-      const Tensor &counts, const Tensor &sequence, const Tensor &lse,                                             \
-      const std::optional<Tensor>&ref_lse, const std::optional<Tensor>&entropy_out,                              \
-      const std::optional<Tensor>&full_out
-#define KL_PENALTY_BWD_CALL(logits, grad)                                                                          \
-  kl_penalty_bwd_into(grad_logp, grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean, grad_entropy, logits, labels,  \
-                      ref_logits, mask, temperature, scalar_temperature, ignore_index, estimator, straight_through, \
-                      log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, logp, ref_logp, counts, sequence, lse,   \
-                      ref_lse, entropy_out, full_out, grad)
 
 Tensor kl_penalty_bwd_cpu(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_BWD_REST) {
   Tensor grad = at::empty(logits.sizes(), logits.options());

@@ -261,17 +261,7 @@ PenaltyOutputs kl_penalty_fwd_cuda(const Tensor& logits, const Tensor& labels, c
   return {logp, ref_logp, kl, penalty, kl_sum, kl_mean, counts, sequence, entropy, full_kl, lse, ref_lse};
 }
 
-void kl_penalty_bwd_into(const std::optional<Tensor>& grad_logp, const std::optional<Tensor>& grad_kl,
-                         const std::optional<Tensor>& grad_penalty, const std::optional<Tensor>& grad_kl_sum,
-                         const std::optional<Tensor>& grad_kl_mean, const std::optional<Tensor>& grad_entropy,
-                         const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
-                         const std::optional<Tensor>& mask, const std::optional<Tensor>& temperature,
-                         double scalar_temperature, int64_t ignore_index, int64_t estimator, bool straight_through,
-                         std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,
-                         const std::optional<Tensor>& kl_coef, double scalar_kl_coef, const Tensor& logp,
-                         const Tensor& ref_logp, const Tensor& counts, const Tensor& sequence, const Tensor& lse,
-                         const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& entropy,
-                         const std::optional<Tensor>& full_kl, const Tensor& grad) {
+void kl_penalty_bwd_into(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_BWD_REST, const Tensor& grad) {
   check_rows(logits, "logits");
   const int64_t N = logits.size(0) * logits.size(1), S = counts.numel();
   for (const auto& [t, name] : {std::pair{&grad_kl, "grad_kl"}, {&grad_penalty, "grad_penalty"}}) {
@@ -291,25 +281,8 @@ void kl_penalty_bwd_into(const std::optional<Tensor>& grad_logp, const std::opti
                          spec_of(estimator, straight_through, log_ratio_clamp, kl_clamp), coef_ptr(kl_coef),
                          static_cast<float>(scalar_kl_coef)};
   fused_kl_bwd_into(grad_logp, grad_entropy, std::nullopt, logits, labels, ref_logits, temperature,
-                    scalar_temperature, ignore_index, 0, logits.size(2), lse, ref_lse, entropy, full_kl, grad, chain);
+                    scalar_temperature, ignore_index, 0, logits.size(2), lse, ref_lse, entropy_out, full_out, grad, chain);
 }
-
-#define KL_PENALTY_BWD_ARGS                                                                                        \
-  const std::optional<Tensor>&grad_logp, const std::optional<Tensor>&grad_kl,                                      \
-      const std::optional<Tensor>&grad_penalty, const std::optional<Tensor>&grad_kl_sum,                           \
-      const std::optional<Tensor>&grad_kl_mean, const std::optional<Tensor>&grad_entropy
-#define KL_PENALTY_BWD_REST                                                                                        \
-  const Tensor &labels, const std::optional<Tensor>&ref_logits, const std::optional<Tensor>&mask,                 \
-      const std::optional<Tensor>&temperature, double scalar_temperature, int64_t ignore_index, int64_t estimator, \
-      bool straight_through, std::optional<double> log_ratio_clamp, std::optional<double> kl_clamp,               \
-      const std::optional<Tensor>&kl_coef, double scalar_kl_coef, const Tensor &logp, const Tensor &ref_logp,     \
-      const Tensor &counts, const Tensor &sequence, const Tensor &lse, const std::optional<Tensor>&ref_lse,       \
-      const std::optional<Tensor>&entropy, const std::optional<Tensor>&full_kl
-#define KL_PENALTY_BWD_CALL(logits, grad)                                                                          \
-  kl_penalty_bwd_into(grad_logp, grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean, grad_entropy, logits, labels,  \
-                      ref_logits, mask, temperature, scalar_temperature, ignore_index, estimator, straight_through, \
-                      log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef, logp, ref_logp, counts, sequence, lse,   \
-                      ref_lse, entropy, full_kl, grad)
 
 Tensor kl_penalty_bwd_cuda(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_BWD_REST) {
   check_rows(logits, "logits");

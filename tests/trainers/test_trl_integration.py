@@ -164,9 +164,14 @@ def test_grpo_end_to_end(tmp_path):
     assert counts["trl.trainer.utils._ChunkedLogProbFunction"][1] == 0
     steps = [(a, b) for a, b in zip(plain, fused) if "loss" in a]
     assert len(steps) == 3
-    for a, b in steps:
+    # The first step (before any update) within 1e-4; later steps within 1%: Adam's first steps move
+    # every weight by about lr whatever its gradient's size, so the gradients' last bits (a few ulp
+    # between any two float32 log-softmax kernels) steer the weights whose gradient is ~0, and the
+    # runs drift apart (measured: kl, the policy's drift from the reference, 0.45% apart and
+    # grad_norm 0.02% at step 3, once the CPU kernel's exp changed by under 1 ulp).
+    for step, (a, b) in enumerate(steps):
         for key in ("loss", "kl", "entropy", "reward", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+            assert b[key] == pytest.approx(a[key], rel=1e-4 if step == 0 else 1e-2, abs=1e-7), (step, key)
     assert steps[-1][1]["kl"] > 0  # the policy moved: the KL term is live
     # transformers' default on a CPU with bf16: TRL's head runs its tiles under bf16 autocast, and so
     # does the replacement (no fallback)
