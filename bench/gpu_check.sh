@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh        (writes under $OUT, default ./gpu_out)
 # 1. installs this package against the machine's torch (builds the CUDA extension when nvcc and a
 #    CUDA torch are there; Liger-Kernel too when a wheel was carried in wheels/), 2. runs the whole
-#    test suite on CUDA (the GPU backends on CUDA tensors), 3. runs kl-bench at the issues' shapes
+#    test suite on CUDA (the GPU backends on CUDA tensors; tests/test_launch_count.py counts
+#    kl_penalty's CUDA kernels there: issue 14 wants <= 2 forward, <= 1 backward), 3. runs kl-bench at the issues' shapes
 #    (N = 16384, V = 32000 / 128256 / 151936, bf16) for eager and every backend present (+ liger),
 #    4. kl-bench --linear (hidden states, N = 8192, H = 4096, V = 128256, bf16).
 # At most 8 files come back from a device call: environment, install (+ build_inplace when it runs),
@@ -57,7 +58,7 @@ python -c "import kl_kernels; [print(b) for b in kl_kernels.available_backends()
 # GPU_CHECK_TESTS / _BENCH / _PROVIDERS override what runs (a CPU smoke test of this script uses both)
 # the GPU backends' tests (CI runs the CPU ones; the compile-only checks need no GPU)
 gpu_names=$(python -c "from kl_kernels.dispatch import BACKENDS; print(' or '.join(n for n, b in BACKENDS.items() if b.home == 'cuda'))")
-gpu_tests=(tests -k "($gpu_names) and not compile_for_gpu and not plain_nvcc and not lower_without")
+gpu_tests=(tests -k "($gpu_names) and not compile_for_gpu and not plain_nvcc and not glue_compiles and not lower_without")
 if [ -n "${GPU_CHECK_TESTS:-}" ]; then gpu_tests=($GPU_CHECK_TESTS); fi
 step tests 200 python -m pytest "${gpu_tests[@]}" -q -x -p no:cacheprovider -m "not slow" -rs
 
