@@ -97,3 +97,19 @@ def test_ref_logits_get_no_gradient(backend):
     out.kl_sum.sum().backward()
     assert ref_leaf.grad is None and logits.grad is not None
     assert not out.ref_logprobs.requires_grad
+
+
+def test_kl_coef_tensor_gets_its_gradient(backend):
+    """A kl_coef tensor that requires grad (a learned or scheduled coefficient) gets d/d kl_coef of the
+    penalty, -sum(g_penalty * kl), as autograd of the formula gives, next to the logits' gradient."""
+    logits, ref_logits, labels, mask = make_inputs(2, 7, 41)
+    leaf, coef = logits.clone().requires_grad_(True), torch.tensor(0.3, requires_grad=True)
+    out = kl_kernels.kl_penalty(leaf, labels, ref_logits=ref_logits, mask=mask, estimator="k3", kl_coef=coef,
+                                backend=backend)
+    weights = torch.randn(out.penalty.shape)
+    (out.penalty * weights).sum().backward()
+    ref_leaf, ref_coef = logits.double().requires_grad_(True), torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    want = truth.kl_penalty(ref_leaf, labels, ref_logits=ref_logits, mask=mask, estimator="k3", kl_coef=ref_coef)
+    (want["penalty"] * weights.double()).sum().backward()
+    torch.testing.assert_close(coef.grad.double(), ref_coef.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-4, atol=1e-5)
