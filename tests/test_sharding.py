@@ -8,6 +8,10 @@ sharded call and the single-process call, and compares. Failures come back as th
 """
 from __future__ import annotations
 
+import faulthandler
+import os
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,11 +38,18 @@ def _run(world_size: int, worker):
 
 
 def _entry(rank, world_size, port, worker):
+    # once in ~3 full-suite runs a worker died with SIGABRT ("terminate called without an active
+    # exception", no Python error): faulthandler prints where it happens, and a worker that finished
+    # leaves with os._exit, skipping the interpreter's teardown of gloo's threads
+    faulthandler.enable()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     worker(rank, world_size, dist.group.WORLD)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _span(rank, world_size):
