@@ -3,10 +3,11 @@ of tokens at a time, consumed by a backend's fused row pass, and dropped; never 
 
 Forward, per tile of rows: z = hidden_tile @ weight^T (+ bias) in the input dtype (a BLAS matmul
 with float accumulation, as F.linear), the model's logit transform g (logit_scale, then Gemma's
-softcap c * tanh(z / c)), then the backend's fused_kl_fwd on the tile. Backward, per tile: the same
-z recomputed, the backend's fused_kl_bwd written over it in place (dlogits), g's derivative, then
-grad_hidden_tile = dlogits @ weight and grad_weight += dlogits^T @ hidden_tile in float32. Tiles
-come from the shapes and a memory budget only, in a fixed order: results are bitwise reproducible.
+softcap c * tanh(z / c)), then the backend's fused_kl_fwd on the tile. Backward, per chunk of
+vocabulary rows and tile of tokens: the same z recomputed, the backend's fused_kl_bwd written over it
+in place (dlogits), g's derivative, then grad_hidden_tile += dlogits @ weight_chunk and
+grad_weight_chunk += dlogits^T @ hidden_tile in float32. Tiles and chunks come from the shapes and
+memory budgets only, in a fixed order: results are bitwise reproducible.
 
 linear_kl_penalty adds the reference model's tiles (frozen) and finishes with kl_penalty's O(N)
 epilogue (api._penalty_outputs): same estimators, masks, sums and outputs. integrations.trl and
@@ -34,8 +35,8 @@ TILE_BYTES = 512 << 20
 # has at most max(512, N / 8) rows: well below the whole logits tensor even when the budget is not
 # (N = 4096, V = 32000: 2097 rows fit 512 MiB, which would have held half the logits).
 EFFICIENT_TILE_ROWS = 512
-# The bf16/fp16 weight gradient of a tile is made this many bytes of vocabulary rows at a time
-# before it joins the float32 sum (a whole [V, H] buffer was 262 MB at V = 32000, H = 4096).
+# The backward's vocabulary chunks: this many bytes of float32 weight-gradient rows (2048 rows at
+# H = 4096), summed over the token tiles before they are written in the weight's dtype.
 PARTIAL_BYTES = 32 << 20
 
 
@@ -111,17 +112,27 @@ class LinearKLFunction(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
         if grad_logp is None and grad_entropy is None and grad_full is None:
             return (None,) * 13
-        # each tile writes its own rows of the hidden gradient once: no float32 sum needed
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        # a tile's weight gradient goes straight into the float32 sum (addmm_); in a lower dtype the
-        # matmul runs in it (as F.linear's backward would), PARTIAL_BYTES of vocabulary rows at a time,
-        # into one reused buffer: no [V, H] buffer beside the float32 sum, and no fresh pages per tile
-        # (they cost more than the matmul's own memory traffic)
-        vocab_rows = max(1, PARTIAL_BYTES // max(1, weight.shape[1] * weight.element_size()))
-        partial = torch.empty((min(vocab_rows, weight.shape[0]), weight.shape[1]), dtype=weight.dtype,
-                              device=weight.device) if need_weight and weight.dtype != torch.float32 else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        n_tokens, (vocab, hidden_size) = hidden.shape[0], weight.shape
+        # Vocabulary chunks outer, token tiles inner, when the weight needs a gradient: each chunk's
+        # weight gradient is summed over the tiles in a chunk-sized float32 buffer and written once in
+        # the weight's dtype, so no [V, H] float32 sum is ever held (524 MB at V = 32000, H = 4096).
+        # A chunk is a slice of the vocabulary to the row kernels (a VocabShard at its offset): p comes
+        # from the saved whole-vocabulary lse, the label term only in the chunk that holds the label.
+        # Without a weight gradient: one chunk, the whole vocabulary.
+        chunk = min(vocab, max(1, PARTIAL_BYTES // (4 * hidden_size))) if need_weight else vocab
+        single = chunk == vocab
+        wide = compute_dtype(weight.dtype)  # the sums' dtype: float32, float64 for float64
+        summed_in_place = weight.dtype == wide
+        # the hidden gradient: written tile by tile (one chunk), else summed over chunks
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if single else
+                           torch.zeros(hidden.shape, dtype=wide, device=hidden.device))
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
+        # a float32 (float64) weight's gradient is its own sum; a lower dtype's chunk sums in this buffer
+        chunk_sum = torch.empty((chunk, hidden_size), dtype=wide, device=weight.device) \
+            if need_weight and not summed_in_place else None
+        grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
         use_ref = grad_full is not None and ref_hidden is not None
         # rows nothing flows back from (masked, ignored) have dlogits 0, but 0 * NaN is NaN in the
         # weight gradient's matmul: their hidden rows are replaced by 0 there (select, not multiply)
@@ -129,37 +140,50 @@ class LinearKLFunction(torch.autograd.Function):
         flows = [g != 0 for g in (grad_logp, grad_entropy, grad_full) if g is not None]
         live = live & torch.stack(flows).any(0)
         zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-        for n0 in range(0, hidden.shape[0], ctx.rows):
-            n1 = min(n0 + ctx.rows, hidden.shape[0])
-            hidden_tile = hidden[n0:n1]
-            z, tanh = _logits_tile(hidden_tile, weight, bias, ctx.logit_scale, ctx.softcap)
-            ref_z = _logits_tile(ref_hidden[n0:n1], ref_weight, ref_bias, ctx.logit_scale, ctx.softcap)[0] \
-                if use_ref else None
-            stats = RowStats(None, None, entropy[n0:n1] if entropy.numel() else None,
-                             full_kl[n0:n1] if full_kl.numel() else None, lse[n0:n1],
-                             ref_lse[n0:n1] if use_ref else None)
-            grads = RowGrads(*(_rows(g, n0, n1) for g in (grad_logp, grad_entropy, grad_full)))
-            dz = ctx.impl.fused_kl_bwd(_tile_args(args, z, ref_z, n0, n1), stats, grads, True).view(z.shape)  # in place: z now holds dlogits
-            if tanh is not None:  # selected: a dead row's tanh may be NaN (NaN hidden states under the mask)
-                dz = torch.where(live[n0:n1, None], dz * (1.0 - tanh * tanh), 0.0)
-            if ctx.logit_scale != 1.0:
-                dz = dz * ctx.logit_scale
-            dz = dz.to(weight.dtype)
-            if grad_hidden is not None:
-                grad_hidden[n0:n1] = dz @ weight
-            if grad_weight is not None:
-                live_hidden = torch.where(live[n0:n1, None], hidden_tile, zero)
-                if partial is None:
-                    grad_weight.addmm_(dz.t(), live_hidden)
-                else:
-                    for v0 in range(0, weight.shape[0], vocab_rows):  # fixed order: deterministic
-                        v1 = min(v0 + vocab_rows, weight.shape[0])
-                        grad_weight[v0:v1].add_(torch.mm(dz[:, v0:v1].t(), live_hidden, out=partial[:v1 - v0]))
-            if grad_bias is not None:
-                grad_bias += dz.float().sum(0)
-            del z, tanh, ref_z, dz  # before the next tile is made
-        del partial
-        return (None, _cast(grad_hidden, hidden), _cast(grad_weight, weight), _cast(grad_bias, bias)) + (None,) * 9
+        for v0 in range(0, vocab, chunk):  # fixed orders, chunks then tiles: deterministic
+            v1 = min(v0 + chunk, vocab)
+            w, b = weight[v0:v1], None if bias is None else bias[v0:v1]
+            ref_w, ref_b = (ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1]) if use_ref else (None, None)
+            chunk_args = args._replace(shard=args.shard._replace(start=args.shard.start + v0))
+            if need_weight:
+                weight_sum = grad_weight[v0:v1] if summed_in_place else chunk_sum[:v1 - v0]
+                weight_sum.zero_()
+            for n0 in range(0, n_tokens, ctx.rows):
+                n1 = min(n0 + ctx.rows, n_tokens)
+                hidden_tile = hidden[n0:n1]
+                z, tanh = _logits_tile(hidden_tile, w, b, ctx.logit_scale, ctx.softcap)
+                ref_z = _logits_tile(ref_hidden[n0:n1], ref_w, ref_b, ctx.logit_scale, ctx.softcap)[0] \
+                    if use_ref else None
+                stats = RowStats(None, None, entropy[n0:n1] if entropy.numel() else None,
+                                 full_kl[n0:n1] if full_kl.numel() else None, lse[n0:n1],
+                                 ref_lse[n0:n1] if use_ref else None)
+                grads = RowGrads(*(_rows(g, n0, n1) for g in (grad_logp, grad_entropy, grad_full)))
+                # in place: z now holds dlogits
+                dz = ctx.impl.fused_kl_bwd(_tile_args(chunk_args, z, ref_z, n0, n1), stats, grads, True).view(z.shape)
+                if tanh is not None:  # selected: a dead row's tanh may be NaN (NaN hidden states under the mask)
+                    dz = torch.where(live[n0:n1, None], dz * (1.0 - tanh * tanh), 0.0)
+                if ctx.logit_scale != 1.0:
+                    dz = dz * ctx.logit_scale
+                dz = dz.to(weight.dtype)
+                if grad_hidden is not None:
+                    if single:
+                        grad_hidden[n0:n1] = dz @ w
+                    elif summed_in_place:
+                        grad_hidden[n0:n1].addmm_(dz, w)
+                    else:  # the matmul in the weight's dtype (as F.linear's backward), summed in float32
+                        grad_hidden[n0:n1] += dz @ w
+                if need_weight:
+                    live_hidden = torch.where(live[n0:n1, None], hidden_tile, zero)
+                    if summed_in_place:
+                        weight_sum.addmm_(dz.t(), live_hidden)
+                    else:
+                        weight_sum += dz.t() @ live_hidden
+                if grad_bias is not None:
+                    grad_bias[v0:v1] += dz.to(wide).sum(0)
+                del z, tanh, ref_z, dz  # before the next tile is made
+            if need_weight and not summed_in_place:
+                grad_weight[v0:v1] = weight_sum
+        return (None, _cast(grad_hidden, hidden), grad_weight, _cast(grad_bias, bias)) + (None,) * 9
 
 
 def _tile_args(args, z, ref_z, n0, n1):
