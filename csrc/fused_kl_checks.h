@@ -18,10 +18,21 @@ inline VocabShard checked_shard(int64_t vocab_start, int64_t vocab_size, int64_t
 
 }  // namespace kl_kernels
 
-// kl_penalty_bwd's arguments (csrc/registration.cpp) in three parts around the logits, so the CPU and
-// CUDA glue declare them once: its six upstream gradients, the rest, and a call of the device's
-// kl_penalty_bwd_into with them that writes `grad`. The glue includes <ATen/core/Tensor.h> and
-// <optional> and has `using at::Tensor` before these are expanded.
+// kl_penalty_fwd's arguments and outputs, and kl_penalty_bwd's arguments in three parts around the
+// logits (csrc/registration.cpp), so the CPU and CUDA glue declare them once: the backward's six
+// upstream gradients, the rest, and a call of the device's kl_penalty_bwd_into with them that writes
+// `grad`. The glue includes <ATen/core/Tensor.h>, <optional> and <tuple> and has `using at::Tensor`
+// before these are expanded.
+#define KL_PENALTY_FWD_ARGS                                                                                        \
+  const Tensor &logits, const Tensor &labels, const std::optional<Tensor>&ref_logits,                             \
+      const std::optional<Tensor>&ref_logprobs, const std::optional<Tensor>&mask,                                 \
+      const std::optional<Tensor>&cu_seqlens, const std::optional<Tensor>&temperature, double scalar_temperature, \
+      int64_t ignore_index, int64_t estimator, bool straight_through, std::optional<double> log_ratio_clamp,      \
+      std::optional<double> kl_clamp, const std::optional<Tensor>&kl_coef, double scalar_kl_coef, bool padded,    \
+      bool need_entropy
+// logp, ref_logp, kl, penalty, kl_sum, kl_mean, counts, sequence, entropy, full_kl, lse, ref_lse
+#define KL_PENALTY_FWD_OUTPUTS                                                                                     \
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
 #define KL_PENALTY_BWD_ARGS                                                                                        \
   const std::optional<Tensor>&grad_logp, const std::optional<Tensor>&grad_kl,                                      \
       const std::optional<Tensor>&grad_penalty, const std::optional<Tensor>&grad_kl_sum,                           \

@@ -104,20 +104,29 @@ class FusedPenaltyFunction(torch.autograd.Function):
         return None, grad, coef_grad, None, None, None, None
 
 
+def _row_converter(row_dtype):
+    """[N] inputs as the ops want them: contiguous, in row_dtype when given (the Triton kernels read fp32)."""
+    def rows(t):
+        return None if t is None else (t if row_dtype is None else t.to(row_dtype)).contiguous()
+    return rows
+
+
+def _tensor_or_float(value, convert=lambda t: t):
+    """The ops' (Tensor?, float) pair for a value that is a tensor or a float: (tensor, 1.0) or (None, value)."""
+    return (convert(value), 1.0) if isinstance(value, torch.Tensor) else (None, float(value))
+
+
 def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
     """fused_kl_fwd / fused_kl_bwd of dispatch.FusedPass over a backend's three registered ops (the
     C++ ops and the Triton ops share one schema). The ops' temperature convention, the same for every
     backend: T itself, as an [N] tensor (None when scalar) plus a float (1.0 when a tensor); the
     shard as two ints, vocab_start and vocab_size.
     row_dtype: the dtype the ops want [N] inputs in (the Triton kernels read fp32), None for as given."""
-    def rows(t):
-        return None if t is None else (t if row_dtype is None else t.to(row_dtype)).contiguous()
+    rows = _row_converter(row_dtype)
 
     def common(args: PassArgs):
-        temperature = args.temperature
-        split = (rows(temperature), 1.0) if isinstance(temperature, torch.Tensor) else (None, float(temperature))
-        return (args.logits, args.labels, args.ref_logits, *split, args.ignore_index, args.shard.start,
-                args.shard.size)
+        return (args.logits, args.labels, args.ref_logits, *_tensor_or_float(args.temperature, rows),
+                args.ignore_index, args.shard.start, args.shard.size)
 
     def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStats:
         logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(*common(args), need_entropy, need_full)
@@ -138,16 +147,12 @@ def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
 def penalty_op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
     """kl_penalty_fwd / kl_penalty_bwd of dispatch.OnePass over a backend's three one-pass ops (one
     schema for the C++ and Triton ops, csrc/registration.cpp), in op_backend's conventions."""
-    def rows(t):
-        return None if t is None else (t if row_dtype is None else t.to(row_dtype)).contiguous()
+    rows = _row_converter(row_dtype)
 
     def common(args: PassArgs, penalty: PenaltyArgs):
-        temperature = args.temperature
-        split = (rows(temperature), 1.0) if isinstance(temperature, torch.Tensor) else (None, float(temperature))
         est = penalty.estimator
-        coef = (penalty.kl_coef, 1.0) if isinstance(penalty.kl_coef, torch.Tensor) else (None, float(penalty.kl_coef))
-        return (*split, args.ignore_index, ESTIMATOR_CODES[est.name], est.straight_through, est.log_ratio_clamp,
-                est.kl_clamp, *coef)
+        return (*_tensor_or_float(args.temperature, rows), args.ignore_index, ESTIMATOR_CODES[est.name],
+                est.straight_through, est.log_ratio_clamp, est.kl_clamp, *_tensor_or_float(penalty.kl_coef))
 
     def kl_penalty_fwd(args: PassArgs, penalty: PenaltyArgs, need_entropy: bool) -> PenaltyStats:
         out = fwd_op(args.logits, args.labels, args.ref_logits, penalty.ref_logprobs, penalty.mask, penalty.cu_seqlens,

@@ -492,16 +492,7 @@ acc_t coefficient(const std::optional<Tensor>& kl_coef, double scalar_kl_coef) {
                              : static_cast<acc_t>(scalar_kl_coef);
 }
 
-using PenaltyOutputs =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-PenaltyOutputs kl_penalty_fwd_cpu(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
-                                  const std::optional<Tensor>& ref_logprobs, const std::optional<Tensor>& mask,
-                                  const std::optional<Tensor>& cu_seqlens, const std::optional<Tensor>& temperature,
-                                  double scalar_temperature, int64_t ignore_index, int64_t estimator,
-                                  bool straight_through, std::optional<double> log_ratio_clamp,
-                                  std::optional<double> kl_clamp, const std::optional<Tensor>& kl_coef,
-                                  double scalar_kl_coef, bool padded, bool need_entropy) {
+KL_PENALTY_FWD_OUTPUTS kl_penalty_fwd_cpu(KL_PENALTY_FWD_ARGS) {
   const bool full = estimator == kFull;
   KL_CHECK_ARG(ref_logits.has_value() != ref_logprobs.has_value(), "ref_logits", "or ref_logprobs: exactly one is needed");
   auto [logp, ref_logp, ent, full_kl, lse, ref_lse] = fused_kl_fwd_cpu(

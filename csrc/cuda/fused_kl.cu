@@ -214,16 +214,7 @@ const float* coef_ptr(const std::optional<Tensor>& kl_coef) {
   return kl_coef->data_ptr<float>();
 }
 
-using PenaltyOutputs =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-PenaltyOutputs kl_penalty_fwd_cuda(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
-                                   const std::optional<Tensor>& ref_logprobs, const std::optional<Tensor>& mask,
-                                   const std::optional<Tensor>& cu_seqlens, const std::optional<Tensor>& temperature,
-                                   double scalar_temperature, int64_t ignore_index, int64_t estimator,
-                                   bool straight_through, std::optional<double> log_ratio_clamp,
-                                   std::optional<double> kl_clamp, const std::optional<Tensor>& kl_coef,
-                                   double scalar_kl_coef, bool padded, bool need_entropy) {
+KL_PENALTY_FWD_OUTPUTS kl_penalty_fwd_cuda(KL_PENALTY_FWD_ARGS) {
   check_common(logits, labels, ref_logits, temperature);
   KL_CHECK_ARG(ref_logits.has_value() != ref_logprobs.has_value(), "ref_logits", "or ref_logprobs: exactly one is needed");
   const int64_t B = logits.size(0), T = logits.size(1), N = B * T;
