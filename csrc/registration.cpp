@@ -99,6 +99,6 @@ TORCH_LIBRARY(kl_kernels, m) {
   m.def(KL_PENALTY_BWD_SCHEMA("kl_penalty_bwd", "Tensor logits") " -> Tensor");
   m.def(KL_PENALTY_BWD_SCHEMA("kl_penalty_bwd_", "Tensor(a!) logits") " -> ()");
 #undef KL_PENALTY_BWD_SCHEMA
-  // the CPU kernels' exp (e^x for x <= 0, the softmax terms), elementwise: for tests only
-  m.def("softmax_exp(Tensor x) -> Tensor");
+  // the CPU kernels' 2^y (the softmax terms, y = log2 of each term), elementwise: for tests only
+  m.def("softmax_exp2(Tensor x) -> Tensor");
 }

@@ -272,24 +272,24 @@ def test_triton_penalty_ops_opcheck(packed, given_ref):
 
 
 @needs_cpu
-def test_cpu_kernels_exp_is_within_two_ulp():
-    """The CPU kernels' exp (csrc/cpu/fused_kl.cpp softmax_exp) against float64 e^x: a float32 of
-    every 997th bit pattern over [-104, 0] and [0, 1] (~1.2 million), and the ends: -inf is exactly 0
-    (a banned token adds nothing), NaN stays NaN, denormal results within 2 of their spacing. The
-    AVX-512 build has its own exp (2 ulp); the AVX2 build uses ATen's exp_u20 (20 ulp, ATen's word)."""
-    from kl_kernels.extension import CPU_ISA
-    negative = torch.arange(0x80000000, 0xC2D00001, 997, dtype=torch.int64)  # -0.0 ... -104.0
+def test_cpu_kernels_exp2_is_within_two_ulp():
+    """The CPU kernels' 2^y (csrc/cpu/fused_kl.cpp softmax_exp2: every softmax term is a power of two
+    there) against float64 2^y: a float32 of every 997th bit pattern over [-151, 0] and [0, 1] (~1.2
+    million), and the ends: -inf is exactly 0 (a banned token adds nothing), NaN stays NaN, results
+    below float32's normal range within 2 of their spacing. The AVX-512 build has its own 2^y (2 ulp);
+    the AVX2 build uses ATen's (Sleef's exp2, 1 ulp)."""
+    negative = torch.arange(0x80000000, 0xC3170001, 997, dtype=torch.int64)  # -0.0 ... -151.0
     positive = torch.arange(0, 0x3F800001, 997, dtype=torch.int64)  # 0.0 ... 1.0
-    bits = torch.cat([negative, positive, torch.tensor([0xC2D00000, 0x3F800000, 0x80000000])])
-    x = bits.to(torch.int32).view(torch.float32)  # wraps to the same 32 bits
-    got = torch.ops.kl_kernels.softmax_exp(x).double()
-    want = torch.exp(x.double())
+    bits = torch.cat([negative, positive, torch.tensor([0xC3170000, 0x3F800000, 0x80000000, 0xBF000000])])
+    y = bits.to(torch.int32).view(torch.float32)  # wraps to the same 32 bits
+    got = torch.ops.kl_kernels.softmax_exp2(y).double()
+    want = torch.exp2(y.double())
     spacing = (torch.nextafter(want.float(), torch.tensor(float("inf"))) - want.float()).double()
     normal = want >= torch.finfo(torch.float32).tiny
     ulps = ((got - want).abs() / spacing)[normal]
-    allowed = 2.0 if CPU_ISA == "avx512" else 20.0
-    assert ulps.max() <= allowed, (ulps.max().item(), x[normal][ulps.argmax()].item())
+    assert ulps.max() <= 2.0, (ulps.max().item(), y[normal][ulps.argmax()].item())
     assert ((got - want).abs()[~normal] <= 2 * 2.0 ** -149).all()
-    specials = torch.ops.kl_kernels.softmax_exp(torch.tensor([float("-inf"), float("nan"), -0.0, 0.0, -200.0]))
+    specials = torch.ops.kl_kernels.softmax_exp2(
+        torch.tensor([float("-inf"), float("nan"), -0.0, 0.0, -200.0, -150.6, 128.0]))
     assert specials[0] == 0 and torch.isnan(specials[1]) and specials[2] == 1 and specials[3] == 1
-    assert specials[4] == 0
+    assert specials[4] == 0 and specials[5] == 0 and specials[6] == float("inf")

@@ -113,18 +113,13 @@ struct TileReader {
   }
 };
 
+// the largest lane, NaN-propagating (a NaN row stays NaN through every rescale)
 template <typename acc_t>
-acc_t tile_max(const acc_t* x, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  Vec best(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetchBytes);  // no-op cost on a buffer
-    best = at::vec::maximum(best, Vec::loadu(x + i));  // NaN-propagating
-  }
-  acc_t lanes[Vec::size()];
-  best.store(lanes);
+acc_t lanes_max(const Vectorized<acc_t>& v) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
   acc_t m = lanes[0];
-  for (int64_t i = 1; i < Vec::size(); ++i) m = nan_max(m, lanes[i]);
+  for (int64_t i = 1; i < Vectorized<acc_t>::size(); ++i) m = nan_max(m, lanes[i]);
   return m;
 }
 
@@ -137,60 +132,138 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
   return total;
 }
 
-// e^x for the softmax terms: x = (z - max)/T <= 0 in the forward, log p (<= ~0) in the backward. Two
-// of these per logit are the forward's whole cost, so with AVX-512 it is 12 instructions instead of
-// ATen's exp_u20 (~18): n = round(x log2 e), r = x - n ln 2 in two parts (Cody-Waite: r keeps its
-// digits for |x| up to ~100), e^r by its Taylor series to r^7 (|r| <= ln2/2: truncation < 1e-8
-// relative), and vscalefps for 2^n, which is also exact at the ends: x is first raised to -104,
-// below which e^x rounds to 0 even as a denormal, so -inf (a banned token) gives exactly 0; NaN
-// stays NaN (max with x second returns x). Finite x above ~88.7 overflow to +inf as e^x does;
-// x = +inf (never passed: the callers' arguments are differences from a maximum) would give NaN.
-// Measured within 0.88 ulp of float64 e^x (torch.exp: 0.57) on every 97th float32 of [-104, 0];
-// tests/test_fused_kl_ops.py holds it to 2 ulp. ~7% off the forward at N = 4096, V = 32000.
+// 2^y for the softmax terms, which the kernels write as powers of two: e^((z - m)/T) =
+// 2^((z - m) * log2(e)/T), the constant folded into 1/T once per row (as GPU softmaxes do), so the
+// range reduction is exact in one subtraction instead of a two-step Cody-Waite. Two of these per
+// logit are the forward's whole cost. With AVX-512: n = round(y), f = y - n in [-1/2, 1/2] (exact:
+// the nearest integer, unlike floor, keeps the digits of y just below 0, the terms near the max that
+// the sums are made of), 2^f by a degree-6 polynomial fitted for minimax relative error on
+// [-1/2, 1/2] (3.0e-9 before float32 rounding; coefficients rounded one at a time, the rest
+// refitted), and vscalefps for 2^n, which is exact at the ends: y is first raised to -151, where
+// p(f) * 2^-151 rounds to 0 even as a denormal, so -inf (a banned token) gives exactly 0; NaN stays
+// NaN (max with y second returns y). Finite y above 128 overflow to +inf as 2^y does. Measured
+// within 0.8 ulp of float64 2^y on [-151, 1] (every 97th float32; tests/test_fused_kl_ops.py holds
+// it to 2 ulp); the e^x it replaced (Cody-Waite + Taylor to r^7) took 12 instructions, this 10.
+// Elsewhere ATen's exp2 (Sleef, 1 ulp).
+constexpr double kLog2e = 1.44269504088896340736;
+constexpr double kLn2 = 0.69314718055994530942;
+
 template <typename acc_t>
-Vectorized<acc_t> softmax_exp(const Vectorized<acc_t>& x) {
+Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& y) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), v);        // ln 2, high bits
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);       // and the rest
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040), r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    const __m512 v = _mm512_max_ps(_mm512_set1_ps(-151.0f), y);
+    const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(v, n);  // in [-1/2, 1/2], exact
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0x1.416b5ep-13f), f, _mm512_set1_ps(0x1.5f0830p-10f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.3b2de0p-7f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.c6af7cp-5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ebfbdcp-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62e430p-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);  // p * 2^n
   }
 #endif
-  return x.exp_u20();
+  return y.exp2();
 }
 
-// Adds one tile of raw logits to a row's sums (s; sx when entropy, sd when full), in the raw
-// units of fused_kl_math.h (sx around the max).
-template <typename acc_t>
-void accumulate_tile(RowSums<acc_t>& r, const acc_t* x, const acc_t* xr, int64_t n, acc_t inv_t, bool need_sx,
-                     bool need_sd) {
-  using Vec = Vectorized<acc_t>;
-  const acc_t m = tile_max(x, n);
-  if (m == -std::numeric_limits<acc_t>::infinity()) return;  // a tile of -inf adds nothing
-  const Vec vm(m), v_inv_t(inv_t), zero(0);
-  Vec s(0), sx(0), sd(0);
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const Vec xv = Vec::loadu(x + i);
-    const Vec shifted = xv - vm;
-    const Vec e = softmax_exp(shifted * v_inv_t);
-    s += e;
-    const Vec is_zero = e == zero;  // e^(-inf): the term is 0 even though x is -inf
-    if (need_sx) sx += Vec::blendv(e * shifted, zero, is_zero);  // around the tile's max: merge shifts it
-    if (need_sd) sd += Vec::blendv(e * (xv - Vec::loadu(xr + i)), zero, is_zero);
+// One source vector as acc_t: float and double in place, bf16/fp16 widened in registers (no buffer)
+template <typename scalar_t, typename acc_t>
+Vectorized<acc_t> load_vec(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    static_assert(c10::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>);
+    Vectorized<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
   }
-  const RowSums<acc_t> tile{m, horizontal_sum(s), need_sx ? horizontal_sum(sx) : acc_t(0),
-                            need_sd ? horizontal_sum(sd) : acc_t(0)};
+}
+
+// Sums of one tile of a row around the reference max m (raw units), as sums of terms
+// e^((x - m)/T) computed as 2^((x - m) * c), c = log2(e)/T. Also returns the tile's own max
+// (NaN-propagating). xr: the reference row's tile as acc_t, read only with need_sd. A ragged end
+// is padded with -inf in a vector of its own: such a lane adds 2^-inf = 0 and never wins a max.
+template <typename scalar_t, typename acc_t>
+RowSums<acc_t> tile_sums(const scalar_t* x, const acc_t* xr, int64_t n, acc_t m, acc_t c, bool need_sx, bool need_sd,
+                         acc_t& tile_max) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t lanes = Vec::size();
+  const Vec vm(m), vc(c), zero(0);
+  Vec s(0), sx(0), sd(0), best(-std::numeric_limits<acc_t>::infinity());
+  auto step = [&](const Vec& xv, const acc_t* xrv) {
+    best = at::vec::maximum(best, xv);  // NaN-propagating
+    const Vec shifted = xv - vm;
+    const Vec e = softmax_exp2(shifted * vc);
+    s += e;
+    const Vec is_zero = e == zero;  // 2^-inf: the term is 0 even though x is -inf
+    if (need_sx) sx += Vec::blendv(e * shifted, zero, is_zero);
+    if (need_sd) sd += Vec::blendv(e * (xv - Vec::loadu(xrv)), zero, is_zero);
+  };
+  const int64_t whole = n / lanes * lanes;
+  for (int64_t i = 0; i < whole; i += lanes) {
+    __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetchBytes);
+    step(load_vec<scalar_t, acc_t>(x + i), need_sd ? xr + i : nullptr);
+  }
+  if (whole < n) {
+    alignas(64) scalar_t rest[lanes];
+    alignas(64) acc_t rest_ref[lanes];
+    std::fill(rest, rest + lanes, scalar_t(-std::numeric_limits<acc_t>::infinity()));
+    std::copy(x + whole, x + n, rest);
+    if (need_sd) {
+      std::fill(rest_ref, rest_ref + lanes, -std::numeric_limits<acc_t>::infinity());
+      std::copy(xr + whole, xr + n, rest_ref);
+    }
+    step(load_vec<scalar_t, acc_t>(rest), rest_ref);
+  }
+  tile_max = lanes_max(best);
+  return {m, horizontal_sum(s), need_sx ? horizontal_sum(sx) : acc_t(0), need_sd ? horizontal_sum(sd) : acc_t(0)};
+}
+
+// Adds one tile of raw logits to a row's sums in one pass, around the row's running max r.m
+// instead of the tile's own (which would take a pass of its own to find): terms of logits above
+// r.m exceed 1, harmless while they stay far from overflow. The pass also finds the tile's max;
+// if the tile went above r.m by more than kHeadroom (in units of z/T: e^64 * 1024 terms is still
+// ~1e31), or is NaN, it is summed again around its own max; either way the row's sums end around
+// the running max, so label_logprob's exact difference with the max holds. The first tile of a
+// row has no running max: a max pass gives it one. Tiles in fixed order: deterministic.
+constexpr double kHeadroom = 64;
+
+template <typename scalar_t, typename acc_t>
+void accumulate_tile(RowSums<acc_t>& r, const void* raw, const acc_t* xr, int64_t n, acc_t inv_t, bool need_sx,
+                     bool need_sd) {
+  const scalar_t* x = static_cast<const scalar_t*>(raw);
+  const acc_t c = inv_t * acc_t(kLog2e);
+  acc_t m = r.m, tile_max;
+  if (m == -std::numeric_limits<acc_t>::infinity()) {
+    using Vec = Vectorized<acc_t>;
+    Vec best(-std::numeric_limits<acc_t>::infinity());
+    const int64_t whole = n / Vec::size() * Vec::size();
+    for (int64_t i = 0; i < whole; i += Vec::size()) best = at::vec::maximum(best, load_vec<scalar_t, acc_t>(x + i));
+    m = lanes_max(best);
+    for (int64_t i = whole; i < n; ++i) m = nan_max(m, static_cast<acc_t>(x[i]));
+    if (m == -std::numeric_limits<acc_t>::infinity()) return;  // a tile of -inf adds nothing
+  }
+  RowSums<acc_t> tile = tile_sums(x, xr, n, m, c, need_sx, need_sd, tile_max);
+  if (!((tile_max - m) * inv_t <= acc_t(kHeadroom))) tile = tile_sums(x, xr, n, tile_max, c, need_sx, need_sd, tile_max);
   r = merge(r, tile, inv_t);  // the online log-sum-exp step, shared with the CUDA kernels
+  if (tile_max > r.m) raise_max(r, tile_max, inv_t);
+}
+
+template <typename acc_t>
+using AccumulateFn = void (*)(RowSums<acc_t>&, const void*, const acc_t*, int64_t, acc_t, bool, bool);
+
+// The tile summer for a source dtype: in registers for float/bf16/fp16 with float accumulation and
+// double with double; any other pairing (a float reference beside float64 logits) is first
+// converted into a buffer by TileReader and summed as acc_t.
+template <typename acc_t>
+AccumulateFn<acc_t> accumulator_for(at::ScalarType dtype) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (dtype == at::kBFloat16) return accumulate_tile<c10::BFloat16, float>;
+    if (dtype == at::kHalf) return accumulate_tile<c10::Half, float>;
+  }
+  if (dtype == c10::CppTypeToScalarType<acc_t>::value) return accumulate_tile<acc_t, acc_t>;
+  return nullptr;
 }
 
 struct Rows {  // a [B, T, V] tensor with a contiguous vocabulary dim, addressed by row n = b*T + t
@@ -235,6 +308,9 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const TileReader<acc_t> read(logits.scalar_type(), acc);
   const TileReader<acc_t> read_ref(has_ref ? ref_logits->scalar_type() : logits.scalar_type(), acc);
+  const AccumulateFn<acc_t> add = accumulator_for<acc_t>(logits.scalar_type());
+  // the full KL's sum reads the reference tile beside the policy's, so it is converted once
+  const AccumulateFn<acc_t> add_ref = has_ref && !need_full ? accumulator_for<acc_t>(ref_logits->scalar_type()) : nullptr;
   const int64_t* y = labels.data_ptr<int64_t>();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN(), inf = std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
@@ -255,10 +331,19 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
       for (int64_t v0 = 0; v0 < V; v0 += kTile) {
         const int64_t count = std::min(kTile, V - v0);
         int64_t padded;
-        const acc_t* xt = read.read(row, v0, count, x, padded);
-        const acc_t* xrt = has_ref ? read_ref.read(ref_row, v0, count, xr, padded) : nullptr;
-        if (has_ref) accumulate_tile(q, xrt, xrt, padded, inv_t, false, false);
-        accumulate_tile(p, xt, xrt, padded, inv_t, need_entropy, need_full);
+        const acc_t* xrt = nullptr;  // the reference tile as acc_t, when the full KL needs it
+        if (add_ref) {
+          add_ref(q, ref_row + v0 * read_ref.element_size, nullptr, count, inv_t, false, false);
+        } else if (has_ref) {
+          xrt = read_ref.read(ref_row, v0, count, xr, padded);
+          accumulate_tile<acc_t, acc_t>(q, xrt, nullptr, count, inv_t, false, false);
+        }
+        if (add) {
+          add(p, row + v0 * read.element_size, xrt, count, inv_t, need_entropy, need_full);
+        } else {
+          accumulate_tile<acc_t, acc_t>(p, read.read(row, v0, count, x, padded), xrt, count, inv_t, need_entropy,
+                                        need_full);
+        }
       }
       p = scaled(p, inv_t), q = scaled(q, inv_t);
       const acc_t row_lse = log_sum_exp(p);
@@ -348,7 +433,11 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
       const char* row = policy.row(n);
       const char* ref_row = row_ref ? reference.row(n) : nullptr;
       const Vec v_lse(r.lse), v_ref_lse(r.ref_lse), v_ent(r.entropy), v_kl(r.kl), v_inv_t(r.inv_t),
-          v_gl(r.g_logp), v_gh(r.g_entropy), v_gf(r.g_full), zero(0);
+          v_gl(r.g_logp), v_gh(r.g_entropy), v_gf(r.g_full), v_log2e{acc_t(kLog2e)}, zero(0);
+      // only the label log-prob's gradient flows (the common case): the row is p_v * k, k = -g_logp/T,
+      // exactly 0 where p_v = 0 as long as k is finite
+      const bool only_logp = r.g_entropy == 0 && !row_ref && std::isfinite(r.g_logp);
+      const Vec v_k(-r.g_logp * r.inv_t);
       for (int64_t v0 = 0; v0 < V; v0 += kTile) {
         const int64_t count = std::min(kTile, V - v0);
         // the tile is read whole before it is written: safe when grad aliases logits (in place)
@@ -358,9 +447,14 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
         for (int64_t i = 0; i < padded; i += Vec::size()) {  // the RowGrad formula, a vector at a time
           __builtin_prefetch(reinterpret_cast<const char*>(xt + i) + kPrefetchBytes);
           if (row_ref) __builtin_prefetch(reinterpret_cast<const char*>(xrt + i) + kPrefetchBytes);
-          const Vec log_p = Vec::loadu(xt + i) * v_inv_t - v_lse;
-          const Vec p = softmax_exp(log_p);
-          const Vec log_q = row_ref ? Vec::loadu(xrt + i) * v_inv_t - v_ref_lse : zero;
+          // one rounding (z/T - lse inside the fma): exact to the last bit where it matters, near the max
+          const Vec log_p = at::vec::fmsub(Vec::loadu(xt + i), v_inv_t, v_lse);
+          const Vec p = softmax_exp2(log_p * v_log2e);
+          if (only_logp) {
+            (p * v_k).store(g + i);
+            continue;
+          }
+          const Vec log_q = row_ref ? at::vec::fmsub(Vec::loadu(xrt + i), v_inv_t, v_ref_lse) : zero;
           const Vec f = grad_weight(log_p, log_q, v_gl, v_gh, v_ent, v_gf, v_kl, row_ref);
           Vec::blendv(p * f * v_inv_t, zero, p == zero).store(g + i);
         }
@@ -613,19 +707,19 @@ void kl_penalty_bwd_inplace_cpu(KL_PENALTY_BWD_ARGS, Tensor& logits, KL_PENALTY_
   KL_PENALTY_BWD_CALL(logits, logits);
 }
 
-// The kernels' exp over a tensor, so that tests can hold it to float64 (schema in registration.cpp).
-Tensor softmax_exp_cpu(const Tensor& x) {
+// The kernels' 2^y over a tensor, so that tests can hold it to float64 (schema in registration.cpp).
+Tensor softmax_exp2_cpu(const Tensor& x) {
   KL_CHECK_ARG(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble), "x",
                "must be a float32 or float64 CPU tensor");
   const Tensor in = x.contiguous();
   Tensor out = at::empty_like(in);
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "softmax_exp_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "softmax_exp2_cpu", [&] {
     using Vec = Vectorized<scalar_t>;
     const scalar_t* src = in.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t n = in.numel(), whole = n / Vec::size() * Vec::size();
-    for (int64_t i = 0; i < whole; i += Vec::size()) softmax_exp(Vec::loadu(src + i)).store(dst + i);
-    if (whole < n) softmax_exp(Vec::loadu(src + whole, n - whole)).store(dst + whole, n - whole);
+    for (int64_t i = 0; i < whole; i += Vec::size()) softmax_exp2(Vec::loadu(src + i)).store(dst + i);
+    if (whole < n) softmax_exp2(Vec::loadu(src + whole, n - whole)).store(dst + whole, n - whole);
   });
   return out;
 }
@@ -633,7 +727,7 @@ Tensor softmax_exp_cpu(const Tensor& x) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kl_kernels, CPU, m) {
-  m.impl("softmax_exp", &softmax_exp_cpu);
+  m.impl("softmax_exp2", &softmax_exp2_cpu);
   m.impl("fused_kl_fwd", &fused_kl_fwd_cpu);
   m.impl("fused_kl_bwd", &fused_kl_bwd_cpu);
   m.impl("fused_kl_bwd_", &fused_kl_bwd_inplace_cpu);
