@@ -7,7 +7,7 @@
 // T > 0), and convert once per row with scaled():
 //   s   = sum_v e^((z_v - m)/T)                    -> lse = m/T + log s
 //   sx  = sum_v e^((z_v - m)/T) (z_v - m)          -> entropy H = log s - (sx/T) / s
-//   sd  = sum_v e^((z_v - m)/T) (z_v - z'_v)       -> KL(p||q) = (sd/T) / s - lse + ref_lse
+//   sd  = sum_v e^((z_v - m)/T) (z_v - z'_v)       -> KL(p||q) = (sd/T) / s - lse + ref_lse (full_kl)
 // sx is shifted by m: each term is at most T/e in size, so it neither overflows for huge logits
 // (a raw sum of e * z does once |z| > ~3.4e38 / V) nor cancels against lse when logits are large.
 // Terms with e^(...) == 0 count as 0, so a -inf logit (a banned token) adds nothing rather
@@ -104,9 +104,14 @@ KL_HOST_DEVICE acc_t entropy(const RowSums<acc_t>& r, acc_t lse) {
   return lse != lse ? lse : std::log(r.s) - r.sx / r.s;  // NaN with the row's lse
 }
 
+// KL(p||q) = (sd/T)/s - (lse - ref_lse) from the raw (unscaled) sums of both rows: the gap as
+// (m - m')/T + log(s/s'), not as the difference of the two lse, which are ~max z/T each, so that
+// difference would lose every digit of a small KL below lse's ulp (3e-5 at lse = 400; torch's
+// log_softmax keeps them). m - m' is exact when the rows' maxima are within 2x. NaN with either lse.
 template <typename acc_t>
-KL_HOST_DEVICE acc_t full_kl(const RowSums<acc_t>& r, acc_t lse, acc_t ref_lse) {
-  return r.sd / r.s - lse + ref_lse;
+KL_HOST_DEVICE acc_t full_kl(const RowSums<acc_t>& p, const RowSums<acc_t>& q, acc_t inv_t, acc_t lse, acc_t ref_lse) {
+  if (lse != lse || ref_lse != ref_lse) return acc_t(NAN);
+  return p.sd * inv_t / p.s - ((p.m - q.m) * inv_t + std::log(p.s / q.s));
 }
 
 // Row state of the backward: d out / d z_v = (g_logp [v == y] + p_v * f(v)) / T with

@@ -102,6 +102,45 @@ def test_entropy_of_huge_logits(backend):
     torch.testing.assert_close(entropy.double(), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.25])
+def test_a_later_tile_far_above_the_first(backend, temperature):
+    """The CPU forward sums each 1024-logit tile in one pass around the row's running max, and sums a
+    tile again around its own when it rises more than 64/T above: rows whose later tiles rise by 5,
+    30 and 100 (past the headroom at either T), a first tile of -inf, and a confident label in the
+    last tile (log p ~ -1e-12: its digits survive only if the sums end around the true max). Values,
+    entropy, the exact KL and the gradient of all three against float64."""
+    torch.manual_seed(0)
+    V = 3000
+    logits = torch.randn(1, 6, V)
+    for row, rise in enumerate([5.0, 30.0, 100.0]):
+        logits[0, row, 2100:2600] += rise
+    logits[0, 3, :1024] = float("-inf")
+    logits[0, 4, 2999] = 40.0 / temperature  # p ~ 1 - 1e-12 once divided by T
+    logits[0, 5, 1500] = 1e4  # every other term underflows: p = 1 exactly
+    labels = torch.randint(0, V, (1, 6))
+    labels[0, 4], labels[0, 5] = 2999, 1500
+    ref_logits = logits + 0.3 * torch.randn_like(logits)
+    ref_logits[0, 3, :1024] = float("-inf")
+    out = kl_kernels.kl_penalty(logits.requires_grad_(), labels, ref_logits=ref_logits, estimator="full",
+                                temperature=temperature, return_entropy=True, backend=backend)
+    (out.logprobs.sum() + out.entropy.sum() + out.kl.sum()).backward()
+    x = logits.detach().double().requires_grad_()
+    log_p = torch.log_softmax(x / temperature, -1)
+    log_q = torch.log_softmax(ref_logits.double() / temperature, -1)
+    banned = torch.isinf(x.detach())  # 0 * -inf terms are 0 (and have no gradient)
+    log_p0, log_q0 = log_p.masked_fill(banned, 0.0), log_q.masked_fill(banned, 0.0)
+    truth = {"logprobs": log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1),
+             "entropy": -(log_p0.exp().masked_fill(banned, 0.0) * log_p0).sum(-1),
+             "kl": (log_p0.exp().masked_fill(banned, 0.0) * (log_p0 - log_q0)).sum(-1)}
+    (truth["logprobs"].sum() + truth["entropy"].sum() + truth["kl"].sum()).backward()
+    for name in ("logprobs", "entropy", "kl"):
+        torch.testing.assert_close(getattr(out, name).double(), truth[name], atol=2e-5, rtol=1e-5,
+                                   msg=lambda detail: f"{name}: {detail}")
+    assert abs(out.logprobs[0, 4].item() - truth["logprobs"][0, 4].item()) < 1e-9  # the confident label's digits
+    assert out.logprobs[0, 5].item() == 0.0
+    torch.testing.assert_close(logits.grad.double(), x.grad, atol=2e-5, rtol=1e-4)
+
+
 def test_a_plus_inf_logit_makes_its_row_nan(backend):
     """+inf has no softmax: every backend gives NaN in that row's outputs and gradient row (as for a
     NaN logit), while the other rows are untouched; masked, the row is not read at all."""

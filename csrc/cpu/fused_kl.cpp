@@ -345,6 +345,7 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
                                         need_full);
         }
       }
+      const RowSums<acc_t> raw_p = p, raw_q = q;  // the full KL's gap is taken in raw units
       p = scaled(p, inv_t), q = scaled(q, inv_t);
       const acc_t row_lse = log_sum_exp(p);
       const bool bad = shard.bad(label);  // only with validate=False: NaN, never a wild read
@@ -360,7 +361,7 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
       if (has_ref) {
         ref_lse[n] = log_sum_exp(q);
         ref_logp[n] = bad ? nan : owned ? label_logprob(q, label_logit(read_ref, ref_row), ref_lse[n]) : -inf;
-        if (need_full) kl[n] = bad ? nan : full_kl(p, row_lse, ref_lse[n]);
+        if (need_full) kl[n] = bad ? nan : full_kl(raw_p, raw_q, inv_t, row_lse, ref_lse[n]);
       }
     }
   });

@@ -234,7 +234,7 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
     const float ref_lse = log_sum_exp(qs);
     p.ref_lse[n] = ref_lse;
     p.ref_logp[n] = ref_logp = out(owned ? label_logprob(qs, to_float(ref_row[col]) * inv_t, ref_lse) : -inf);
-    if (p.need_full) p.full_kl[n] = full = out(full_kl(ps, lse, ref_lse));
+    if (p.need_full) p.full_kl[n] = full = out(full_kl(policy, reference, inv_t, lse, ref_lse));
   }
   if (p.penalty.on) penalty_epilogue(p, n, true, logp, ref_logp, full);
 }

@@ -4,7 +4,7 @@ Forward, one program per row: the policy row and (when given) the reference row 
 tile by tile, into running online log-sum-exp sums kept in raw logit units with the temperature
 inside exp, as csrc/fused_kl_math.h does for the C++ kernels:
     s  = sum_v e_v,  sx = sum_v e_v (z_v - m),  sd = sum_v e_v (z_v - z'_v),   e_v = exp((z_v - m) / T)
-    lse = m/T + log s,  H = log s - (sx/T)/s,  KL(p||q) = (sd/T)/s - lse + ref_lse.
+    lse = m/T + log s,  H = log s - (sx/T)/s,  KL(p||q) = (sd/T)/s - ((m - m')/T + log(s/s')).
 The label logits are single loads. Outputs are [N] float32. For kl_penalty (PENALTY) the same
 kernel goes on to the token's estimator (_estimate: estimators.py in Triton, a compile-time
 choice), mask and penalty, and a second launch (_sequence_sums_kernel) adds kl per sequence.
@@ -225,7 +225,11 @@ def _fused_kl_fwd_kernel(
         ref_logp = tl.where(valid, ref_logp + bad, 0.0)
         tl.store(ref_logp_ptr + row, ref_logp)
         if NEED_FULL:
-            full = tl.where(valid, sd * inv_t / s - lse + ref_lse + bad, 0.0)
+            # lse - ref_lse from the raw maxima and sums (csrc/fused_kl_math.h full_kl): the two lse
+            # are ~max z/T, their difference would lose a small KL's digits; NaN with either lse
+            gap = (m - ref_m) * inv_t + tl.log(s / ref_s)
+            gap = tl.where((lse != lse) | (ref_lse != ref_lse), float("nan"), gap)
+            full = tl.where(valid, sd * inv_t / s - gap + bad, 0.0)
             tl.store(full_kl_ptr + row, full)
     if PENALTY:
         if not HAS_REF:  # given reference log-probs, 0 on ignored rows as every output
