@@ -94,7 +94,9 @@ StoreFn<acc_t> storer_for(at::ScalarType dtype) {
 // One tile of a row as acc_t values, unscaled (the temperature is applied inside exp), padded
 // with -inf up to a whole number of vectors: a padded lane adds e^(-inf) = 0 to every sum and
 // never wins a max, so the vector loops need no tail. A row already in acc_t is read in place
-// (no copy) except for a ragged last tile; other dtypes are converted into `buffer`.
+// (no copy) except for a ragged last tile; other dtypes are converted into `buffer`. The forward
+// reads float/bf16/fp16 straight into registers (accumulate_tile) and uses this only for the
+// reference tile of the full KL and for mixed float32/float64 pairs; the backward reads through it.
 template <typename acc_t>
 struct TileReader {
   LoadFn<acc_t> load;
@@ -146,7 +148,6 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
 // it to 2 ulp); the e^x it replaced (Cody-Waite + Taylor to r^7) took 12 instructions, this 10.
 // Elsewhere ATen's exp2 (Sleef, 1 ulp).
 constexpr double kLog2e = 1.44269504088896340736;
-constexpr double kLn2 = 0.69314718055994530942;
 
 template <typename acc_t>
 Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& y) {
