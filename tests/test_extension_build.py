@@ -56,6 +56,22 @@ def test_forced_avx2_build_runs_and_agrees():
 
 
 @needs_x86_build
+def test_the_avx2_build_passes_the_cpu_kernel_edge_tests(tmp_path):
+    """The AVX2 build has its own 2^y (no vscalefps) and 8-float vectors: the exp2 test and the cpu
+    backend's edge tests (tiles far above the first, huge logits, +inf, NaN poison, the fuzz) again,
+    in a process that loads it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu",
+                             "test_fused_kl_ops.py::test_cpu_kernels_exp2_is_within_two_ulp", "test_fused_kl_edges.py"],
+                            capture_output=True, text=True, cwd=here,
+                            # its own inductor cache: torch's cache key misses ATEN_CPU_CAPABILITY, and a
+                            # kernel compiled for one vector width corrupts the heap when run at the other
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+@needs_x86_build
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
 def test_the_avx2_build_has_no_avx512_instruction():
     path = importlib.util.find_spec("kl_kernels._cpu_avx2").origin

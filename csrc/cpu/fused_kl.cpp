@@ -146,7 +146,7 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
 // NaN (max with y second returns y). Finite y above 128 overflow to +inf as 2^y does. Measured
 // within 0.8 ulp of float64 2^y on [-151, 1] (every 97th float32; tests/test_fused_kl_ops.py holds
 // it to 2 ulp); the e^x it replaced (Cody-Waite + Taylor to r^7) took 12 instructions, this 10.
-// Elsewhere ATen's exp2 (Sleef, 1 ulp).
+// AVX2 runs the same polynomial (results below 2^-126 flush to 0); elsewhere ATen's exp2 (Sleef).
 constexpr double kLog2e = 1.44269504088896340736;
 
 template <typename acc_t>
@@ -163,6 +163,25 @@ Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& y) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62e430p-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);  // p * 2^n
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // the same polynomial; AVX2 has no vscalefps, so 2^n is built in the exponent bits, for n in
+    // [-127, 128]: -127 gives the bits of 0.0 (so -inf, and every y below -126.5, is exactly 0: such a
+    // term is below 2^-126 of the row's largest, and a denormal would be as good as 0), 128 gives
+    // +inf (so does every y from 127.5: the callers' y stay below ~93). min/max with y second keep
+    // NaN, which the polynomial carries to the result.
+    const __m256 v = _mm256_min_ps(_mm256_set1_ps(128.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), y));
+    const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(v, n);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0x1.416b5ep-13f), f, _mm256_set1_ps(0x1.5f0830p-10f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.3b2de0p-7f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.c6af7cp-5f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.ebfbdcp-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.62e430p-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
   }
 #endif
   return y.exp2();
