@@ -149,6 +149,11 @@ acc_t horizontal_sum(const Vectorized<acc_t>& v) {
 // AVX2 runs the same polynomial (results below 2^-126 flush to 0); elsewhere ATen's exp2 (Sleef).
 constexpr double kLog2e = 1.44269504088896340736;
 
+// 2^f on [-1/2, 1/2], highest degree first (Horner)
+constexpr int kExp2Terms = 7;
+constexpr float kExp2Poly[kExp2Terms] = {0x1.416b5ep-13f, 0x1.5f0830p-10f, 0x1.3b2de0p-7f, 0x1.c6af7cp-5f,
+                                         0x1.ebfbdcp-3f,  0x1.62e430p-1f,  1.0f};
+
 template <typename acc_t>
 Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& y) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -156,12 +161,9 @@ Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& y) {
     const __m512 v = _mm512_max_ps(_mm512_set1_ps(-151.0f), y);
     const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(v, n);  // in [-1/2, 1/2], exact
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0x1.416b5ep-13f), f, _mm512_set1_ps(0x1.5f0830p-10f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.3b2de0p-7f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.c6af7cp-5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.ebfbdcp-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0x1.62e430p-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+#pragma GCC unroll 8
+    for (int k = 1; k < kExp2Terms; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[k]));  // Horner
     return _mm512_scalef_ps(p, n);  // p * 2^n
   }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -174,12 +176,9 @@ Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& y) {
     const __m256 v = _mm256_min_ps(_mm256_set1_ps(128.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), y));
     const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(v, n);
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0x1.416b5ep-13f), f, _mm256_set1_ps(0x1.5f0830p-10f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.3b2de0p-7f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.c6af7cp-5f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.ebfbdcp-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.62e430p-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+#pragma GCC unroll 8
+    for (int k = 1; k < kExp2Terms; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[k]));
     const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
   }
