@@ -45,6 +45,19 @@ using StoreFn = void (*)(const acc_t* src, int64_t n, void* dst);
 // a row's memory ask for the line kPrefetchBytes ahead (past the row's end it is harmless).
 constexpr int64_t kPrefetchBytes = 4096;
 
+// One source vector as acc_t: float and double in place, bf16/fp16 widened in registers (no buffer)
+template <typename scalar_t, typename acc_t>
+Vectorized<acc_t> load_vec(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    static_assert(c10::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>);
+    Vectorized<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void load_tile(const void* src, int64_t n, acc_t* dst) {
   const scalar_t* p = static_cast<const scalar_t*>(src);
@@ -55,9 +68,7 @@ void load_tile(const void* src, int64_t n, acc_t* dst) {
     constexpr int64_t lanes = Vectorized<float>::size();
     for (; done + lanes <= n; done += lanes) {
       __builtin_prefetch(reinterpret_cast<const char*>(p + done) + kPrefetchBytes);
-      Vectorized<float> values;
-      at::vec::load_to_float(p + done, values);
-      values.store(dst + done);
+      load_vec<scalar_t, float>(p + done).store(dst + done);
     }
   }
 #endif
@@ -186,19 +197,6 @@ Vectorized<acc_t> softmax_exp2(const Vectorized<acc_t>& y) {
   return y.exp2();
 }
 
-// One source vector as acc_t: float and double in place, bf16/fp16 widened in registers (no buffer)
-template <typename scalar_t, typename acc_t>
-Vectorized<acc_t> load_vec(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return Vectorized<acc_t>::loadu(p);
-  } else {
-    static_assert(c10::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>);
-    Vectorized<float> out;
-    at::vec::load_to_float(p, out);
-    return out;
-  }
-}
-
 // Sums of one tile of a row around the reference max m (raw units), as sums of terms
 // e^((x - m)/T) computed as 2^((x - m) * c), c = log2(e)/T. Also returns the tile's own max
 // (NaN-propagating). xr: the reference row's tile as acc_t, read only with need_sd. A ragged end
@@ -239,6 +237,18 @@ RowSums<acc_t> tile_sums(const scalar_t* x, const acc_t* xr, int64_t n, acc_t m,
   return {m, horizontal_sum(s), need_sx ? horizontal_sum(sx) : acc_t(0), need_sd ? horizontal_sum(sd) : acc_t(0)};
 }
 
+// The max of a tile, NaN-propagating: the reference max of a row's first tile.
+template <typename scalar_t, typename acc_t>
+acc_t tile_max(const scalar_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec best(-std::numeric_limits<acc_t>::infinity());
+  const int64_t whole = n / Vec::size() * Vec::size();
+  for (int64_t i = 0; i < whole; i += Vec::size()) best = at::vec::maximum(best, load_vec<scalar_t, acc_t>(x + i));
+  acc_t m = lanes_max(best);
+  for (int64_t i = whole; i < n; ++i) m = nan_max(m, static_cast<acc_t>(x[i]));
+  return m;
+}
+
 // Adds one tile of raw logits to a row's sums in one pass, around the row's running max r.m
 // instead of the tile's own (which would take a pass of its own to find): terms of logits above
 // r.m exceed 1, harmless while they stay far from overflow. The pass also finds the tile's max;
@@ -253,20 +263,15 @@ void accumulate_tile(RowSums<acc_t>& r, const void* raw, const acc_t* xr, int64_
                      bool need_sd) {
   const scalar_t* x = static_cast<const scalar_t*>(raw);
   const acc_t c = inv_t * acc_t(kLog2e);
-  acc_t m = r.m, tile_max;
-  if (m == -std::numeric_limits<acc_t>::infinity()) {
-    using Vec = Vectorized<acc_t>;
-    Vec best(-std::numeric_limits<acc_t>::infinity());
-    const int64_t whole = n / Vec::size() * Vec::size();
-    for (int64_t i = 0; i < whole; i += Vec::size()) best = at::vec::maximum(best, load_vec<scalar_t, acc_t>(x + i));
-    m = lanes_max(best);
-    for (int64_t i = whole; i < n; ++i) m = nan_max(m, static_cast<acc_t>(x[i]));
+  acc_t m = r.m, top;  // top: the tile's max, found by the summing pass
+  if (m == -std::numeric_limits<acc_t>::infinity()) {  // the row's first tile (or all -inf so far)
+    m = tile_max<scalar_t, acc_t>(x, n);
     if (m == -std::numeric_limits<acc_t>::infinity()) return;  // a tile of -inf adds nothing
   }
-  RowSums<acc_t> tile = tile_sums(x, xr, n, m, c, need_sx, need_sd, tile_max);
-  if (!((tile_max - m) * inv_t <= acc_t(kHeadroom))) tile = tile_sums(x, xr, n, tile_max, c, need_sx, need_sd, tile_max);
+  RowSums<acc_t> tile = tile_sums(x, xr, n, m, c, need_sx, need_sd, top);
+  if (!((top - m) * inv_t <= acc_t(kHeadroom))) tile = tile_sums(x, xr, n, top, c, need_sx, need_sd, top);
   r = merge(r, tile, inv_t);  // the online log-sum-exp step, shared with the CUDA kernels
-  if (tile_max > r.m) raise_max(r, tile_max, inv_t);
+  if (top > r.m) raise_max(r, top, inv_t);
 }
 
 template <typename acc_t>
