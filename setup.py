@@ -25,7 +25,7 @@ build_info = {"COMMIT": None, "TORCH": None}
 def cpu_variants():
     """(suffix, flags) of the CPU kernel builds. On x86-64 one library per instruction set ATen
     dispatches to, AVX-512 and AVX2 (ATen's Vectorized<> is 16 floats wide with AVX-512, 8 with AVX2,
-    scalar loops without either: 3x slower here); kl_kernels/extension.py loads the one the running
+    scalar loops without either: 3x slower here); kl_kernels/backends/extension.py loads the one the running
     CPU supports (torch.backends.cpu.get_cpu_capability(), so ATEN_CPU_CAPABILITY=avx2 forces AVX2).
     Each is a whole library, not a translation unit beside the others: inline functions compiled
     for AVX-512 can never be picked by the linker for the AVX2 build. KL_KERNELS_CPU_FLAGS="..."

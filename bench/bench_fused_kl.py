@@ -8,7 +8,7 @@ checks its per-sequence sums against float64, so a fast wrong provider fails ins
 import pytest
 import torch
 
-from kl_kernels import bench
+from kl_kernels.tools import providers, timing
 from kl_kernels.dispatch import native_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -19,7 +19,7 @@ SHAPES = [(512, 4096), (1024, 32000)]  # (tokens, vocab)
 
 @pytest.fixture(scope="module")
 def providers():
-    return {name: bench.make_provider(name, "k1") for name in PROVIDERS}
+    return {name: providers.make_provider(name, "k1") for name in PROVIDERS}
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -29,10 +29,10 @@ def providers():
 def bench_fused_kl(benchmark, providers, provider, tokens, vocab, dtype, mode):
     fn = providers[provider]
     torch.manual_seed(tokens + vocab)  # the same inputs for every provider of a shape, run after run
-    inputs = bench.make_inputs(tokens, vocab, dtype, DEVICE)
+    inputs = timing.make_inputs(tokens, vocab, dtype, DEVICE)
     with torch.no_grad():
         got = fn(*inputs).double()
-    want = bench.eager_penalty(*inputs, dtype=torch.float64)
+    want = providers.eager_penalty(*inputs, dtype=torch.float64)
     if provider == "trl" and dtype != torch.float32:
         # TRL rounds each log-prob to bf16 (8 significant bits, a relative error up to 2^-8) and the
         # roundings add up like a random walk over the sequence: bounded by 3 * 2^-8 * the root of
@@ -44,4 +44,4 @@ def bench_fused_kl(benchmark, providers, provider, tokens, vocab, dtype, mode):
     else:
         # every provider reads the same rounded inputs; float32 accumulation is the error left
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
-    bench.run_benchmark(benchmark, bench.make_step(fn, inputs, mode), DEVICE, f"{tokens}x{vocab} {str(dtype)[6:]} {mode}")
+    timing.run_benchmark(benchmark, timing.make_step(fn, inputs, mode), DEVICE, f"{tokens}x{vocab} {str(dtype)[6:]} {mode}")

@@ -7,7 +7,7 @@ float64, so a fast wrong provider fails instead of ranking.
 import pytest
 import torch
 
-from kl_kernels import bench, bench_linear
+from kl_kernels.tools import bench_linear, timing
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROVIDERS = bench_linear.default_providers(DEVICE)
@@ -36,5 +36,5 @@ def bench_linear_kl(benchmark, providers, provider, tokens, hidden, vocab, dtype
     # TRL and ours alike (within 1e-5 of each other); 3x that is the bound
     tolerance = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=0.0, atol=0.3)
     torch.testing.assert_close(got, want, **tolerance)
-    bench.run_benchmark(benchmark, bench.make_step(fn, inputs, mode, leaves=2), DEVICE,
+    timing.run_benchmark(benchmark, timing.make_step(fn, inputs, mode, leaves=2), DEVICE,
                         f"linear {tokens}x{hidden}x{vocab} {str(dtype)[6:]} {mode}")

@@ -64,10 +64,10 @@ step tests 200 python -m pytest "${gpu_tests[@]}" -q -x -p no:cacheprovider -m "
 
 providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "from kl_kernels.dispatch import native_backends; print(' '.join(native_backends('cuda')))")}"
 [ -z "${GPU_CHECK_PROVIDERS:-}" ] && python -c "import liger_kernel" 2>/dev/null && providers="$providers liger"
-step bench 160 python -m kl_kernels.bench ${GPU_CHECK_BENCH:---tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 \
+step bench 160 python -m kl_kernels.tools.bench ${GPU_CHECK_BENCH:---tokens 16384 --vocab 32000 128256 151936 --dtype bfloat16 \
   --repeats 10} --providers $providers --json "$OUT/bench.json"
 linear_providers="${GPU_CHECK_PROVIDERS:-eager $(python -c "from kl_kernels.dispatch import native_backends
 print(' '.join(native_backends('cuda') + ['logits+' + name for name in native_backends('cuda')]))")}"
-step bench_linear 90 python -m kl_kernels.bench --linear ${GPU_CHECK_LINEAR:---tokens 8192 --hidden 4096 --vocab 128256 \
+step bench_linear 90 python -m kl_kernels.tools.bench --linear ${GPU_CHECK_LINEAR:---tokens 8192 --hidden 4096 --vocab 128256 \
   --dtype bfloat16 --modes fwd+bwd --repeats 5} --providers $linear_providers --json "$OUT/bench_linear.json"
 exit $status

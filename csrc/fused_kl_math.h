@@ -133,7 +133,7 @@ KL_HOST_DEVICE vec_t grad_weight(vec_t log_p, vec_t log_q, vec_t g_logp, vec_t g
 }
 
 // ---- The KL estimator of one token (kl_kernels/estimators.py is the truth; this is its C++ form,
-// shared by the CPU and CUDA kernels, and the Triton helpers in kl_kernels/triton/fused_kl.py).
+// shared by the CPU and CUDA kernels, and the Triton helpers in kl_kernels/backends/triton/fused_kl.py).
 // Kinds as estimators.ESTIMATOR_CODES. r = log(q/p) = ref_logp - logp, clamped first when a
 // log-ratio clamp is set (verl's low_var_kl); the kl clamp bounds the value (the sampled estimators'
 // gradient is 0 where it bites; `full`'s follows torch.clamp: 0 strictly outside the bounds).

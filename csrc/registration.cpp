@@ -1,5 +1,5 @@
 // Every schema of the kl_kernels library, in one place. Kernels register per device key in
-// csrc/cpu/<op>.cpp (and csrc/cuda/<op>.cu); fake impls and autograd live in kl_kernels/ops.py.
+// csrc/cpu/<op>.cpp (and csrc/cuda/<op>.cu); fake impls live in kl_kernels/backends/adapter.py, autograd in kl_kernels/api.py.
 //
 // The fused pass over [B, T, V] logits (vocabulary dim contiguous, rows at any stride):
 //   fused_kl_fwd -> per-row label log-prob, reference label log-prob, entropy, exact KL, and the

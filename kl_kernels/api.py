@@ -1,9 +1,9 @@
 """Public entry points of the fused pass: token_logprobs and kl_penalty (docs/contract.md sections 1-2).
 
 Each validates its inputs before any work, picks a backend (dispatch.py) and runs that backend's
-fused pass over the logits through one autograd Function (ops.py). kl_penalty on a kernel backend
+fused pass over the logits through one autograd Function (below). kl_penalty on a kernel backend
 (cpu, triton, cuda) is one op each way: the kernels compute the estimator, masks, penalty and
-per-sequence sums too (dispatch.OnePass). Otherwise (the reference backend, a tensor-parallel call
+per-sequence sums too (contract.OnePass). Otherwise (the reference backend, a tensor-parallel call
 whose row statistics are merged across ranks first, the hidden-state functions) the row pass is
 followed by _penalty_outputs: the same estimator in PyTorch ops (estimators.py, the truth).
 """
@@ -16,10 +16,10 @@ import torch
 
 from . import sharding
 from . import validation as check
-from .dispatch import PassArgs, PenaltyArgs, select_backend
+from .contract import (PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGrads, RowStats, compute_dtype)
+from .dispatch import select_backend
 from .estimators import estimate, parse_estimator
-from .ops import FusedKLFunction, FusedPenaltyFunction
-from .reference import compute_dtype
+from .sharding import merge
 
 
 class KLPenaltyOutput(NamedTuple):
@@ -30,6 +30,95 @@ class KLPenaltyOutput(NamedTuple):
     kl_sum: torch.Tensor
     kl_mean: torch.Tensor
     entropy: torch.Tensor | None
+
+
+def first_order_only() -> None:
+    """Called first in every kernel-backed backward. The kernels compute first derivatives only:
+    with create_graph=True autograd would record them as constants, and a double backward (a
+    gradient penalty, a Hessian-vector product) would be silently wrong, so it is an error."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("kl_kernels computes first-order gradients only: backward with create_graph=True "
+                           "(double backward) is not supported by any backend; for second-order terms compute "
+                           "the log-probs with torch.log_softmax instead")
+
+
+class FusedKLFunction(torch.autograd.Function):
+    """The fused pass with autograd: args is a PassArgs whose logits are the `logits` argument (given
+    separately so that autograd sees them). With a sharded vocabulary (args.shard.group) the per-row
+    statistics of every rank's shard are merged after the kernel (sharding.merge), and the backward's
+    kernel gets the merged ones."""
+
+    @staticmethod
+    def forward(ctx, impl, logits, args, need_entropy, need_full, inplace):
+        args = args._replace(logits=logits)
+        stats = impl.fused_kl_fwd(args, need_entropy, need_full)
+        if args.shard.group is not None:
+            stats = merge(args, stats)
+        ctx.impl, ctx.inplace = impl, inplace
+        ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
+        tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
+        # the tensors are saved, the rest of args kept as is; the reference only for `full`'s gradient
+        ctx.args = args._replace(logits=None, labels=None, ref_logits=None,
+                                 temperature=None if tensor_temperature is not None else args.temperature)
+        ctx.save_for_backward(logits, args.labels, args.ref_logits if need_full else None, tensor_temperature,
+                              stats.lse, stats.ref_lse if need_full else None, stats.entropy, stats.full_kl)
+        if stats.ref_logp is not None:
+            ctx.mark_non_differentiable(stats.ref_logp)
+        return stats.logp, stats.ref_logp, stats.entropy, stats.full_kl
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
+        first_order_only()
+        logits, labels, ref_logits, tensor_temperature, lse, ref_lse, entropy, full_kl = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None and grad_full is None:
+            return (None,) * 6
+        temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
+        args = ctx.args._replace(logits=logits, labels=labels, ref_logits=ref_logits, temperature=temperature)
+        stats = RowStats(None, None, entropy, full_kl, lse, ref_lse)
+        grad = ctx.impl.fused_kl_bwd(args, stats, RowGrads(grad_logp, grad_entropy, grad_full), ctx.inplace)
+        return None, grad, None, None, None, None
+
+
+class FusedPenaltyFunction(torch.autograd.Function):
+    """kl_penalty in a backend's one-pass ops (contract.OnePass): one forward op, one backward op
+    taking the upstream gradients of all six differentiable outputs. kl_coef is given separately
+    (None when a float) so that a kl_coef tensor that requires grad gets -sum(g_penalty * kl)."""
+
+    @staticmethod
+    def forward(ctx, impl, logits, kl_coef, args, penalty, need_entropy, inplace):
+        args = args._replace(logits=logits)
+        stats = impl.kl_penalty_fwd(args, penalty, need_entropy)
+        ctx.impl, ctx.inplace = impl, inplace
+        ctx.set_materialize_grads(False)
+        full = penalty.estimator.name == "full"
+        tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
+        ctx.args = args._replace(logits=None, labels=None, ref_logits=None,
+                                 temperature=None if tensor_temperature is not None else args.temperature)
+        ctx.penalty = penalty._replace(ref_logprobs=None, mask=None, cu_seqlens=None,
+                                       kl_coef=None if kl_coef is not None else penalty.kl_coef)
+        coef_grad = kl_coef is not None and kl_coef.requires_grad
+        ctx.save_for_backward(
+            logits, args.labels, args.ref_logits if full else None, tensor_temperature, penalty.mask, kl_coef,
+            stats.logp, stats.ref_logp, stats.counts, stats.sequence, stats.lse, stats.ref_lse if full else None,
+            stats.entropy, stats.full_kl, stats.kl if coef_grad else None)
+        ctx.mark_non_differentiable(stats.ref_logp)
+        return stats.logp, stats.ref_logp, stats.kl, stats.penalty, stats.kl_sum, stats.kl_mean, stats.entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ref_logp, g_kl, g_penalty, g_kl_sum, g_kl_mean, g_entropy):
+        first_order_only()
+        (logits, labels, ref_logits, tensor_temperature, mask, kl_coef, logp, ref_logp, counts, sequence, lse,
+         ref_lse, entropy, full_kl, kl) = ctx.saved_tensors
+        grads = PenaltyGrads(g_logp, g_kl, g_penalty, g_kl_sum, g_kl_mean, g_entropy)
+        coef_grad = None if kl is None or g_penalty is None else -(g_penalty * kl).sum().to(kl_coef.dtype)
+        if all(g is None for g in grads) or not ctx.needs_input_grad[1]:
+            return None, None, coef_grad, None, None, None, None
+        temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
+        args = ctx.args._replace(logits=logits, labels=labels, ref_logits=ref_logits, temperature=temperature)
+        penalty = ctx.penalty._replace(mask=mask, kl_coef=kl_coef if kl_coef is not None else ctx.penalty.kl_coef)
+        stats = PenaltyStats(logp, ref_logp, None, None, None, None, counts, sequence, entropy, full_kl, lse, ref_lse)
+        grad = ctx.impl.kl_penalty_bwd(args, penalty, stats, grads, ctx.inplace)
+        return None, grad, coef_grad, None, None, None, None
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,11 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Protocol, Union, runtime_checkable
+from typing import Callable, NamedTuple
 
 import torch
 
-from .sharding import VocabShard
+from .contract import FusedPass
 
 ENV_VAR = "KL_KERNELS_BACKEND"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -25,107 +25,16 @@ class BackendInfo(NamedTuple):
     reason: str | None
 
 
-class PassArgs(NamedTuple):
-    """What every backend's fused pass reads, forward and backward: the kernel contract's inputs."""
-    logits: torch.Tensor  # [B, T, V] policy logits (this rank's vocabulary shard), vocabulary dim contiguous
-    labels: torch.Tensor  # [N = B*T] int64, ids of the whole vocabulary
-    ref_logits: Optional[torch.Tensor]  # [B, T, V] reference logits (any floating dtype), or None
-    temperature: Union[float, torch.Tensor]  # T itself, everywhere: a float, or [N] in the compute dtype
-    ignore_index: int
-    shard: VocabShard  # where the V columns sit in the vocabulary (sharding.whole(V) when not sharded)
-
-
-class RowStats(NamedTuple):
-    """What every backend's forward returns: [N] each, float32 (float64 for float64 logits); None where
-    not asked for. lse / ref_lse are saved for the backward."""
-    logp: torch.Tensor
-    ref_logp: Optional[torch.Tensor]
-    entropy: Optional[torch.Tensor]
-    full_kl: Optional[torch.Tensor]
-    lse: torch.Tensor
-    ref_lse: Optional[torch.Tensor]
-
-
-class RowGrads(NamedTuple):
-    """The upstream gradients the backward takes: [N] each, or None when nothing flows from that output."""
-    logp: Optional[torch.Tensor]
-    entropy: Optional[torch.Tensor]
-    full_kl: Optional[torch.Tensor]
-
-
-class PenaltyArgs(NamedTuple):
-    """What kl_penalty's one-pass ops read besides PassArgs (never sharded: a tensor-parallel call
-    merges the rows' statistics across ranks first, then runs api.py's epilogue)."""
-    estimator: object  # estimators.Estimator (name, straight_through, log_ratio_clamp, kl_clamp)
-    ref_logprobs: Optional[torch.Tensor]  # [N] given reference log-probs (any floating dtype), when no ref_logits
-    mask: Optional[torch.Tensor]  # [N] any real dtype, nonzero = valid, or None
-    padded: bool  # sequences are the B rows of [B, T, V]; else cu_seqlens
-    cu_seqlens: Optional[torch.Tensor]  # packed: [S+1] as the caller gave it (the kernels clamp it); None: one sequence
-    kl_coef: Union[float, torch.Tensor]  # a float or a 0-dim tensor
-
-
-class PenaltyStats(NamedTuple):
-    """What the one-pass forward returns: kl_penalty's outputs ([N] and [S]) and what its backward reads."""
-    logp: torch.Tensor
-    ref_logp: torch.Tensor
-    kl: torch.Tensor
-    penalty: torch.Tensor
-    kl_sum: torch.Tensor
-    kl_mean: torch.Tensor
-    counts: torch.Tensor  # [S] valid rows per sequence, in the compute dtype
-    sequence: torch.Tensor  # [N] int32: each row's sequence, -1 outside every one (packed, validate=False)
-    entropy: Optional[torch.Tensor]
-    full_kl: Optional[torch.Tensor]
-    lse: torch.Tensor
-    ref_lse: Optional[torch.Tensor]
-
-
-class PenaltyGrads(NamedTuple):
-    """Upstream gradients of kl_penalty's six differentiable outputs, None where nothing flows."""
-    logp: Optional[torch.Tensor]
-    kl: Optional[torch.Tensor]
-    penalty: Optional[torch.Tensor]
-    kl_sum: Optional[torch.Tensor]
-    kl_mean: Optional[torch.Tensor]
-    entropy: Optional[torch.Tensor]
-
-
-@runtime_checkable
-class FusedPass(Protocol):
-    """What a backend implements (reference.py in PyTorch; ops.op_backend over the C++ and Triton ops)."""
-
-    def fused_kl_fwd(self, args: PassArgs, need_entropy: bool, need_full: bool) -> RowStats:
-        """One read of the logits (and reference logits): the per-row statistics."""
-
-    def fused_kl_bwd(self, args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
-        """The logits' gradient in their dtype (written into args.logits when inplace), from the
-        statistics the forward saved (for a shard: the merged ones of the whole vocabulary)."""
-
-
-@runtime_checkable
-class OnePass(FusedPass, Protocol):
-    """A backend that also runs all of kl_penalty in its kernels: at most two launches each way
-    (the row pass with the estimator as its epilogue, and the per-sequence sums)."""
-
-    def serves_one_pass(self, device: torch.device) -> bool:
-        """Whether the one-pass ops are built for this device."""
-
-    def kl_penalty_fwd(self, args: PassArgs, penalty: PenaltyArgs, need_entropy: bool) -> PenaltyStats:
-        """The row pass, the estimator, masks, penalty and per-sequence sums."""
-
-    def kl_penalty_bwd(self, args: PassArgs, penalty: PenaltyArgs, stats: PenaltyStats, grads: PenaltyGrads,
-                       inplace: bool) -> torch.Tensor:
-        """The logits' gradient from the six outputs' upstream gradients, one more pass."""
-
-
 def _load_reference():
-    return importlib.import_module("kl_kernels.reference"), None
+    return importlib.import_module("kl_kernels.backends.reference"), None
 
 
 def _load_extension(dispatch_key):
     try:
-        module = importlib.import_module("kl_kernels.extension")
+        module = importlib.import_module("kl_kernels.backends.extension")
     except ImportError as error:  # the C++ extension was not built or does not load
+        if isinstance(error, ModuleNotFoundError) and error.name != "kl_kernels._C":
+            raise  # a module of ours or torch's is missing: a bug to see, not an unbuilt extension
         reason = f"the C++ extension kl_kernels._C is not available ({error})"
         if not isinstance(error, ModuleNotFoundError):
             # built but not loadable (typically another torch than the one it was compiled against):
@@ -154,8 +63,10 @@ def _load_cuda():
 
 def _load_triton():
     try:
-        module = importlib.import_module("kl_kernels.triton.fused_kl")
+        module = importlib.import_module("kl_kernels.backends.triton.fused_kl")
     except ImportError as error:
+        if isinstance(error, ModuleNotFoundError) and not (error.name or "").startswith("triton"):
+            raise  # a module of ours is missing: a bug to see, not a missing Triton
         return None, f"Triton is not installed or does not load ({error})"
     return module, None
 
@@ -195,7 +106,7 @@ class Backend:
         return self._loaded[1]
 
     def one_pass(self, device: torch.device) -> bool:
-        """Whether it runs all of kl_penalty in its own ops on this device (dispatch.OnePass)."""
+        """Whether it runs all of kl_penalty in its own ops on this device (contract.OnePass)."""
         serves = getattr(self.impl, "serves_one_pass", None)
         return serves is not None and serves(device)
 

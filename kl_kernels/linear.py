@@ -22,9 +22,9 @@ import torch
 
 from . import sharding
 from . import validation as check
-from .dispatch import PassArgs, RowGrads, RowStats, select_backend
-from .ops import first_order_only
-from .reference import compute_dtype
+from .api import _agree_shard, _device, _penalty_outputs, _plan_penalty, _temperature, first_order_only
+from .contract import PassArgs, RowGrads, RowStats, compute_dtype
+from .dispatch import select_backend
 from .sharding import merge
 
 # What the logits tiles may hold at a time (the caller's tile_bytes; TRL's own head holds a
@@ -89,9 +89,9 @@ def _columns(buffer, columns):
 
 class LinearKLFunction(torch.autograd.Function):
     """The fused pass over logits made tile by tile from hidden states: the backend's fused_kl_fwd /
-    fused_kl_bwd (the reference.py contract) on each [rows, V] tile of the policy (and, when given,
+    fused_kl_bwd (contract.FusedPass) on each [rows, V] tile of the policy (and, when given,
     of the frozen reference model: ref_hidden, ref_weight, ref_bias, no gradient). Same four outputs
-    as ops.FusedKLFunction: logp, ref_logp (None without a reference), entropy, full_kl."""
+    as api.FusedKLFunction: logp, ref_logp (None without a reference), entropy, full_kl."""
 
     @staticmethod
     def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, args, logit_scale, softcap,
@@ -284,8 +284,6 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     hidden [..., H] (leading dims as labels), weight [V, H], bias [V]; returns float32 [...] log-probs
     (and entropy with return_entropy). Gradients reach hidden, weight and bias in their dtypes.
     tile_bytes bounds the logits tiles (about rows x V x 4 bytes each, one more with a reference)."""
-    from .api import _device, _temperature
-
     with sharding.checks(process_group, _device(hidden), validate):
         logit_scale, softcap = _check_common(labels, logit_scale, softcap, tile_bytes)
         _check_linear(hidden, weight, bias, labels)
@@ -314,8 +312,6 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
 
     hidden [B, T, H] (padded) or [N, H] (packed, with cu_seqlens); ref_hidden has hidden's leading
     dims and its own hidden size; the reference model is frozen (no gradient reaches it)."""
-    from .api import _agree_shard, _device, _penalty_outputs, _plan_penalty
-
     with sharding.checks(process_group, _device(hidden), validate):
         logit_scale, softcap = _check_common(labels, logit_scale, softcap, tile_bytes)
         _check_linear(hidden, weight, bias, labels)

@@ -27,26 +27,14 @@ import itertools
 import struct
 import weakref
 import zlib
-from typing import NamedTuple
 
 import torch
 
 from . import validation as check
+from .contract import VocabShard, whole
 
 # Shard layouts seen, for validate=False (no host sync per call): group -> {local size: every rank's end id}.
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class VocabShard(NamedTuple):
-    """Where a kernel's V columns sit: ids [start, start + V) of a vocabulary of `size` ids."""
-    start: int
-    size: int
-    group: object = None  # the process group; None: not sharded (the whole vocabulary, start 0)
-    ends: tuple = ()  # every rank's end id, in rank order (who owns which label)
-
-
-def whole(vocab: int) -> VocabShard:
-    return VocabShard(0, vocab)
 
 
 def _dist():
@@ -165,7 +153,7 @@ def _weighted(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def merge(args, stats):
-    """A shard's per-row statistics (dispatch.RowStats of the kernel on args.logits) -> those of the
+    """A shard's per-row statistics (contract.RowStats of the kernel on args.logits) -> those of the
     whole vocabulary (module docstring), the same bits on every rank."""
     shard, labels = args.shard, args.labels
     names = [name for name, value in stats._asdict().items() if value is not None]

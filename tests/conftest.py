@@ -64,7 +64,7 @@ def _seed(request):
 def backend(request, monkeypatch):
     if request.param == "triton":
         # several vocabulary tiles per row even at test sizes (the interpreter is slow per tile)
-        from kl_kernels.triton import fused_kl
+        from kl_kernels.backends.triton import fused_kl
         monkeypatch.setattr(fused_kl, "MAX_BLOCK_V", 256)
     if request.param in GPU_BACKENDS and torch.cuda.is_available():
         torch.set_default_device("cuda")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kl_kernels import bench
+from kl_kernels.tools import bench, bench_linear, memory, providers, report, timing
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -16,16 +16,16 @@ def test_row_looped_logprobs(dtype):
     labels = torch.randint(0, 40, (3, 7))
     want = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)  # TRL computes in bf16
-    torch.testing.assert_close(bench.row_looped_logprobs(logits, labels).float(), want, **tol)
+    torch.testing.assert_close(providers.row_looped_logprobs(logits, labels).float(), want, **tol)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3", "full"])
 def test_providers_agree(estimator):
-    inputs = bench.make_inputs(64, 50, torch.float32, torch.device("cpu"))
-    want = bench.eager_penalty(*inputs, estimator=estimator, dtype=torch.float64)
-    providers = ["eager", "cpu", "reference"] + ([] if estimator == "full" else ["trl"])
-    for name in providers:
-        got = bench.make_provider(name, estimator)(*inputs)
+    inputs = timing.make_inputs(64, 50, torch.float32, torch.device("cpu"))
+    want = providers.eager_penalty(*inputs, estimator=estimator, dtype=torch.float64)
+    names = ["eager", "cpu", "reference"] + ([] if estimator == "full" else ["trl"])
+    for name in names:
+        got = providers.make_provider(name, estimator)(*inputs)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=name)
 
 
@@ -59,7 +59,7 @@ def test_plot(tmp_path):
     rows = [dict(provider=p, mode=m, dtype=d, vocab=v, median_ms=1.0 + v / 100, peak_extra_mb=v / 10 * (p == "eager"),
                  speedup_vs_eager=1.0 if p == "eager" else 3.0)
             for p in ("eager", "cpu") for m in ("fwd", "fwd+bwd") for d in ("float32", "bfloat16") for v in (50, 80)]
-    bench.plot(rows, tmp_path / "plot.png", "test")
+    report.plot(rows, tmp_path / "plot.png", "test")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -79,8 +79,6 @@ def test_from_results_file_plot_and_markdown(tmp_path, capsys):
 
 @pytest.mark.parametrize("estimator", ["k1", "low_var_kl", "full"])
 def test_linear_providers_agree(estimator):
-    from kl_kernels import bench_linear
-
     torch.manual_seed(0)
     inputs = bench_linear.make_inputs(64, 16, 50, torch.float32, torch.device("cpu"))
     want = bench_linear.eager_linear(*(t.double() if i < 4 else t for i, t in enumerate(inputs)), estimator=estimator,
@@ -105,12 +103,12 @@ def test_cli_linear_mode(tmp_path):
 
 
 def test_summary_and_environment(capsys, monkeypatch):
-    env = bench.environment(torch.device("cpu"))
+    env = report.environment(torch.device("cpu"))
     assert env["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "SVE256", "NEON", "SVE") \
         and env["kl_kernels"] and env["device"].startswith("cpu: ")
     rows = [dict(provider=p, dtype="float32", vocab=50, mode="fwd", median_ms=ms, peak_extra_mb=mb, pct_bandwidth=40.0)
             for p, ms, mb in (("eager", 4.0, 100.0), ("compile", 2.0, 0.0), ("cpu", 1.0, 0.0))]
-    text = bench.summary(rows)
+    text = report.summary(rows)
     assert "cpu, float32 V=50 fwd: 4.00x the speed of eager with 100 MB less peak memory" in text
     assert "2.00x the speed of compile with no extra memory either; 40% of the measured bandwidth" in text
     # --plot without matplotlib fails before any measurement
@@ -123,10 +121,10 @@ def test_summary_and_environment(capsys, monkeypatch):
 def test_compare_verdicts_respect_the_spread():
     row = lambda median, p20, p80: dict(median_ms=median, p20_ms=p20, p80_ms=p80)  # noqa: E731
     old = row(10.0, 9.5, 10.5)
-    assert bench.verdict(old, row(13.0, 12.5, 13.5), 0.15) == "REGRESSION"  # beyond both spreads
-    assert bench.verdict(old, row(12.0, 9.0, 15.0), 0.15) == "noisy"  # slower median, overlapping spread
-    assert bench.verdict(old, row(10.5, 10.0, 11.0), 0.15) == "same"
-    assert bench.verdict(old, row(7.0, 6.8, 7.2), 0.15) == "faster"
+    assert report.verdict(old, row(13.0, 12.5, 13.5), 0.15) == "REGRESSION"  # beyond both spreads
+    assert report.verdict(old, row(12.0, 9.0, 15.0), 0.15) == "noisy"  # slower median, overlapping spread
+    assert report.verdict(old, row(10.5, 10.0, 11.0), 0.15) == "same"
+    assert report.verdict(old, row(7.0, 6.8, 7.2), 0.15) == "faster"
 
 
 def test_cli_tensor_parallel_mode(tmp_path):
@@ -146,10 +144,10 @@ def test_cli_tensor_parallel_mode(tmp_path):
 def test_cpu_peak_memory_is_reproducible_and_counts_the_gradient(provider):
     """The CPU peak comes from kl_kernels._C's allocation counter: the same row twice gives the same
     bytes, and never fewer than the op must allocate (the bf16 logits gradient)."""
-    fn = bench.make_provider(provider, "k1")
+    fn = providers.make_provider(provider, "k1")
     device = torch.device("cpu")
-    assert bench.PeakMemory(device).method == "cpu allocator"
-    peaks = [bench.peak_extra_bytes(fn, 512, 3000, torch.bfloat16, "fwd+bwd", device) for _ in range(2)]
+    assert memory.PeakMemory(device).method == "cpu allocator"
+    peaks = [memory.peak_extra_bytes(fn, 512, 3000, torch.bfloat16, "fwd+bwd", device) for _ in range(2)]
     assert peaks[0] == peaks[1]
     gradient = 512 * 3000 * 2
     assert peaks[0] >= gradient
@@ -162,7 +160,7 @@ def test_cpu_peak_memory_is_reproducible_and_counts_the_gradient(provider):
 def test_cpu_counter_serves_raw_allocations():
     """oneDNN's bf16 matmul allocates through Allocator::raw_allocate, which needs a DataPtr whose
     context is its data pointer: the counter must serve it (it crashed the H = 4096 kl-bench row)."""
-    with bench.PeakMemory(torch.device("cpu")) as peak:
+    with memory.PeakMemory(torch.device("cpu")) as peak:
         a, b = torch.randn(512, 256).bfloat16(), torch.randn(1000, 256).bfloat16()
         out = torch.nn.functional.linear(a, b)
     assert peak.extra >= out.nbytes + a.nbytes + b.nbytes

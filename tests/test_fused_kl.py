@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import kl_kernels
-from kl_kernels import reference
+from kl_kernels.backends import reference
 
 import truth
 

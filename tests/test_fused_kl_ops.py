@@ -207,17 +207,17 @@ def test_cuda_matches_triton(dtype, vocab):
 
 @pytest.mark.parametrize("name", [info.name for info in kl_kernels.available_backends() if info.available])
 def test_every_backend_implements_the_kernel_contract(name):
-    """dispatch.FusedPass: the same two functions on the same records, for every backend."""
+    """contract.FusedPass: the same two functions on the same records, for every backend."""
     import inspect
 
-    from kl_kernels.dispatch import BACKENDS, FusedPass
+    from kl_kernels.contract import FusedPass, OnePass
+    from kl_kernels.dispatch import BACKENDS
 
     impl = BACKENDS[name].impl
     assert isinstance(impl, FusedPass)
     assert list(inspect.signature(impl.fused_kl_fwd).parameters) == ["args", "need_entropy", "need_full"]
     assert list(inspect.signature(impl.fused_kl_bwd).parameters) == ["args", "stats", "grads", "inplace"]
     if BACKENDS[name].is_kernel:  # kl_penalty in one pass: every kernel backend
-        from kl_kernels.dispatch import OnePass
         assert isinstance(impl, OnePass)
         assert list(inspect.signature(impl.kl_penalty_fwd).parameters) == ["args", "penalty", "need_entropy"]
         assert list(inspect.signature(impl.kl_penalty_bwd).parameters) == ["args", "penalty", "stats", "grads",
@@ -279,7 +279,7 @@ def test_cpu_kernels_exp2_is_within_two_ulp():
     below float32's normal range within 2 of their spacing. The AVX-512 build has its own 2^y (2 ulp);
     the AVX2 build runs the same polynomial but flushes results below 2^-126 to 0 (no vscalefps).
     ATEN_CPU_CAPABILITY=avx2 runs this test on the AVX2 build."""
-    from kl_kernels.extension import CPU_ISA
+    from kl_kernels.backends.extension import CPU_ISA
     negative = torch.arange(0x80000000, 0xC3170001, 997, dtype=torch.int64)  # -0.0 ... -151.0
     positive = torch.arange(0, 0x3F800001, 997, dtype=torch.int64)  # 0.0 ... 1.0
     bits = torch.cat([negative, positive, torch.tensor([0xC3170000, 0x3F800000, 0x80000000, 0xBF000000])])

@@ -3,7 +3,7 @@ The thresholds are far from the measured values (k=0: KL ~5 nats/token, quality 
 quality within 0.05 of the reference; k=10: KL ~0.01), so the test checks the shape, not noise."""
 import pytest
 
-from kl_kernels import lab, lab_report
+from kl_kernels.tools import lab, lab_report
 
 
 @pytest.fixture(scope="module")

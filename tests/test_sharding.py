@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kl_kernels
-from kl_kernels.bench_sharding import free_port
+from kl_kernels.tools.bench_sharding import free_port
 from kl_kernels.estimators import ESTIMATOR_NAMES
 
 # shard sizes in rank order (uneven on purpose: a size-1 shard, labels owned unevenly)

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kl_kernels.triton import fused_kl as F
+    from kl_kernels.backends.triton import fused_kl as F
     from kl_kernels.estimators import ESTIMATOR_CODES
 
     arch, policy, reference, case = sys.argv[1:5]

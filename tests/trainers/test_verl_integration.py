@@ -273,6 +273,6 @@ def test_megatron_vocab_parallel_functions_and_sharded_head():
     patched, in 2 gloo processes: against verl's own entropy on the same group and float64."""
     import torch.multiprocessing as mp
 
-    from kl_kernels.bench_sharding import free_port
+    from kl_kernels.tools.bench_sharding import free_port
 
     mp.spawn(_tensor_parallel_worker, args=(2, free_port()), nprocs=2, join=True)

@@ -15,8 +15,11 @@ import torch
 
 import kl_kernels
 
-from .bench import _estimate, eager_penalty, make_step, step_peak_bytes
-from .dispatch import native_backends
+from kl_kernels.dispatch import native_backends
+
+from .memory import step_peak_bytes
+from .providers import eager_penalty, masked_kl_sum
+from .timing import make_step
 
 TRL_CHUNK_SIZE = 32768  # the vocabulary tile TRL's trainers pass (trl.trainer.utils, TRL 1.16)
 
@@ -52,7 +55,7 @@ def trl_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="
 
     with torch.no_grad():
         ref_logp = logprobs(ref_hidden, ref_weight)
-    return _estimate(logprobs(hidden, weight), ref_logp, mask, estimator)
+    return masked_kl_sum(logprobs(hidden, weight), ref_logp, mask, estimator)
 
 
 def logits_then_kernel(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", backend=None):

@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import PassArgs, RowGrads, RowStats
+from ..contract import PassArgs, RowGrads, RowStats, compute_dtype
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per block: a handful of these is the peak
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _flat(tensor: torch.Tensor) -> bool:

@@ -12,8 +12,8 @@ import importlib.util
 
 import torch
 
-from . import _C  # noqa: F401  (loading the extension registers the schemas, and the CUDA kernels)
-from .ops import op_backend, penalty_op_backend, register_fakes
+from .. import _C  # noqa: F401  (loading the extension registers the schemas, and the CUDA kernels)
+from .adapter import op_backend, penalty_op_backend, register_fakes
 
 register_fakes()
 
@@ -26,7 +26,7 @@ def _load_cpu_kernels():
     capability = torch.backends.cpu.get_cpu_capability()
     failures = []
     for isa in _CPU_BUILDS.get(capability, ("base",)):
-        spec = importlib.util.find_spec(f"{__package__}._cpu_{isa}")
+        spec = importlib.util.find_spec(f"kl_kernels._cpu_{isa}")
         if spec is None or spec.origin is None:
             continue
         try:

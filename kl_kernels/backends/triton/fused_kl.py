@@ -1,4 +1,4 @@
-"""The `triton` backend: the fused pass over the logits as Triton kernels (the reference.py contract).
+"""The `triton` backend: the fused pass over the logits as Triton kernels (the contract.FusedPass and OnePass of backends/reference.py).
 
 Forward, one program per row: the policy row and (when given) the reference row are read once,
 tile by tile, into running online log-sum-exp sums kept in raw logit units with the temperature
@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-from ..estimators import ESTIMATOR_CODES
-from ..ops import fwd_outputs, op_backend, penalty_op_backend, penalty_outputs
+from ...estimators import ESTIMATOR_CODES
+from ..adapter import fwd_outputs, op_backend, penalty_op_backend, penalty_outputs
 
 # TRITON_INTERPRET=1 (CPU tests): @triton.jit gives interpreted kernels, which wrap_triton hands
 # back unwrapped, so torch.compile would run them on fake tensors. There the ops are plain custom

@@ -1,0 +1,137 @@
+"""The one adapter in front of every compiled backend (the C++ CPU and CUDA ops, the Triton ops): it
+turns the kernel contract's records (contract.PassArgs, PenaltyArgs, RowGrads, PenaltyGrads) into
+the ops' positional arguments, declared once here for every backend, and the ops' outputs back into
+RowStats / PenaltyStats. The ops share one schema per op (csrc/registration.cpp; the Triton ops the
+same signatures), and their fake (meta) implementations live here too.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..contract import PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGrads, RowStats
+from ..estimators import ESTIMATOR_CODES
+
+
+def _row_converter(row_dtype):
+    """[N] inputs as the ops want them: contiguous, in row_dtype when given (the Triton kernels read fp32)."""
+    def rows(t):
+        return None if t is None else (t if row_dtype is None else t.to(row_dtype)).contiguous()
+    return rows
+
+
+def _tensor_or_float(value, convert=lambda t: t):
+    """The ops' (Tensor?, float) pair for a value that is a tensor or a float: (tensor, 1.0) or (None, value)."""
+    return (convert(value), 1.0) if isinstance(value, torch.Tensor) else (None, float(value))
+
+
+def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
+    """fused_kl_fwd / fused_kl_bwd of contract.FusedPass over a backend's three registered ops (the
+    C++ ops and the Triton ops share one schema). The ops' temperature convention, the same for every
+    backend: T itself, as an [N] tensor (None when scalar) plus a float (1.0 when a tensor); the
+    shard as two ints, vocab_start and vocab_size.
+    row_dtype: the dtype the ops want [N] inputs in (the Triton kernels read fp32), None for as given."""
+    rows = _row_converter(row_dtype)
+
+    def common(args: PassArgs):
+        return (args.logits, args.labels, args.ref_logits, *_tensor_or_float(args.temperature, rows),
+                args.ignore_index, args.shard.start, args.shard.size)
+
+    def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStats:
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(*common(args), need_entropy, need_full)
+        has_ref = args.ref_logits is not None
+        return RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
+                        full_kl if need_full else None, lse, ref_lse if has_ref else None)
+
+    def fused_kl_bwd(args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
+        op_args = (*map(rows, grads), *common(args), stats.lse, stats.ref_lse, stats.entropy, stats.full_kl)
+        if inplace:
+            bwd_inplace_op(*op_args)
+            return args.logits
+        return bwd_op(*op_args)
+
+    return fused_kl_fwd, fused_kl_bwd
+
+
+def penalty_op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
+    """kl_penalty_fwd / kl_penalty_bwd of contract.OnePass over a backend's three one-pass ops (one
+    schema for the C++ and Triton ops, csrc/registration.cpp), in op_backend's conventions."""
+    rows = _row_converter(row_dtype)
+
+    def common(args: PassArgs, penalty: PenaltyArgs):
+        est = penalty.estimator
+        return (*_tensor_or_float(args.temperature, rows), args.ignore_index, ESTIMATOR_CODES[est.name],
+                est.straight_through, est.log_ratio_clamp, est.kl_clamp, *_tensor_or_float(penalty.kl_coef))
+
+    def kl_penalty_fwd(args: PassArgs, penalty: PenaltyArgs, need_entropy: bool) -> PenaltyStats:
+        out = fwd_op(args.logits, args.labels, args.ref_logits, penalty.ref_logprobs, penalty.mask, penalty.cu_seqlens,
+                     *common(args, penalty), penalty.padded, need_entropy)
+        stats = PenaltyStats(*out)
+        return stats._replace(entropy=stats.entropy if need_entropy else None,
+                              full_kl=stats.full_kl if penalty.estimator.name == "full" else None,
+                              ref_lse=stats.ref_lse if args.ref_logits is not None else None)
+
+    def kl_penalty_bwd(args: PassArgs, penalty: PenaltyArgs, stats: PenaltyStats, grads: PenaltyGrads,
+                       inplace: bool) -> torch.Tensor:
+        op_args = (*map(rows, grads), args.logits, args.labels, args.ref_logits, penalty.mask, *common(args, penalty),
+                   stats.logp, stats.ref_logp, stats.counts, stats.sequence, stats.lse, stats.ref_lse, stats.entropy,
+                   stats.full_kl)
+        if inplace:
+            bwd_inplace_op(*op_args)
+            return args.logits
+        return bwd_op(*op_args)
+
+    return kl_penalty_fwd, kl_penalty_bwd
+
+
+def penalty_outputs(logits, padded, cu_seqlens, has_ref, need_entropy, need_full):
+    """The one-pass forward's twelve outputs, uninitialised (fwd_outputs' six plus kl, penalty, the [S]
+    kl_sum, kl_mean, counts and the [N] int32 sequence ids), in kl_penalty_fwd's order."""
+    logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_outputs(logits, has_ref, need_entropy, need_full)
+    B, T = logits.shape[:2]
+    S = B if padded else (1 if cu_seqlens is None else max(cu_seqlens.shape[0] - 1, 0))
+    new = lambda n: logp.new_empty((n,))  # noqa: E731
+    return (logp, new(B * T) if not has_ref else ref_logp, new(B * T), new(B * T), new(S), new(S), new(S),
+            logp.new_empty((B * T,), dtype=torch.int32), entropy, full_kl, lse, ref_lse)
+
+
+def fwd_outputs(logits, has_ref, need_entropy, need_full):
+    """The forward's six [N] outputs (logp, ref_logp, entropy, full_kl, lse, ref_lse), uninitialised,
+    in the compute dtype; one not asked for is empty. Every fused forward op allocates (or fakes) these."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = logits.shape[0] * logits.shape[1]
+    new = lambda needed: logits.new_empty((rows if needed else 0,), dtype=dtype)  # noqa: E731
+    return new(True), new(has_ref), new(need_entropy), new(need_full), new(True), new(has_ref)
+
+
+def register_fakes() -> None:
+    """Shape-only (meta) versions of the C++ ops, for torch.compile and opcheck. Called once the
+    extension that defines the schemas has loaded."""
+
+    @torch.library.register_fake("kl_kernels::fused_kl_fwd")
+    def _fwd(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, vocab_start, vocab_size,
+             need_entropy, need_full):
+        return fwd_outputs(logits, ref_logits is not None, need_entropy, need_full)
+
+    @torch.library.register_fake("kl_kernels::fused_kl_bwd")
+    def _bwd(grad_logp, grad_entropy, grad_full, logits, *rest):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("kl_kernels::fused_kl_bwd_")
+    def _bwd_inplace(*args):
+        return None
+
+    @torch.library.register_fake("kl_kernels::kl_penalty_fwd")
+    def _penalty_fwd(logits, labels, ref_logits, ref_logprobs, mask, cu_seqlens, temperature, scalar_temperature,
+                     ignore_index, estimator, straight_through, log_ratio_clamp, kl_clamp, kl_coef, scalar_kl_coef,
+                     padded, need_entropy):
+        return penalty_outputs(logits, padded, cu_seqlens, ref_logits is not None, need_entropy,
+                               estimator == ESTIMATOR_CODES["full"])
+
+    @torch.library.register_fake("kl_kernels::kl_penalty_bwd")
+    def _penalty_bwd(*args):
+        logits = args[6]
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("kl_kernels::kl_penalty_bwd_")
+    def _penalty_bwd_inplace(*args):
+        return None

@@ -1,0 +1,1 @@
+"""kl-bench and kl-lab: users of the library, never imported by it."""

@@ -1,0 +1,111 @@
+"""kl-bench's providers from logits: the penalty as trainers write it today (eager, TRL's row loop),
+torch.compile of it, the peers when installed (Liger-Kernel, flash-attn) and each kl_kernels backend.
+Each provider is fn(logits, ref_logits, labels, mask) -> kl_sum [B].
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import kl_kernels
+from kl_kernels.dispatch import native_backends
+from kl_kernels.estimators import kl_from_logprobs
+
+def masked_kl_sum(logp, ref_logp, mask, estimator):
+    """The estimator's per-sequence sum over the mask (selected, never multiplied: NaN stays out)."""
+    kl = kl_from_logprobs(logp, ref_logp, estimator=estimator)
+    return torch.where(mask != 0, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum(-1)
+
+
+def eager_penalty(logits, ref_logits, labels, mask, estimator="k1", dtype=torch.float32):
+    """What verl/TRL/OpenRLHF write today (per-sequence masked sum); dtype=float64 is the truth."""
+    log_p = torch.log_softmax(logits.to(dtype), dim=-1)
+    log_q = torch.log_softmax(ref_logits.to(dtype), dim=-1)
+    if estimator == "full":
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return torch.where(mask != 0, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum(-1)
+    index = labels.unsqueeze(-1)
+    return masked_kl_sum(log_p.gather(-1, index).squeeze(-1), log_q.gather(-1, index).squeeze(-1), mask, estimator)
+
+
+def row_looped_logprobs(logits, labels):
+    """TRL's selective_log_softmax algorithm: float32 logits gather the label logits and subtract
+    a per-row logsumexp computed one sequence at a time; bf16/fp16 logits take a log_softmax in
+    their own dtype one sequence at a time (TRL's choice for stability), then gather."""
+    index = labels.unsqueeze(-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        lse = torch.stack([torch.logsumexp(sequence, dim=-1) for sequence in logits])
+        return logits.gather(-1, index).squeeze(-1) - lse
+    return torch.stack([torch.log_softmax(sequence, -1).gather(-1, i).squeeze(-1) for sequence, i in zip(logits, index)])
+
+
+def trl_penalty(logits, ref_logits, labels, mask, estimator="k1"):
+    return masked_kl_sum(row_looped_logprobs(logits, labels).float(), row_looped_logprobs(ref_logits, labels).float(),
+                     mask, estimator)
+
+
+def liger_penalty(logits, ref_logits, labels, mask, estimator="k1"):
+    """Liger-Kernel's log-prob path (liger_kernel.ops.grpo_loss.fused_selective_log_softmax), as
+    its GRPO trainer uses it for policy and reference log-probs: forward only (no gradient), and,
+    like HF logits, row t predicts labels[t + 1], so it covers T - 1 positions; the error column
+    compares it with the float64 truth on those positions (see `shifted`)."""
+    from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+
+    logp = fused_selective_log_softmax(logits, labels, temperature=1.0)
+    ref_logp = fused_selective_log_softmax(ref_logits, labels, temperature=1.0)
+    return masked_kl_sum(logp, ref_logp, mask[:, 1:], estimator)
+
+
+def flash_attn_penalty(logits, ref_logits, labels, mask, estimator="k1"):
+    """flash-attn's Triton cross-entropy (the loss is -logp; it has a fused backward)."""
+    from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+
+    def logprobs(z):
+        return -cross_entropy_loss(z.reshape(-1, z.shape[-1]), labels.reshape(-1))[0].view(labels.shape)
+
+    return masked_kl_sum(logprobs(logits), logprobs(ref_logits), mask, estimator)
+
+
+def shifted(logits, ref_logits, labels, mask):
+    return logits[:, :-1], ref_logits[:, :-1], labels[:, 1:], mask[:, 1:]
+
+
+FORWARD_ONLY = {"liger"}
+
+
+SAMPLED_ONLY = {"trl", "liger", "flash_attn"}  # providers of label log-probs: no `full`
+
+
+PEERS = {"trl": "always", "liger": "liger_kernel", "flash_attn": "flash_attn"}
+
+
+def make_provider(name, estimator):
+    if name == "eager":
+        return functools.partial(eager_penalty, estimator=estimator)
+    if name == "compile":
+        # each dtype, shape and grad mode compiles anew; past Dynamo's default limit of 8 it would
+        # silently run eager, so the limit is raised for a sweep
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(config, limit, max(getattr(config, limit), 256))
+        return torch.compile(functools.partial(eager_penalty, estimator=estimator))
+    if name in PEERS:
+        return functools.partial({"trl": trl_penalty, "liger": liger_penalty, "flash_attn": flash_attn_penalty}[name],
+                                 estimator=estimator)
+    return lambda logits, ref_logits, labels, mask: kl_kernels.kl_penalty(
+        logits, labels, ref_logits=ref_logits, mask=mask, estimator=estimator, validate=False, backend=name).kl_sum
+
+
+def default_providers(device):
+    # `reference` (the pure-PyTorch truth, slow by design) only when asked for
+    names = ["eager", "trl", "compile"] + native_backends(device.type)
+    if device.type == "cuda":
+        for name, module in PEERS.items():
+            if module != "always":
+                try:
+                    __import__(module)
+                    names.append(name)
+                except ImportError:
+                    pass
+    return names
