@@ -201,12 +201,14 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
 
 
 def _sequence_sums(values, layout, offsets):
-    """Per-sequence sums, deterministic: a reduction over T (padded) or segment_reduce (packed).
-
-    segment_reduce adds one value at a time, so packed sums accumulate in float64 (a float32 sum
-    over a 262k-token sequence drifted 7e-5 relative; the padded reduction is pairwise)."""
+    """Per-sequence sums, each added one value at a time in token order in float64 (segment_reduce)
+    and rounded once: a sequence's sum depends on its own tokens only, padded or packed, whatever
+    else the batch holds (a padded row's masked positions add exact zeros), as in the kernels' sums.
+    (A float32 sum over a 262k-token sequence drifted 7e-5 relative.)"""
     if layout == "padded":
-        return values.sum(dim=-1)
+        batch, steps = values.shape
+        offsets = torch.arange(batch + 1, device=values.device) * steps
+        values = values.reshape(-1)
     return torch.segment_reduce(values.double(), "sum", offsets=offsets, initial=0).to(values.dtype)
 
 

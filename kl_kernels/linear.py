@@ -7,7 +7,10 @@ softcap c * tanh(z / c)), then the backend's fused_kl_fwd on the tile. Backward,
 vocabulary rows and tile of tokens: the same z recomputed, the backend's fused_kl_bwd written over it
 in place (dlogits), g's derivative, then grad_hidden_tile += dlogits @ weight_chunk and
 grad_weight_chunk += dlogits^T @ hidden_tile in float32. Tiles and chunks come from the shapes and
-memory budgets only, in a fixed order: results are bitwise reproducible.
+memory budgets only, in a fixed order: results are bitwise reproducible. Each row's log-probs and
+gradient row are also batch-invariant (docs/contract.md section 11): every matmul that makes or
+consumes a row has a row count the BLAS treats alike for every row (_matmul), and a row that is
+not fed (ignored, or a non-finite hidden state) is a zero row there, never its NaN.
 
 linear_kl_penalty adds the reference model's tiles (frozen) and finishes with kl_penalty's O(N)
 epilogue (api._penalty_outputs): same estimators, masks, sums and outputs. integrations.trl and
@@ -40,84 +43,150 @@ EFFICIENT_TILE_ROWS = 512
 PARTIAL_BYTES = 32 << 20
 
 
-def _rows_per_tile(n_tokens: int, vocab: int, element_bytes: int, tile_bytes: int, has_ref: bool) -> int:
+# Row quanta of the projection's matmuls, for batch invariance (docs/contract.md section 11). A BLAS
+# picks its kernels and blocking from the matrix shape, and rows at a block's edge can take another
+# micro-kernel: on this CPU (MKL) rows 4-6 of a 7-row fp32 matmul got other bits than the same rows
+# inside 2048 (fp64: every row past the last multiple of 4). MKL (fp32, fp64) and oneDNN (bf16, fp16),
+# with 1 and 2 threads and H from 100 to 4096, gave every row the same bits for every row count that
+# is a multiple of 16 (tests/test_batch_invariance.py holds it), so a CPU tile's matmul is padded to a
+# multiple of 16 rows: a 7-token call pays a 16-row matmul, not a 512-row one. cuBLAS chooses its
+# kernel (tile shape, split-K) from all three sizes, so on a GPU every matmul has exactly 256 rows.
+CPU_ROW_QUANTUM = 16
+GPU_MATMUL_ROWS = 256
+
+
+def _quantum(device: torch.device) -> int:
+    return CPU_ROW_QUANTUM if device.type == "cpu" else GPU_MATMUL_ROWS
+
+
+def _padded(rows: int, device: torch.device) -> int:
+    quantum = _quantum(device)
+    return -(-rows // quantum) * quantum
+
+
+def _rows_per_tile(n_tokens: int, vocab: int, element_bytes: int, tile_bytes: int, has_ref: bool,
+                   device: torch.device) -> int:
     # the tile, whose gradient is written over it in place, a float32 copy under a logit transform
-    # (counted for every tile: element size at least 4), and the reference's tile
+    # (counted for every tile: element size at least 4), and the reference's tile; a whole number of
+    # matmul quanta (one at least, even past the budget)
     buffers = 2 if has_ref else 1
     by_budget = tile_bytes // max(1, buffers * vocab * max(element_bytes, 4))
-    return max(1, min(by_budget, max(EFFICIENT_TILE_ROWS, -(-n_tokens // 8))))
+    rows = min(by_budget, max(EFFICIENT_TILE_ROWS, -(-n_tokens // 8)))
+    quantum = _quantum(device)
+    return max(quantum, rows // quantum * quantum)
 
 
-def _logits_tile(hidden_tile, weight, bias, logit_scale, softcap, buffer):
-    """g(hidden_tile @ weight^T + bias) and, with a softcap, tanh of the scaled logits (its derivative
-    is 1 - tanh^2). The identity transform keeps the input dtype (no float32 copy of the tile).
-    buffer: a [rows, V] tensor of the matmul's dtype reused from tile to tile (first rows used). Reuse
-    matters on a CPU: a tile above glibc's 32 MiB mmap ceiling (fp32, V = 32000, 512 rows: 65 MB) is
-    mapped fresh each time, and its first-touch page faults made 8 such matmuls (H = 1024) 5% slower
-    (1652 vs 1570 ms)."""
-    z = _project(hidden_tile, weight, bias, buffer)
-    if softcap is None and logit_scale == 1.0:
-        return z, None
-    z = z.float()
-    if logit_scale != 1.0:
-        z.mul_(logit_scale)
-    if softcap is None:
-        return z, None
-    tanh = torch.tanh(z.div_(softcap))
-    return tanh * softcap, tanh
+def _matmul(a, b, out, bias=None):
+    """out = a @ b (+ bias) with a's row count a whole number of the device's quanta: one matmul on a
+    CPU, matmuls of exactly GPU_MATMUL_ROWS rows on a GPU. The ops F.linear runs (addmm with a bias,
+    mm without), so the same bits as F.linear on the same rows."""
+    step = a.shape[0] if a.device.type == "cpu" else GPU_MATMUL_ROWS
+    for r in range(0, a.shape[0], step):
+        if bias is None:
+            torch.mm(a[r:r + step], b, out=out[r:r + step])
+        else:
+            torch.addmm(bias, a[r:r + step], b, out=out[r:r + step])
+    return out
 
 
-def _project(hidden_tile, weight, bias, buffer):
-    """F.linear(hidden_tile, weight, bias) for a 2-D tile, into buffer's first rows: the same op F.linear
-    runs (addmm with a bias, mm without), so the same bits."""
-    out = buffer[:hidden_tile.shape[0]]
-    if bias is None:
-        return torch.mm(hidden_tile, weight.t(), out=out)
-    return torch.addmm(bias, hidden_tile, weight.t(), out=out)
+def _columns(buffer, rows, columns):
+    """A contiguous [rows, columns] tensor on the start of buffer: the tile of a narrower vocabulary chunk."""
+    return buffer.view(-1)[:rows * columns].view(rows, columns)
 
 
-def _tile_buffer(rows, vocab, like):
-    """A reusable [rows, vocab] tile in like's dtype and device."""
-    return torch.empty((rows, vocab), dtype=like.dtype, device=like.device)
+class _Projection:
+    """The logits tiles g(hidden @ weight^T + bias) of one model (the policy, or the frozen reference),
+    each row's bits its own. A tile's matmul reads its rows from a padded buffer: the rows to feed as
+    they are, every other row (dead: ignored; poisoned: a non-finite hidden state) and the padding as
+    zeros, since a NaN row does not stay in its row everywhere (oneDNN's bf16 matmul on this CPU spread
+    one into other rows when H is not a multiple of 16). Both buffers are reused from tile to tile: a
+    CPU tile above glibc's 32 MiB mmap ceiling (fp32, V = 32000, 512 rows: 65 MB) is mapped fresh each
+    time otherwise, and the first-touch page faults made 8 such matmuls (H = 1024) 5% slower."""
+
+    def __init__(self, hidden, weight, bias, tile_rows, columns, logit_scale, softcap):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.logit_scale, self.softcap = logit_scale, softcap
+        rows = _padded(tile_rows, hidden.device)
+        self.inputs = hidden.new_empty((rows, hidden.shape[1]))
+        self.out = hidden.new_empty((rows, columns))
+        self.zero = hidden.new_zeros(())
+
+    def finite_rows(self, n0, n1):
+        """[n1 - n0] bool: the rows whose hidden state is finite."""
+        return torch.isfinite(self.hidden[n0:n1]).all(-1)
+
+    def tile(self, n0, n1, feed, v0=0, v1=None):
+        """(z, tanh, inputs) of rows [n0, n1) and vocabulary rows [v0, v1), padded to the matmul's rows:
+        z = g(logits), tanh of the scaled logits under a softcap (g' = 1 - tanh^2), else None, and the
+        matmul's padded input rows (the weight gradient reads them). feed: [n1 - n0] bool."""
+        v1 = self.weight.shape[0] if v1 is None else v1
+        rows = n1 - n0
+        padded = _padded(rows, self.hidden.device)
+        inputs = self.inputs[:padded]
+        torch.where(feed[:, None], self.hidden[n0:n1], self.zero, out=inputs[:rows])
+        inputs[rows:].zero_()
+        z = _matmul(inputs, self.weight[v0:v1].t(), _columns(self.out, padded, v1 - v0),
+                    None if self.bias is None else self.bias[v0:v1])
+        if self.softcap is None and self.logit_scale == 1.0:
+            return z, None, inputs  # the identity keeps the matmul's dtype: no float copy of the tile
+        z = z.to(compute_dtype(z.dtype))
+        if self.logit_scale != 1.0:
+            z.mul_(self.logit_scale)
+        if self.softcap is None:
+            return z, None, inputs
+        tanh = torch.tanh(z.div_(self.softcap))
+        return tanh * self.softcap, tanh, inputs
 
 
-def _columns(buffer, columns):
-    """A contiguous [rows, columns] tensor on the start of buffer (columns <= buffer's): the tile of a
-    narrower vocabulary chunk."""
-    return buffer.view(-1)[:buffer.shape[0] * columns].view(buffer.shape[0], columns)
+def _bad_label(ignore_index: int) -> int:
+    """A label id that is neither ignore_index nor in any vocabulary: the kernels make its row NaN."""
+    return -1 if ignore_index != -1 else -2
 
 
 class LinearKLFunction(torch.autograd.Function):
     """The fused pass over logits made tile by tile from hidden states: the backend's fused_kl_fwd /
-    fused_kl_bwd (contract.FusedPass) on each [rows, V] tile of the policy (and, when given,
-    of the frozen reference model: ref_hidden, ref_weight, ref_bias, no gradient). Same four outputs
-    as api.FusedKLFunction: logp, ref_logp (None without a reference), entropy, full_kl."""
+    fused_kl_bwd (contract.FusedPass) on each [rows, V] tile of the policy (and, when given, of the
+    frozen reference model: ref_hidden, ref_weight, ref_bias, no gradient). Same four outputs as
+    api.FusedKLFunction: logp, ref_logp (None without a reference), entropy, full_kl.
+
+    A labelled row whose hidden state (or the reference's) is not finite is poisoned: the matmul
+    reads zeros for it, and its outputs are NaN (its label is made a bad one for the kernels), its
+    gradients too where a gradient flows from it (the weight's and bias' then NaN as a whole)."""
 
     @staticmethod
     def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, args, logit_scale, softcap,
                 need_entropy, need_full, rows):
         """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard)."""
-        n_tokens, has_ref = hidden.shape[0], ref_hidden is not None
+        n_tokens, has_ref, vocab = hidden.shape[0], ref_hidden is not None, weight.shape[0]
         dtype = compute_dtype(hidden.dtype)
         new = lambda needed: hidden.new_empty((n_tokens if needed else 0,), dtype=dtype)  # noqa: E731
         logp, ref_logp, entropy, full_kl, lse, ref_lse = (
             new(True), new(has_ref), new(need_entropy), new(need_full), new(True), new(has_ref))
         tile_rows = min(rows, n_tokens)
-        buffer = _tile_buffer(tile_rows, weight.shape[0], hidden)
-        ref_buffer = _tile_buffer(tile_rows, weight.shape[0], ref_hidden) if has_ref else None
+        policy = _Projection(hidden, weight, bias, tile_rows, vocab, logit_scale, softcap)
+        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, logit_scale, softcap) \
+            if has_ref else None
+        labelled = args.labels != args.ignore_index
+        poisoned = torch.empty_like(labelled)
+        bad = _bad_label(args.ignore_index)
         for n0 in range(0, n_tokens, rows):
             n1 = min(n0 + rows, n_tokens)
-            z, _ = _logits_tile(hidden[n0:n1], weight, bias, logit_scale, softcap, buffer)
-            ref_z = _logits_tile(ref_hidden[n0:n1], ref_weight, ref_bias, logit_scale, softcap, ref_buffer)[0] \
-                if has_ref else None
-            tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, n0, n1), need_entropy, need_full)
+            finite = policy.finite_rows(n0, n1)
+            if has_ref:
+                finite &= reference.finite_rows(n0, n1)
+            feed = labelled[n0:n1] & finite
+            poisoned[n0:n1] = labelled[n0:n1] & ~finite
+            z = policy.tile(n0, n1, feed)[0]
+            ref_z = reference.tile(n0, n1, feed)[0] if has_ref else None
+            labels = torch.where(poisoned[n0:n1], bad, args.labels[n0:n1])
+            tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, n0, n1, labels), need_entropy, need_full)
             for out, value in zip((logp, ref_logp, entropy, full_kl, lse, ref_lse), tile):
                 if value is not None and out.numel():
                     out[n0:n1] = value
             del z, ref_z  # the budget holds one tile of each at a time
         if args.shard.group is not None:  # weight holds this rank's vocabulary shard: merge the ranks' statistics
             stats = merge(args, RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
-                                   full_kl if need_full else None, lse, ref_lse if has_ref else None))
+                                         full_kl if need_full else None, lse, ref_lse if has_ref else None))
             logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
         ctx.impl, ctx.logit_scale, ctx.softcap, ctx.rows = impl, logit_scale, softcap, rows
@@ -125,7 +194,8 @@ class LinearKLFunction(torch.autograd.Function):
         ctx.args = args._replace(labels=None, temperature=None if tensor_temperature is not None else args.temperature)
         # the reference model is saved only for `full`, whose gradient reads its logits
         ctx.save_for_backward(hidden, weight, bias, *((ref_hidden, ref_weight, ref_bias) if need_full else (None,) * 3),
-                              args.labels, lse, ref_lse if need_full else None, entropy, full_kl, tensor_temperature)
+                              args.labels, poisoned, lse, ref_lse if need_full else None, entropy, full_kl,
+                              tensor_temperature)
         if has_ref:
             ctx.mark_non_differentiable(ref_logp)
         return logp, ref_logp if has_ref else None, entropy if need_entropy else None, full_kl if need_full else None
@@ -133,13 +203,16 @@ class LinearKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
         first_order_only()
-        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse, entropy, full_kl,
+        (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, poisoned, lse, ref_lse, entropy, full_kl,
          tensor_temperature) = ctx.saved_tensors
-        args = ctx.args._replace(labels=labels, temperature=tensor_temperature if tensor_temperature is not None
-                                 else ctx.args.temperature)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
         if grad_logp is None and grad_entropy is None and grad_full is None:
             return (None,) * 13
+        # the kernels see a poisoned row as ignored (an exact 0 gradient row); its NaN is set below
+        args = ctx.args._replace(labels=torch.where(poisoned, ctx.args.ignore_index, labels),
+                                 temperature=tensor_temperature if tensor_temperature is not None
+                                 else ctx.args.temperature)
+        feed = (labels != ctx.args.ignore_index) & ~poisoned
         n_tokens, (vocab, hidden_size) = hidden.shape[0], weight.shape
         # Vocabulary chunks outer, token tiles inner, when the weight needs a gradient: each chunk's
         # weight gradient is summed over the tiles in a chunk-sized float32 buffer and written once in
@@ -151,76 +224,85 @@ class LinearKLFunction(torch.autograd.Function):
         single = chunk == vocab
         wide = compute_dtype(weight.dtype)  # the sums' dtype: float32, float64 for float64
         summed_in_place = weight.dtype == wide
-        # the hidden gradient: written tile by tile (one chunk), else summed over chunks
-        grad_hidden = None
+        tile_rows = min(ctx.rows, n_tokens)
+        padded_rows = _padded(tile_rows, hidden.device)
+        # the hidden gradient: written tile by tile (one chunk), else summed over chunks; each tile's
+        # rows come from a padded matmul (batch invariance) into this buffer
+        grad_hidden = hidden_rows = None
         if need_hidden:
             grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if single else
                            torch.zeros(hidden.shape, dtype=wide, device=hidden.device))
+            hidden_rows = torch.empty((padded_rows, hidden_size), dtype=weight.dtype, device=hidden.device)
         grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
         # a float32 (float64) weight's gradient is its own sum; a lower dtype's chunk sums in this buffer
         chunk_sum = torch.empty((chunk, hidden_size), dtype=wide, device=weight.device) \
             if need_weight and not summed_in_place else None
         grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
         use_ref = grad_full is not None and ref_hidden is not None
-        # rows nothing flows back from (masked, ignored) have dlogits 0, but 0 * NaN is NaN in the
-        # weight gradient's matmul: their hidden rows are replaced by 0 there (select, not multiply)
-        live = labels != args.ignore_index
-        flows = [g != 0 for g in (grad_logp, grad_entropy, grad_full) if g is not None]
-        live = live & torch.stack(flows).any(0)
-        zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-        tile_rows = min(ctx.rows, n_tokens)
-        buffer = _tile_buffer(tile_rows, chunk, hidden)
-        ref_buffer = _tile_buffer(tile_rows, chunk, ref_hidden) if use_ref else None
+        policy = _Projection(hidden, weight, bias, tile_rows, chunk, ctx.logit_scale, ctx.softcap)
+        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, chunk, ctx.logit_scale, ctx.softcap) \
+            if use_ref else None
         for v0 in range(0, vocab, chunk):  # fixed orders, chunks then tiles: deterministic
             v1 = min(v0 + chunk, vocab)
-            w, b = weight[v0:v1], None if bias is None else bias[v0:v1]
-            ref_w, ref_b = (ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1]) if use_ref else (None, None)
+            w = weight[v0:v1]
             chunk_args = args._replace(shard=args.shard._replace(start=args.shard.start + v0))
             if need_weight:
                 weight_sum = grad_weight[v0:v1] if summed_in_place else chunk_sum[:v1 - v0]
                 weight_sum.zero_()
             for n0 in range(0, n_tokens, ctx.rows):
                 n1 = min(n0 + ctx.rows, n_tokens)
-                hidden_tile = hidden[n0:n1]
-                z, tanh = _logits_tile(hidden_tile, w, b, ctx.logit_scale, ctx.softcap, _columns(buffer, v1 - v0))
-                ref_z = _logits_tile(ref_hidden[n0:n1], ref_w, ref_b, ctx.logit_scale, ctx.softcap,
-                                     _columns(ref_buffer, v1 - v0))[0] if use_ref else None
+                rows = n1 - n0
+                z, tanh, inputs = policy.tile(n0, n1, feed[n0:n1], v0, v1)
+                ref_z = reference.tile(n0, n1, feed[n0:n1], v0, v1)[0] if use_ref else None
                 stats = RowStats(None, None, entropy[n0:n1] if entropy.numel() else None,
                                  full_kl[n0:n1] if full_kl.numel() else None, lse[n0:n1],
                                  ref_lse[n0:n1] if use_ref else None)
                 grads = RowGrads(*(_rows(g, n0, n1) for g in (grad_logp, grad_entropy, grad_full)))
-                # in place: z now holds dlogits
-                dz = ctx.impl.fused_kl_bwd(_tile_args(chunk_args, z, ref_z, n0, n1), stats, grads, True).view(z.shape)
-                if tanh is not None:  # selected: a dead row's tanh may be NaN (NaN hidden states under the mask)
-                    dz = torch.where(live[n0:n1, None], dz * (1.0 - tanh * tanh), 0.0)
+                # in place: z's rows now hold dlogits; the padding's are made 0
+                ctx.impl.fused_kl_bwd(_tile_args(chunk_args, z[:rows], None if ref_z is None else ref_z[:rows],
+                                                 n0, n1), stats, grads, True)
+                dz = z
+                dz[rows:].zero_()
+                if tanh is not None:
+                    dz = dz * (1.0 - tanh * tanh)  # dead and poisoned rows were fed zeros: tanh is finite
                 if ctx.logit_scale != 1.0:
                     dz = dz * ctx.logit_scale
                 dz = dz.to(weight.dtype)
                 if grad_hidden is not None:
+                    # the matmul in the weight's dtype (as F.linear's backward), summed in float32 over chunks
+                    _matmul(dz, w, hidden_rows[:dz.shape[0]])
                     if single:
-                        grad_hidden[n0:n1] = dz @ w
-                    elif summed_in_place:
-                        grad_hidden[n0:n1].addmm_(dz, w)
-                    else:  # the matmul in the weight's dtype (as F.linear's backward), summed in float32
-                        grad_hidden[n0:n1] += dz @ w
-                if need_weight:
-                    live_hidden = torch.where(live[n0:n1, None], hidden_tile, zero)
-                    if summed_in_place:
-                        weight_sum.addmm_(dz.t(), live_hidden)
+                        grad_hidden[n0:n1] = hidden_rows[:rows]
                     else:
-                        weight_sum += dz.t() @ live_hidden
+                        grad_hidden[n0:n1] += hidden_rows[:rows]
+                if need_weight:
+                    # the padded input rows: dead and poisoned rows are zeros there (0 * NaN would be NaN)
+                    if summed_in_place:
+                        weight_sum.addmm_(dz.t(), inputs)
+                    else:
+                        weight_sum += dz.t() @ inputs
                 if grad_bias is not None:
                     grad_bias[v0:v1] += dz.to(wide).sum(0)
-                del z, tanh, ref_z, dz  # before the next tile is made
+                del z, tanh, ref_z, dz, inputs  # before the next tile is made
             if need_weight and not summed_in_place:
                 grad_weight[v0:v1] = weight_sum
+        # a poisoned row from which a gradient flows: NaN in its hidden gradient, and in the sums over rows
+        flows = torch.stack([g != 0 for g in (grad_logp, grad_entropy, grad_full) if g is not None]).any(0)
+        nan_rows = poisoned & flows
+        if grad_hidden is not None:
+            grad_hidden.masked_fill_(nan_rows[:, None], float("nan"))
+        any_nan = nan_rows.any()
+        for grad in (grad_weight, grad_bias):
+            if grad is not None:
+                grad.masked_fill_(any_nan, float("nan"))
         return (None, _cast(grad_hidden, hidden), grad_weight, _cast(grad_bias, bias)) + (None,) * 9
 
 
-def _tile_args(args, z, ref_z, n0, n1):
-    """The PassArgs of one tile of rows [n0, n1): its logits as [1, rows, V]."""
-    return args._replace(logits=z.unsqueeze(0), labels=args.labels[n0:n1],
-                         ref_logits=None if ref_z is None else ref_z.unsqueeze(0),
+def _tile_args(args, z, ref_z, n0, n1, labels=None):
+    """The PassArgs of one tile of rows [n0, n1): its logits as [1, rows, V] (z's first n1 - n0 rows)."""
+    rows = n1 - n0
+    return args._replace(logits=z[:rows].unsqueeze(0), labels=args.labels[n0:n1] if labels is None else labels,
+                         ref_logits=None if ref_z is None else ref_z[:rows].unsqueeze(0),
                          temperature=_rows(args.temperature, n0, n1))
 
 
@@ -272,8 +354,9 @@ def _check_common(labels, logit_scale, softcap, tile_bytes):
 
 
 def _tile_dtype(dtype, logit_scale, softcap):
-    # the logits tile keeps the matmul's dtype under the identity transform, else it is float32
-    return dtype if softcap is None and logit_scale == 1.0 else torch.float32
+    # the logits tile keeps the matmul's dtype under the identity transform, else it is the compute
+    # dtype (float32; float64 stays float64)
+    return dtype if softcap is None and logit_scale == 1.0 else compute_dtype(dtype)
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
@@ -294,7 +377,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
     shard = sharding.vocab_shard(process_group, hidden.device, vocab, validate, "linear_token_logprobs", labels,
                                  return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature)
-    rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, has_ref=False)
+    rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, False, hidden.device)
     args = PassArgs(None, labels.reshape(-1).to(torch.int64).contiguous(), None, temp, ignore_index, shard)
     logp, _, entropy, _ = LinearKLFunction.apply(
         chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None, args, logit_scale, softcap,
@@ -338,7 +421,8 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
     shard = _agree_shard(process_group, hidden.device, weight.shape[0], "linear_kl_penalty", labels, plan, validate,
                          ref_hidden is not None, return_entropy, temperature)
     element_bytes = max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size())
-    rows = _rows_per_tile(labels.numel(), weight.shape[0], element_bytes, tile_bytes, has_ref=ref_hidden is not None)
+    rows = _rows_per_tile(labels.numel(), weight.shape[0], element_bytes, tile_bytes, ref_hidden is not None,
+                          hidden.device)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     detached = lambda t: None if t is None else t.detach()  # noqa: E731

@@ -120,10 +120,8 @@ def test_chunked_logprob_function(dtype):
         assert our_error <= 2 * their_error + 1e-5, (our_error, their_error)
 
 
-def test_grpo_end_to_end(tmp_path):
-    """GRPOTrainer (beta > 0, so a reference model too) on a tiny random Llama built here, 3 steps
-    on CPU: with patch() the fused head serves every policy and reference pass, and the logged
-    metrics agree with the unpatched run within 1e-4 relative."""
+def _tiny_llama(tmp_path):
+    """A tiny random Llama saved under tmp_path, its word-level tokenizer and 16 prompts."""
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -142,6 +140,14 @@ def test_grpo_end_to_end(tmp_path):
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     prompts = Dataset.from_dict({"prompt": ["a b c", "d e f", "g h i", "j k l"] * 4})
+    return model_dir, tokenizer, prompts
+
+
+def test_grpo_end_to_end(tmp_path):
+    """GRPOTrainer (beta > 0, so a reference model too) on a tiny random Llama built here, 3 steps
+    on CPU: with patch() the fused head serves every policy and reference pass, and the logged
+    metrics agree with the unpatched run within 1e-4 relative."""
+    model_dir, tokenizer, prompts = _tiny_llama(tmp_path)
 
     def train(patched, bf16=False):
         torch.manual_seed(0)
@@ -177,6 +183,54 @@ def test_grpo_end_to_end(tmp_path):
     # does the replacement (no fallback)
     _, (counts, reasons) = train(True, bf16=True)
     assert counts["trl.trainer.utils._ChunkedLogProbFunction"] == (6, 0), reasons
+
+
+def test_grpo_ratio_at_learning_rate_zero(tmp_path, capsys):
+    """The verl-6280 situation in TRL: GRPO at learning rate 0, so the importance ratio of every token
+    is 1 in exact arithmetic. The old log-probs are computed over the whole generation batch (4
+    sequences at once, as a trainer with a larger log-prob micro-batch does), the training ones one
+    sequence at a time. Patched, the fused head gives every token the same log-prob both times; the
+    fraction of tokens whose ratio != 1 is printed for both runs (the model body's matmuls may still
+    differ between batch sizes: here they did not)."""
+    model_dir, tokenizer, prompts = _tiny_llama(tmp_path)
+
+    class Probe(trl.GRPOTrainer):
+        # the old log-probs (no grad) over the whole generation batch; the training pass as TRL chunks it
+        def _get_per_token_logps_and_entropies(self, model, input_ids, *args, batch_size=None, **kwargs):
+            if not torch.is_grad_enabled():
+                batch_size = input_ids.size(0)
+            out = super()._get_per_token_logps_and_entropies(model, input_ids, *args, batch_size=batch_size, **kwargs)
+            self.last_logps = out[0]
+            return out
+
+        def _compute_loss(self, model, inputs):
+            loss = super()._compute_loss(model, inputs)
+            mask = inputs["completion_mask"].bool()
+            old = inputs["old_per_token_logps"]
+            self.tokens += int(mask.sum())
+            self.differing += int(((self.last_logps.detach() != old) & mask).sum())
+            return loss
+
+    def run(patched):
+        torch.manual_seed(0)
+        args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, steps_per_generation=4,
+                              num_generations=2, max_completion_length=12, max_steps=8, beta=0.0, report_to="none",
+                              use_cpu=True, logging_steps=1, seed=0, save_strategy="no", learning_rate=0.0)
+        trainer = Probe(model=model_dir, reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+                        args=args, train_dataset=prompts, processing_class=tokenizer)
+        trainer.tokens = trainer.differing = 0
+        if patched:
+            with kl_trl.patch(quiet=True):
+                trainer.train()
+        else:
+            trainer.train()
+        return trainer.differing, trainer.tokens
+
+    plain, fused = run(False), run(True)
+    with capsys.disabled():
+        print(f"\nGRPO at lr 0, old log-probs over 4 sequences, new over 1: tokens with ratio != 1: "
+              f"unpatched {plain[0]} of {plain[1]}, patched {fused[0]} of {fused[1]}")
+    assert fused[1] > 0 and fused[0] == 0
 
 
 def test_chunked_logprob_under_autocast():

@@ -89,6 +89,40 @@ def test_linear_cross_entropy_against_float64():
     torch.testing.assert_close(weight.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_micro_batch_size_does_not_change_the_log_probs(dtype):
+    """verl issue 6280: old_log_prob (computed at one micro-batch size) and log_prob (at another) of the
+    same tokens differ. Patched, both heads - logprobs_from_logits on the logits and linear_cross_entropy
+    on the hidden states - give every token the same bits at micro-batches of 8 and 1 sequences. The
+    unfused path's difference (F.linear per micro-batch, then verl's own log-probs) is printed: it is the
+    matmul's, which picks its blocking from the rows it is given."""
+    module = importlib.import_module("verl.utils.kernel.linear_cross_entropy")
+    batch, length, hidden_size, vocab = 8, 5, 40, 613
+    hidden = torch.randn(batch, length, hidden_size).to(dtype)
+    weight = (torch.randn(vocab, hidden_size) / hidden_size ** 0.5).to(dtype)
+    labels = torch.randint(0, vocab, (batch, length))
+
+    def by_micro_batches(size, head, rows=hidden):
+        return torch.cat([head(rows[i:i + size], labels[i:i + size]) for i in range(0, batch, size)])
+
+    def fused_head(h, y):
+        return module.linear_cross_entropy(h.reshape(-1, hidden_size), weight, y.reshape(-1), 1.0, "none")[0].view(y.shape)
+
+    def unfused_head(h, y):
+        return verl_F.logprobs_from_logits(torch.nn.functional.linear(h, weight), y)
+
+    logits = hidden @ weight.t()  # the same logits rows, grouped two ways
+    with kl_verl.patch(quiet=True):
+        differing = {"logprobs_from_logits": by_micro_batches(8, verl_F.logprobs_from_logits, logits)
+                     .ne(by_micro_batches(1, verl_F.logprobs_from_logits, logits)).sum().item(),
+                     "linear_cross_entropy": by_micro_batches(8, fused_head).ne(by_micro_batches(1, fused_head))
+                     .sum().item()}
+    plain = by_micro_batches(8, unfused_head).ne(by_micro_batches(1, unfused_head)).sum().item()
+    print(f"tokens whose log-prob differs between micro-batches of 8 and 1 ({dtype}): patched {differing}; "
+          f"unpatched F.linear + logprobs_from_logits: {plain} of {batch * length}")
+    assert differing == {"logprobs_from_logits": 0, "linear_cross_entropy": 0}
+
+
 def _ppo_step(patched):
     """verl's own PPO pieces on log-probs from verl's functions: kl_penalty, agg_loss, the vanilla
     policy loss, the entropy bonus; then apply_kl_penalty on a DataProto."""
