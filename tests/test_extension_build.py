@@ -29,7 +29,7 @@ def _run(code, **env):
 
 @needs_x86_build
 def test_the_build_matching_the_cpu_is_loaded():
-    from kl_kernels import extension
+    from kl_kernels.backends import extension
 
     want = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability())
     assert extension.CPU_ISA == want
@@ -38,7 +38,7 @@ def test_the_build_matching_the_cpu_is_loaded():
 # run in a fresh process: prints the CPU build loaded and the cpu backend's error against the reference
 CPU_BUILD_CHECK = textwrap.dedent("""
     import torch, kl_kernels
-    from kl_kernels import extension
+    from kl_kernels.backends import extension
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 1000)
     labels = torch.randint(0, 1000, (3, 7))
