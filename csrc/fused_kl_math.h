@@ -66,8 +66,18 @@ KL_HOST_DEVICE void raise_max(RowSums<acc_t>& r, acc_t new_max, acc_t inv_t) {
   // sx is kept around m: sum e (z - m_new) = sum e (z - m) + (m - m_new) sum e
   r.sx = (r.sx + (r.m - new_max) * r.s) * factor;
   r.s *= factor;
-  r.sd *= factor;
+  // an infinite sd (sd_term: a token the reference bans) stays infinite, even when factor underflows to 0
+  if (r.sd != acc_t(INFINITY)) r.sd *= factor;
   r.m = new_max;
+}
+
+// One term of the full KL's sum sd, e * (z - z') for e = e^((z - m)/T): 0 where e == 0 (a -inf policy
+// logit adds nothing, not 0 * -inf); +inf, whatever e, where z' = -inf and z > -inf: the reference bans
+// a token the policy can sample, so KL(p||q) is infinite however small p is (not 0 once e underflows,
+// nor 0 * inf = NaN when the sums are later moved to a higher max).
+template <typename acc_t>
+KL_HOST_DEVICE acc_t sd_term(acc_t e, acc_t w) {
+  return w == acc_t(INFINITY) ? w : e == acc_t(0) ? acc_t(0) : e * w;
 }
 
 // Two partial sums of one row (tiles, threads, warps) -> the sums of both, around the larger max.
@@ -91,12 +101,36 @@ KL_HOST_DEVICE acc_t log_sum_exp(const RowSums<acc_t>& r) {
   return lse == INFINITY ? acc_t(NAN) : lse;
 }
 
-// log p_y from the scaled sums and the label's scaled logit: (z_y/T - m/T) - log s, not z_y/T - lse.
-// A confident token (z_y = m, p_y ~ 1) keeps its digits: z_y/T - lse rounds to a multiple of
-// lse's ulp (1.5e-5 at lse = 250), the difference with the max is exact. NaN with the row's lse.
+// The lse a row saves for its backward, in double: m/T + log s formed without a float rounding of
+// the sum (|lse| 2^-24: 6e-4 at lse = 1e4), which every p = exp(z/T - lse) of the backward would
+// carry into the gradient (issue 28). The backward splits it into a float head and tail (lse_parts).
 template <typename acc_t>
-KL_HOST_DEVICE acc_t label_logprob(const RowSums<acc_t>& r, acc_t scaled_label_logit, acc_t lse) {
-  return lse != lse ? lse : (scaled_label_logit - r.m) - std::log(r.s);
+KL_HOST_DEVICE double saved_lse(const RowSums<acc_t>& raw, acc_t inv_t) {
+  const double lse = double(raw.m) * double(inv_t) + double(std::log(raw.s));
+  return lse == INFINITY ? double(NAN) : lse;
+}
+
+// A saved lse as head + tail in acc_t: z/T - lse = fma(z, 1/T, -head) - tail keeps z/T's product exact
+// and rounds where the result is small (near the max), so p carries none of lse's size in its error.
+template <typename acc_t>
+struct LseParts {
+  acc_t head, tail;
+};
+
+template <typename acc_t>
+KL_HOST_DEVICE LseParts<acc_t> lse_parts(double lse) {
+  const acc_t head = static_cast<acc_t>(lse);
+  return {head, static_cast<acc_t>(lse - double(head))};
+}
+
+// log p_y = (z_y - m)/T - log s from the raw (unscaled) sums and the raw label logit. The difference
+// with the max is exact (a confident token, z_y = m, gets exactly -log s), then rounded once by 1/T.
+// Not z_y/T - m/T: two rounded products whose difference a compiler may contract into one fma that
+// keeps one product's rounding (half an ulp of z/T: +0.39 at T = 0.001, z = 1e4, issue 28), and not
+// z_y/T - lse, a multiple of lse's ulp (1.5e-5 at lse = 250). NaN with the row's lse.
+template <typename acc_t>
+KL_HOST_DEVICE acc_t label_logprob(const RowSums<acc_t>& raw, acc_t label_logit, acc_t inv_t, acc_t lse) {
+  return lse != lse ? lse : (label_logit - raw.m) * inv_t - std::log(raw.s);
 }
 
 template <typename acc_t>
@@ -119,7 +153,9 @@ KL_HOST_DEVICE acc_t full_kl(const RowSums<acc_t>& p, const RowSums<acc_t>& q, a
 // where p_v == 0 (a -inf logit) the gradient is 0, not 0 * inf.
 template <typename acc_t>
 struct RowGrad {
-  acc_t g_logp, g_entropy, g_full, entropy, kl, lse, ref_lse, inv_t;
+  acc_t g_logp, g_entropy, g_full, entropy, kl;
+  LseParts<acc_t> lse, ref_lse;
+  acc_t inv_t;
 };
 
 // f(v) above, for one value (GPU) or one SIMD vector of values (CPU, ATen Vectorized<acc_t>):

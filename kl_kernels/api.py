@@ -190,10 +190,11 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         dtype = compute_dtype(logits.dtype)
         temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
         chosen = select_backend(backend, logits.device, (logits.dtype,))
-    shard = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate, "token_logprobs", labels,
-                                 return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature)
+    shard, flat_labels = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate,
+                                               "token_logprobs", labels, return_entropy=bool(return_entropy),
+                                               ignore_index=ignore_index, temperature=temperature)
     rows = _as_rows(logits)
-    args = PassArgs(rows, labels.reshape(-1).to(torch.int64).contiguous(), None, temp, ignore_index, shard)
+    args = PassArgs(rows, flat_labels, None, temp, ignore_index, shard)
     logp, _, entropy, _ = FusedKLFunction.apply(chosen.impl, rows, args, bool(return_entropy), False,
                                                 bool(inplace_backward))
     logp = logp.view(labels.shape)
@@ -340,9 +341,8 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
             has_ref_model=ref_logits is not None)
         dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
         chosen = select_backend(backend, logits.device, dtypes)
-    shard = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan, validate,
-                         ref_logits is not None, return_entropy, temperature)
-    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    shard, flat_labels = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan,
+                                      validate, ref_logits is not None, return_entropy, temperature, mask)
     rows = _as_rows(logits)
     args = PassArgs(rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
                     plan.ignore_index, shard)
@@ -364,9 +364,9 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
 
 
 def _agree_shard(process_group, device, local_vocab, function, labels, plan, validate, has_ref, return_entropy,
-                 temperature):
-    """The penalty's VocabShard (sharding.vocab_shard) from its plan."""
+                 temperature, mask, **transform):
+    """The penalty's (VocabShard, kernel labels) (sharding.vocab_shard) from its plan."""
     return sharding.vocab_shard(process_group, device, local_vocab, validate, function, labels,
                                  estimator=(*plan.estimator, plan.layout), has_ref=has_ref,
                                  return_entropy=bool(return_entropy), ignore_index=plan.ignore_index,
-                                 temperature=temperature)
+                                 temperature=temperature, mask=mask, cu_seqlens=plan.cu_seqlens, **transform)

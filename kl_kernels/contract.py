@@ -16,11 +16,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class VocabShard(NamedTuple):
-    """Where a kernel's V columns sit: ids [start, start + V) of a vocabulary of `size` ids."""
+    """Where a kernel's V columns sit: ids [start, start + V) of a vocabulary of `size` ids; a label
+    outside [0, size) is bad (a NaN row). Unsharded: start 0, size V. A tensor-parallel rank's
+    (sharding.vocab_shard): its labels made local (another rank's label is column V, none here), so
+    start 0 and size V + 1, with group and each label's owner rank for the merge."""
     start: int
     size: int
-    group: object = None  # the process group; None: not sharded (the whole vocabulary, start 0)
-    ends: tuple = ()  # every rank's end id, in rank order (who owns which label)
+    group: object = None  # the process group; None: not sharded
+    owner: object = None  # [N] int64 tensor: the rank whose shard holds each label (sharded only)
 
 
 def whole(vocab: int) -> VocabShard:
@@ -39,7 +42,8 @@ class PassArgs(NamedTuple):
 
 class RowStats(NamedTuple):
     """What every backend's forward returns: [N] each, float32 (float64 for float64 logits); None where
-    not asked for. lse / ref_lse are saved for the backward."""
+    not asked for. lse / ref_lse are saved for the backward, in float64 whatever the logits: a float32
+    lse rounds by |lse| 2^-24, which every p = exp(z/T - lse) of the backward would carry."""
     logp: torch.Tensor
     ref_logp: Optional[torch.Tensor]
     entropy: Optional[torch.Tensor]

@@ -159,9 +159,10 @@ class LinearKLFunction(torch.autograd.Function):
         """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard)."""
         n_tokens, has_ref, vocab = hidden.shape[0], ref_hidden is not None, weight.shape[0]
         dtype = compute_dtype(hidden.dtype)
-        new = lambda needed: hidden.new_empty((n_tokens if needed else 0,), dtype=dtype)  # noqa: E731
-        logp, ref_logp, entropy, full_kl, lse, ref_lse = (
-            new(True), new(has_ref), new(need_entropy), new(need_full), new(True), new(has_ref))
+        new = lambda needed, kind=dtype: hidden.new_empty((n_tokens if needed else 0,), dtype=kind)  # noqa: E731
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = (  # the saved lse in float64, as every backend's
+            new(True), new(has_ref), new(need_entropy), new(need_full), new(True, torch.float64),
+            new(has_ref, torch.float64))
         tile_rows = min(rows, n_tokens)
         policy = _Projection(hidden, weight, bias, tile_rows, vocab, logit_scale, softcap)
         reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, logit_scale, softcap) \
@@ -375,10 +376,11 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         vocab = weight.shape[0]
         temp = _temperature(temperature, labels.shape, hidden.device, compute_dtype(hidden.dtype), validate)
         chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
-    shard = sharding.vocab_shard(process_group, hidden.device, vocab, validate, "linear_token_logprobs", labels,
-                                 return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature)
+    shard, flat_labels = sharding.vocab_shard(process_group, hidden.device, vocab, validate, "linear_token_logprobs",
+                                              labels, return_entropy=bool(return_entropy), ignore_index=ignore_index,
+                                              temperature=temperature, logit_scale=logit_scale, softcap=softcap)
     rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, False, hidden.device)
-    args = PassArgs(None, labels.reshape(-1).to(torch.int64).contiguous(), None, temp, ignore_index, shard)
+    args = PassArgs(None, flat_labels, None, temp, ignore_index, shard)
     logp, _, entropy, _ = LinearKLFunction.apply(
         chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None, args, logit_scale, softcap,
         bool(return_entropy), False, rows)
@@ -418,12 +420,12 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
         if ref_hidden is not None:
             dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
         chosen = select_backend(backend, hidden.device, tuple(dtypes))
-    shard = _agree_shard(process_group, hidden.device, weight.shape[0], "linear_kl_penalty", labels, plan, validate,
-                         ref_hidden is not None, return_entropy, temperature)
+    shard, flat_labels = _agree_shard(process_group, hidden.device, weight.shape[0], "linear_kl_penalty", labels,
+                                      plan, validate, ref_hidden is not None, return_entropy, temperature, mask,
+                                      logit_scale=logit_scale, softcap=softcap)
     element_bytes = max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size())
     rows = _rows_per_tile(labels.numel(), weight.shape[0], element_bytes, tile_bytes, ref_hidden is not None,
                           hidden.device)
-    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     detached = lambda t: None if t is None else t.detach()  # noqa: E731
     logp, ref_logp, entropy, full_kl = LinearKLFunction.apply(

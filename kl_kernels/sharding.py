@@ -2,9 +2,8 @@
 process group holds a contiguous shard of the vocabulary (logits [..., V_r], or lm_head weight
 [V_r, H]); the shards in rank order form the whole vocabulary.
 
-Each rank runs the usual fused kernel on its shard (the kernels take the shard's place in the
-vocabulary: `vocab_start`, `vocab_size`; labels stay global ids) and gets per-row statistics of its
-columns: the log-sum-exp, the label log-prob where it owns the label (-inf elsewhere), the entropy
+Each rank runs the usual fused kernel on its shard, on labels made local on the device (its own
+label's column, or "not here", or bad), and gets per-row statistics of its columns: the log-sum-exp, the label log-prob where it owns the label (-inf elsewhere), the entropy
 and the exact KL of its columns' softmax. One all_gather of those [k <= 6, N] partials, merged on
 every rank in rank order (so every rank gets the same bits, run after run), gives the statistics of
 the whole vocabulary. With w_r = exp(lse_r - lse) the mass of shard r:
@@ -14,28 +13,25 @@ the whole vocabulary. With w_r = exp(lse_r - lse) the mass of shard r:
 the merged lse, entropy and KL, so its p = exp(z/T - lse) is the whole vocabulary's softmax on its
 columns, and writes its shard of the gradient.
 
-Before the first collective that carries data, the ranks exchange one small header (their
-shard size, and with validate=True the row count, the options and a fingerprint of the labels), so
-a rank whose inputs disagree raises ValueError on every rank instead of hanging a collective. A
-rank whose own checks failed still joins that exchange (fail_together), so its peers raise too.
-Only collectives NCCL also has are used (all_gather), on the inputs' device.
+Before the collective that carries data, the ranks exchange one small header on every call (their
+shard sizes, the options, and with validate=True fingerprints of the labels, mask, cu_seqlens and a
+tensor temperature): the same collectives on every rank whatever validate says and whatever came
+before, so no layout is remembered that could go stale. With validate=True it is read back (a host
+sync), and a rank whose inputs disagree makes every rank raise ValueError instead of hanging a
+collective; a rank whose own checks failed still joins it (fail_together), so its peers raise too.
+With validate=False the shard sizes stay on the device. Only collectives NCCL also has are used
+(all_gather), on the inputs' device.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import struct
-import weakref
 import zlib
 
 import torch
 
 from . import validation as check
 from .contract import VocabShard, whole
-
-# Shard layouts seen, for validate=False (no host sync per call): group -> {local size: every rank's end id}.
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def _dist():
     import torch.distributed as dist
@@ -53,77 +49,106 @@ def _all_gather(group, tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts)
 
 
-# What every rank must agree on, in this order (the header's columns after the shard size and the
-# failure flag); a column a function does not use is 0.
-HEADER = ("function", "rows", "labels", "estimator", "ref_logits", "return_entropy", "ignore_index", "temperature")
+# What every rank must agree on, in this order (the header's columns after the shard size, the failure
+# flag and the validate flag); a column a function does not use is 0. The fingerprints (labels, mask,
+# cu_seqlens, a tensor temperature) cost a host sync: taken with validate=True only, compared among
+# the ranks that took them.
+HEADER = ("function", "rows", "estimator", "ref_logits", "return_entropy", "ignore_index", "temperature",
+          "logit_scale", "softcap", "labels", "mask", "cu_seqlens", "temperature values")
+FINGERPRINTS = ("labels", "mask", "cu_seqlens", "temperature values")
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 def header(function: str, labels: torch.Tensor, validate: bool, *, estimator=None, has_ref=False,
-           return_entropy=False, ignore_index=-100, temperature=1.0) -> dict:
-    """The header of one call. Codes are stable across processes (crc32, not Python's salted hash);
-    the labels' fingerprint costs a host sync, so it is taken with validate=True only."""
+           return_entropy=False, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None, mask=None,
+           cu_seqlens=None) -> dict:
+    """The header of one call. Codes are stable across processes (crc32, not Python's salted hash)."""
     def code(value) -> int:
         return zlib.crc32(repr(value).encode())
 
-    scalar_t = -1 if isinstance(temperature, torch.Tensor) else struct.unpack("<q", struct.pack("<d", temperature))[0]
-    return dict(zip(HEADER, (code(function), labels.numel(), labels_fingerprint(labels) if validate else 0,
-                             code(estimator), int(has_ref), int(return_entropy), ignore_index, scalar_t)))
+    tensor_t = isinstance(temperature, torch.Tensor)
+    values = dict(function=code(function), rows=labels.numel(), estimator=code(estimator), ref_logits=int(has_ref),
+                  return_entropy=int(return_entropy), ignore_index=ignore_index,
+                  temperature=-1 if tensor_t else _bits(temperature), logit_scale=_bits(logit_scale),
+                  softcap=-1 if softcap is None else _bits(softcap))
+    fingerprints = (labels, mask, cu_seqlens, temperature if tensor_t else None)
+    for name, value in zip(FINGERPRINTS, fingerprints):
+        values[name] = fingerprint(value) if validate and value is not None else 0
+    return {name: values[name] for name in HEADER}
 
 
-def labels_fingerprint(labels: torch.Tensor) -> int:
-    """Two int64 sums that differ when the labels differ (positions weighted, so a swap shows);
-    wrapping arithmetic is fine: only equality across ranks matters. A host sync: validate=True only."""
-    flat = labels.reshape(-1).to(torch.int64)
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
-    return int((flat * weights).sum()) ^ (int(flat.sum()) << 1)
+def fingerprint(values: torch.Tensor) -> int:
+    """A position-weighted float64 sum's bits: differs when the values differ (a swap shows); the same
+    bits for the same values on every rank. A host sync: validate=True only."""
+    flat = values.reshape(-1).double()
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+    return _bits(float((flat * weights).sum()) + 0.5 * float(flat.sum()))
 
 
-def agree(group, device, local_vocab: int, header: dict, validate: bool, error: Exception | None = None) -> VocabShard:
-    """This rank's VocabShard, after every rank agreed on the header (name -> int; the same on every
-    rank or ValueError on every rank). `error`: this rank's own checks failed; it joins the exchange
-    (so its peers do not wait forever), then raises it while they raise a ValueError naming it."""
+def agree(group, device, local_vocab: int, header: dict, validate: bool, error: Exception | None = None):
+    """(every rank's shard size as an int64 tensor on the device, this rank), after the ranks exchanged
+    the header (name -> int). Every call exchanges it, whatever validate says, so the ranks' collectives
+    always pair up. With validate=True the header is read (a host sync): a rank whose inputs differ, or
+    that failed its own checks (`error`: it joins the exchange, then raises it), makes every rank raise.
+    With validate=False nothing is read back: the sizes stay on the device."""
     dist = _dist()
     if not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"process_group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)
-    if not validate and error is None:
-        ends = _LAYOUTS.get(group, {}).get(local_vocab)
-        if ends is not None:
-            return _shard_of(rank, ends, group)
-    names = list(header)
-    mine = torch.tensor([local_vocab, error is not None, *header.values()], dtype=torch.int64, device=device)
-    everyone = _all_gather(group, mine).tolist()
+    mine = torch.tensor([local_vocab, error is not None, bool(validate), *header.values()], dtype=torch.int64,
+                        device=device)
+    everyone = _all_gather(group, mine)
     if error is not None:
         raise error
-    failed = [r for r, row in enumerate(everyone) if row[1]]
-    if failed:
-        raise ValueError(f"process_group: rank(s) {failed} rejected their inputs (their error says why); "
-                         f"this is rank {rank}, whose inputs were fine")
-    for column, name in enumerate(names, start=2):
-        values = [row[column] for row in everyone]
-        if len(set(values)) > 1:
-            raise ValueError(f"process_group: every rank must pass the same {name}, got {values} on ranks "
-                             f"0..{len(values) - 1}")
-    ends = tuple(itertools.accumulate(row[0] for row in everyone))
-    _LAYOUTS.setdefault(group, {})[local_vocab] = ends
-    return _shard_of(rank, ends, group)
+    if validate:
+        rows = everyone.tolist()
+        failed = [r for r, row in enumerate(rows) if row[1]]
+        if failed:
+            raise ValueError(f"process_group: rank(s) {failed} rejected their inputs (their error says why); "
+                             f"this is rank {rank}, whose inputs were fine")
+        for column, name in enumerate(header, start=3):
+            # a fingerprint only among the ranks that took one (validate=True)
+            values = [row[column] for row in rows if name not in FINGERPRINTS or row[2]]
+            if len(set(values)) > 1:
+                raise ValueError(f"process_group: every rank must pass the same {name}, got {values} on ranks "
+                                 f"0..{len(values) - 1}")
+    return everyone[:, 0], rank
 
 
-def _shard_of(rank: int, ends: tuple, group) -> VocabShard:
-    return VocabShard(ends[rank - 1] if rank else 0, ends[-1], group, ends)
+def _bad_label(ignore_index: int) -> int:
+    return -1 if ignore_index != -1 else -2
 
 
 def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, labels: torch.Tensor,
-                **options) -> VocabShard:
-    """whole(local_vocab) without a group; else this rank's shard, once every rank agreed on the
-    call's header (function, labels and the options of header()). With validate=True the labels are
-    checked against the whole vocabulary, here for every call (with a group: the same labels on every
-    rank, so all raise alike)."""
-    shard = whole(local_vocab) if group is None else \
-        agree(group, device, local_vocab, header(function, labels, validate, **options), validate)
+                **options) -> tuple[VocabShard, torch.Tensor]:
+    """(the kernels' VocabShard, the [N] int64 labels they read). Without a group: whole(local_vocab)
+    and the labels. With one, after every rank agreed on the call's header (header()): the labels made
+    local on the device (no host sync): a label this rank owns is its column here, one another rank owns
+    is local_vocab (no column here), one outside the whole vocabulary a negative id (a NaN row); the
+    shard is [0, local_vocab + 1) with each label's owner rank for the merge. With validate=True the
+    labels are checked against the whole vocabulary (the same labels on every rank, so all raise alike)."""
+    flat = labels.reshape(-1).to(torch.int64).contiguous()
+    ignore_index = options["ignore_index"]
+    if group is None:
+        if validate:
+            check.label_values(labels, local_vocab, ignore_index)
+        return whole(local_vocab), flat
+    sizes, rank = agree(group, device, local_vocab, header(function, labels, validate, **options), validate)
+    ends = sizes.cumsum(0)
     if validate:
-        check.label_values(labels, shard.size, options["ignore_index"])
-    return shard
+        check.label_values(labels, int(ends[-1]), ignore_index)
+    start = ends[rank] - local_vocab
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= ends[-1]))
+    column = flat - start
+    owned = valid & ~bad & (column >= 0) & (column < local_vocab)
+    local = torch.where(owned, column, torch.where(bad, _bad_label(ignore_index), local_vocab))
+    local = torch.where(valid, local, ignore_index)
+    owner = torch.bucketize(flat, ends, right=True).clamp_(max=ends.numel() - 1)
+    return VocabShard(0, local_vocab + 1, group, owner), local
 
 
 @contextlib.contextmanager
@@ -138,10 +163,10 @@ def checks(group, device, validate: bool):
 
 
 def fail_together(group, device, validate: bool, error: Exception):
-    """Raise this rank's `error` after joining the header exchange its peers are in (with validate=True,
-    or before the group's first exchange; after it, validate=False exchanges nothing and the caller
-    promised consistent inputs)."""
-    if group is None or not (validate or group not in _LAYOUTS):
+    """Raise this rank's `error` after joining the header exchange its peers are in (every call has one:
+    with validate=True they raise too; with validate=False they do not read it, and the caller promised
+    consistent inputs)."""
+    if group is None:
         raise error
     agree(group, device, 0, dict.fromkeys(HEADER, 0), validate, error)
 
@@ -157,11 +182,11 @@ def merge(args, stats):
     whole vocabulary (module docstring), the same bits on every rank."""
     shard, labels = args.shard, args.labels
     names = [name for name, value in stats._asdict().items() if value is not None]
-    gathered = _all_gather(shard.group, torch.stack([getattr(stats, n) for n in names])).double()  # [W, k, N]
+    # [W, k, N], in float64: the saved lse is float64 (contract.RowStats), the rest travels with it
+    gathered = _all_gather(shard.group, torch.stack([getattr(stats, n).double() for n in names]))
     part = dict(zip(names, gathered.unbind(1)))
-    ends = torch.tensor(shard.ends, device=labels.device)
     # the rank whose shard holds the label (a label outside the vocabulary: every rank gave NaN)
-    owner = torch.bucketize(labels, ends, right=True).clamp_(max=len(shard.ends) - 1).unsqueeze(0)
+    owner = shard.owner.unsqueeze(0)
 
     def total(lse_shards, logp_shards):
         lse_all = torch.logsumexp(lse_shards, 0)
@@ -182,4 +207,5 @@ def merge(args, stats):
         out["full_kl"] = _weighted(weight, part["full_kl"] + log_w - log_v)
     valid = labels != args.ignore_index
     dtype = stats.logp.dtype
-    return stats._replace(**{name: torch.where(valid, value, 0.0).to(dtype) for name, value in out.items()})
+    return stats._replace(**{name: torch.where(valid, value, 0.0).to(stats.lse.dtype if name.endswith("lse") else dtype)
+                             for name, value in out.items()})

@@ -128,15 +128,15 @@ def test_compare_verdicts_respect_the_spread():
 
 
 def test_cli_tensor_parallel_mode(tmp_path):
-    """--tp 2: two gloo processes; what a rank receives per token is the per-row statistics (k = 5 float32
-    here: log-prob, lse, reference log-prob and lse, entropy) plus an 80-byte header per call, whatever V."""
+    """--tp 2: two gloo processes; what a rank receives per token is the per-row statistics (k = 5 float64
+    here: log-prob, lse, reference log-prob and lse, entropy) plus a 128-byte header per call, whatever V."""
     out = tmp_path / "tp.json"
     assert bench.main(["--tp", "2", "--tokens", "96", "--vocab", "64", "640", "--modes", "fwd+bwd", "--repeats", "1",
                        "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [row["vocab"] for row in rows] == [64, 640]
     for row in rows:
-        assert row["received_bytes_per_token"] == pytest.approx(5 * 4 + 80 / 96)
+        assert row["received_bytes_per_token"] == pytest.approx(5 * 8 + 128 / 96)
         assert row["max_abs_diff_vs_single"] < 1e-4 and row["sharded_ms"] > 0
 
 

@@ -279,3 +279,97 @@ def _truth(logits, ref_logits, labels, mask, weights, estimator, temperature, cl
         coefficient = coefficient + out["kl"].grad.abs() * (1 + spread)
     out["grad_rounding"] = 4 * eps * (1 + lse) * coefficient / temperature
     return {name: value.detach() for name, value in out.items()}, logits.grad
+
+
+# ---- issue 28: precision at T != 1 and extreme logits, the full KL's overflow and underflow
+
+@pytest.mark.parametrize("temperature,top", [(0.7, 1e4), (0.001, 30.0), (0.001, 1e4), (1.0, 1e4), (0.5, 3e4)])
+def test_a_confident_label_keeps_its_digits_when_one_over_t_is_inexact(backend, temperature, top):
+    """z = [c, c-1, c-3], label 0: log p is (z_y - m)/T - log s, exact up to one rounding, never half an
+    ulp of z/T (an fma contraction of z_y/T - m/T left +0.39 at T = 0.001, c = 1e4)."""
+    z = torch.tensor([[top, top - 1.0, top - 3.0]])
+    labels = torch.tensor([0])
+    got = kl_kernels.token_logprobs(z, labels, temperature=temperature, backend=backend)
+    truth = torch.log_softmax(z.double() / temperature, -1)[0, 0]
+    error = abs(got.double().item() - truth.item())
+    if backend == "reference":  # divides z by T in float32 first, as torch code does: torch's error, no more
+        torch_error = abs(torch.log_softmax(z / temperature, -1)[0, 0].double().item() - truth.item())
+        assert error <= torch_error + 1e-7, (error, torch_error)
+    else:
+        assert error <= 1e-6 * max(1.0, abs(truth.item())), (got.item(), truth.item())
+
+
+def _relative_gradient_error(backend, logits, labels, temperature):
+    """max |g - g64| / max |g64| over the gradient of logp + entropy, the float64 truth taken from the
+    same float32 logits."""
+    z = logits.clone().requires_grad_()
+    logp, entropy = kl_kernels.token_logprobs(z, labels, temperature=temperature, return_entropy=True, backend=backend)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    z64 = logits.double().requires_grad_()
+    log_p = torch.log_softmax(z64 / temperature, -1)
+    truth = log_p.gather(-1, labels[:, None]).sum() + 0.5 * -(log_p.exp() * log_p).sum()
+    truth.backward()
+    return ((z.grad.double() - z64.grad).abs().max() / z64.grad.abs().max()).item()
+
+
+@pytest.mark.parametrize("temperature,offset,spread", [
+    (1.0, 1e4, 3.0), (0.001, 0.0, 3.0 * 0.001 * 30), (0.001, 1e3, 0.01), (0.001, 1e5, 0.01), (1e-6, 1.0, 1e-6)])
+def test_gradient_keeps_its_digits_for_large_z_over_t(temperature, offset, spread):
+    """The backward's p = exp(z/T - lse) with lse saved in float64 and z/T - lse formed in one fma: the
+    gradient's relative error stays at float32's level (<= 1e-6) for |z/T| up to 1e6 (with a float32 lse
+    it carried |lse| 2^-24: 2.6e-5 at logits ~1e4, 2.7e-2 at z/T ~ 1e6). The compiled kernels only: the
+    reference divides z by T in float32 first, as torch code does."""
+    labels = torch.randint(0, 300, (6,))
+    logits = offset + spread * torch.randn(6, 300)
+    for backend in [b for b in ("cpu", "triton") if b in kl_kernels.dispatch.BACKENDS
+                    and kl_kernels.dispatch.BACKENDS[b].unavailable_reason is None]:
+        if backend == "triton" and torch.cuda.is_available():
+            continue  # CPU tensors here; bench/gpu_check.sh runs this file on CUDA tensors too
+        error = _relative_gradient_error(backend, logits, labels, temperature)
+        assert error <= 1e-6, (backend, error)
+
+
+def test_a_single_column_has_an_exactly_zero_gradient(backend):
+    """V = 1: p = 1, so d logp / dz = 0 exactly (it was ~1e-7 from lse's rounding)."""
+    z = (torch.randn(5, 1) * 100).requires_grad_()
+    logp, entropy = kl_kernels.token_logprobs(z, torch.zeros(5, dtype=torch.long), temperature=0.3,
+                                              return_entropy=True, backend=backend)
+    assert torch.equal(logp, torch.zeros(5)) and torch.equal(entropy, torch.zeros(5))
+    (logp.sum() + entropy.sum()).backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("rise", [2.0, 50.0])
+def test_full_kl_with_a_banned_reference_token_then_a_far_higher_tile(backend, rise):
+    """`full`, T = 0.01: the reference bans (-inf) the policy's top token of the first tile, then a later
+    tile rises far above. The policy can sample the banned token (p > 0, however small: e^-200 here), so
+    KL(p||q) is +inf on every backend: not NaN (inf * 0 when the sums
+    moved to the higher max), not 0 (p underflowing in float32). A row without a banned token: finite."""
+    V = 2500
+    logits = torch.randn(1, 3, V)
+    logits[:, :, 1500:] += rise
+    ref = logits + 0.1 * torch.randn(1, 3, V)
+    first_tile_max = logits[0, :2, :1024].argmax(-1)  # where the first tile's mass is
+    ref[0, torch.arange(2), first_tile_max] = float("-inf")
+    labels = torch.tensor([[1600, 1700, 1800]])
+    out = kl_kernels.kl_penalty(logits, labels, ref_logits=ref, estimator="full", temperature=0.01, backend=backend)
+    log_p = torch.log_softmax(logits.double() / 0.01, -1)
+    log_q = torch.log_softmax(ref.double() / 0.01, -1)
+    assert torch.isfinite(log_p[0, :2].gather(-1, first_tile_max[:, None])).all()  # p > 0: the exact KL is +inf
+    assert out.kl[0, :2].tolist() == [float("inf")] * 2, out.kl
+    truth = (log_p.exp() * (log_p - log_q))[0, 2].sum()
+    torch.testing.assert_close(out.kl[0, 2].double(), truth, atol=1e-4, rtol=1e-4)
+
+
+def test_full_kl_sum_does_not_overflow_for_far_apart_models(backend):
+    """|z - z'| ~ 1e10 inside the one-pass tile's headroom: sd = sum e (z - z') stays finite."""
+    V = 2100
+    logits = torch.randn(1, 1, V)
+    logits[0, 0, 1500:] += 60.0  # a later tile above the first's max (within the 64/T summing headroom)
+    ref = logits.clone()
+    ref[0, 0, 1500:] -= 1e10
+    out = kl_kernels.kl_penalty(logits, torch.tensor([[1600]]), ref_logits=ref, estimator="full", backend=backend)
+    truth = kl_kernels.kl_penalty(logits.double(), torch.tensor([[1600]]), ref_logits=ref.double(),
+                                  estimator="full", backend="reference")
+    assert torch.isfinite(out.kl).all(), out.kl
+    torch.testing.assert_close(out.kl.double(), truth.kl, rtol=1e-5, atol=0)

@@ -298,3 +298,113 @@ def test_odd_shapes_and_strided_hidden(backend, dtype, shape):
     torch.testing.assert_close(out.kl.double(), want["kl"].detach(), atol=tolerance, rtol=tolerance)
     scale = hidden64.grad.abs().max().item()
     assert (leaf.grad.double() - hidden64.grad).abs().max().item() <= tolerance * max(scale, 1.0) * 4
+
+
+# ---- issue 28: NaN hidden states in dead rows, float64 under every option, and a seeded fuzz
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_hidden_states_in_ignored_and_masked_rows_stay_in_their_rows(backend, dtype):
+    """h[::3] = NaN with those labels ignored, and more NaN rows only masked, at H = 100 (not a multiple
+    of 16: oneDNN's bf16 matmul spread a NaN row into other rows): every live row finite and right, the
+    masked NaN rows NaN in logprobs only, kl_sum finite; gradients finite off the NaN rows."""
+    n, hidden_size, vocab = 64, 100, 1025
+    hidden = torch.randn(n, hidden_size).to(dtype)
+    weight = (torch.randn(vocab, hidden_size) / hidden_size ** 0.5).to(dtype)
+    labels = torch.randint(0, vocab, (n,))
+    mask = torch.ones(n)
+    hidden[::3] = float("nan")
+    labels[::3] = -100
+    hidden[1::7] = float("nan")
+    mask[1::7] = 0
+    poisoned = torch.isnan(hidden).any(-1)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = kl_kernels.linear_kl_penalty(h, w, labels, ref_logprobs=-torch.rand(n), mask=mask, estimator="k3",
+                                       backend=backend)
+    live = ~poisoned
+    assert torch.isfinite(out.logprobs[live]).all() and torch.isfinite(out.kl_sum).all()
+    assert torch.isnan(out.logprobs[1::7][labels[1::7] != -100]).all()
+    want = kl_kernels.linear_token_logprobs(hidden[live].float().double(), weight.double(), labels[live],
+                                            backend="reference")
+    torch.testing.assert_close(out.logprobs[live].double(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    out.kl_sum.sum().backward()  # masked and ignored rows: nothing flows back from them
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert (h.grad[poisoned] == 0).all()
+
+
+def test_a_nan_hidden_state_where_a_gradient_flows_is_nan_in_its_row_and_the_sums(backend):
+    hidden = torch.randn(20, 24)
+    hidden[5, 3] = float("nan")
+    weight = torch.randn(300, 24) / 5
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp = kl_kernels.linear_token_logprobs(h, w, torch.randint(0, 300, (20,)), backend=backend)
+    assert torch.isnan(logp[5]) and torch.isfinite(logp[torch.arange(20) != 5]).all()
+    logp.sum().backward()
+    assert torch.isnan(h.grad[5]).all() and torch.isfinite(h.grad[torch.arange(20) != 5]).all()
+    assert torch.isnan(w.grad).all()  # a sum over rows that holds a NaN row's term
+
+
+@pytest.mark.float64_only
+@pytest.mark.parametrize("transform", [(0.7, None), (1.0, 5.0), (1.3, 2.0)])
+def test_float64_stays_float64_under_scale_and_softcap(backend, transform):
+    """The logit transform computed the tile in float32 (z.float()): ~1e-6 off where float64 is promised."""
+    logit_scale, softcap = transform
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(211, 16, dtype=torch.float64) / 4).requires_grad_()
+    labels = torch.randint(0, 211, (2, 9))
+    temperature = torch.rand(2, 9, dtype=torch.float64) + 0.5
+    logp, entropy = kl_kernels.linear_token_logprobs(hidden, weight, labels, temperature=temperature,
+                                                     logit_scale=logit_scale, softcap=softcap, return_entropy=True,
+                                                     backend=backend)
+    want = truth(hidden, weight, None, labels, temperature, logit_scale, softcap)
+    assert logp.dtype == torch.float64
+    torch.testing.assert_close(logp, want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(entropy, want[1], rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda h, w: kl_kernels.linear_token_logprobs(h, w, labels, temperature=temperature, logit_scale=logit_scale,
+                                                      softcap=softcap, backend=backend), (hidden, weight))
+
+
+def test_fuzz_the_hidden_state_head(backend):
+    """Seeded random cases (KL_KERNELS_FUZZ_CASES, default 12 per backend): shapes, dtypes, tile
+    budgets, transforms, temperatures, ignored and masked rows holding NaN hidden states; values and
+    the hidden and weight gradients against float64 formulas on the live rows."""
+    import os
+    import random
+
+    rng = random.Random(28)
+    cases = int(os.environ.get("KL_KERNELS_FUZZ_CASES", "12"))
+    if backend == "triton" and not torch.cuda.is_available():
+        cases = max(1, cases // 4)  # the interpreter is slow per row block
+    for case in range(cases):
+        torch.manual_seed(case)
+        n, hidden_size, vocab = rng.randint(1, 70), rng.choice([8, 24, 100]), rng.choice([1, 2, 300, 1100])
+        dtype = rng.choice([torch.float32, torch.bfloat16])
+        logit_scale, softcap = rng.choice([(1.0, None), (0.6, None), (1.0, 4.0)])
+        temperature = rng.choice([1.0, 0.3, 2.0])
+        hidden = torch.randn(n, hidden_size).to(dtype)
+        weight = (torch.randn(vocab, hidden_size) * rng.choice([0.1, 1.0])).to(dtype)
+        labels = torch.randint(0, vocab, (n,))
+        dead = torch.rand(n) < 0.25
+        labels[dead] = -100
+        hidden[dead] = float("nan")
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, entropy = kl_kernels.linear_token_logprobs(
+            h, w, labels, temperature=temperature, logit_scale=logit_scale, softcap=softcap, return_entropy=True,
+            tile_bytes=rng.choice([1, 1 << 16, 1 << 29]), backend=backend)
+        g = torch.randn(n)
+        (g * logp + entropy).sum().backward()
+        live = ~dead
+        h64 = torch.where(live[:, None], hidden.double(), 0.0).requires_grad_()
+        w64 = weight.double().requires_grad_()
+        want = truth(h64, w64, None, labels, torch.full((n,), temperature, dtype=torch.float64), logit_scale, softcap)
+        (g.double() * want[0] + want[1]).sum().backward()
+        tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
+        what = f"case {case}: n {n} H {hidden_size} V {vocab} {dtype} {logit_scale} {softcap} T {temperature}"
+        torch.testing.assert_close(logp.double(), want[0], rtol=tol, atol=tol, msg=what)
+        torch.testing.assert_close(entropy.double(), want[1], rtol=tol, atol=tol, msg=what)
+        assert (h.grad[dead] == 0).all(), what
+        scale = h64.grad.abs().max().item() + 1e-6
+        assert (h.grad.double() - h64.grad)[live].abs().max().item() <= tol * scale, what
+        assert torch.isfinite(w.grad).all(), what

@@ -233,6 +233,91 @@ def _errors_on_every_rank(rank, world_size, group):
     assert torch.isnan(out.logprobs[0, 0]) and torch.isnan(out.entropy[0, 0]) and torch.isfinite(out.kl[1]).all()
 
 
+def _changing_layouts_and_mixed_validate(rank, world_size, group):
+    """Issue 28: the shard layout changes between calls (another model, another vocabulary split) while
+    a rank's own shard size stays the same; some calls have validate=False, on one rank or all. Every
+    call still pairs its collectives up and gives the single-process log-probs."""
+    torch.manual_seed(11)
+    z = torch.randn(3, 7, 11) * 2
+    labels = torch.randint(0, 10, (3, 7))
+    layouts = [(4, 6), (4, 6), (5, 6), (4, 6), (2, 8), (2, 3), (4, 6)]  # the same local size under other splits
+    for step, sizes in enumerate(layouts):
+        vocab = sum(sizes)
+        start = sum(sizes[:rank])
+        local = z[..., :vocab][..., start:start + sizes[rank]].contiguous()
+        validate = step % 3 != 1 and not (step == 5 and rank == 1)  # False on both ranks, then on one
+        y = labels.clamp(max=vocab - 1)
+        got = kl_kernels.token_logprobs(local, y, process_group=group, validate=validate)
+        want = kl_kernels.token_logprobs(z[..., :vocab], y)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6, msg=f"step {step}, layout {sizes}")
+
+
+def _options_compared_across_ranks(rank, world_size, group):
+    """Issue 28: logit_scale, softcap, the mask, cu_seqlens and a tensor temperature are header fields
+    (validate=True): a rank that differs makes every rank raise, naming the field."""
+    vocab = sum(SHARDS[world_size])
+    start, end = _span(rank, world_size)
+    torch.manual_seed(3)  # the same inputs on every rank
+    hidden = torch.randn(12, 8)
+    weight = torch.randn(vocab, 8)
+    labels = torch.randint(0, vocab, (12,))
+
+    def raises(match, call):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+    raises("same logit_scale", lambda: kl_kernels.linear_token_logprobs(
+        hidden, weight[start:end], labels, logit_scale=1.0 + rank, process_group=group))
+    raises("same softcap", lambda: kl_kernels.linear_token_logprobs(
+        hidden, weight[start:end], labels, softcap=30.0 if rank else None, process_group=group))
+    logits = torch.randn(12, vocab)[:, start:end]
+    mask = torch.ones(12)
+    mask[rank] = 0
+    raises("same mask", lambda: kl_kernels.kl_penalty(logits, labels, ref_logprobs=-torch.ones(12), mask=mask,
+                                                      process_group=group))
+    cu = torch.tensor([0, 5 + rank, 12])
+    raises("same cu_seqlens", lambda: kl_kernels.kl_penalty(logits, labels, ref_logprobs=-torch.ones(12),
+                                                            cu_seqlens=cu, process_group=group))
+    raises("same temperature values", lambda: kl_kernels.token_logprobs(
+        logits, labels, temperature=torch.full((12,), 1.0 + rank), process_group=group))
+    # the group still works
+    kl_kernels.token_logprobs(logits, labels, process_group=group)
+
+
+def _banned_shard_gradient(rank, world_size, group):
+    """Issue 28: a rank whose whole shard is -inf (padded vocabulary entries) gets a zero gradient on
+    every backend (the reference gave NaN), the others their shard of the full gradient."""
+    sizes = SHARDS[world_size]
+    vocab = sum(sizes)
+    start, end = _span(rank, world_size)
+    torch.manual_seed(5)
+    z = torch.randn(4, vocab)
+    z[:, sum(sizes[:-1]):] = float("-inf")  # the last rank's shard: padding
+    labels = torch.randint(0, sum(sizes[:-1]), (4,))
+    whole = z.clone().requires_grad_()
+    kl_kernels.token_logprobs(whole, labels, return_entropy=True)[1].sum().backward()
+    for backend in _backends():
+        local = z[:, start:end].clone().requires_grad_()
+        logp, entropy = kl_kernels.token_logprobs(local, labels, return_entropy=True, process_group=group,
+                                                  backend=backend)
+        (entropy.sum()).backward()
+        assert torch.isfinite(local.grad).all(), backend
+        torch.testing.assert_close(local.grad, whole.grad[:, start:end], rtol=1e-5, atol=1e-6, msg=backend)
+
+
+def test_changing_layouts_and_mixed_validate():
+    _run(2, _changing_layouts_and_mixed_validate)
+
+
+def test_options_are_compared_across_ranks():
+    _run(2, _options_compared_across_ranks)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_banned_shard_has_a_zero_gradient(world_size):
+    _run(world_size, _banned_shard_gradient)
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_penalty_equals_single_process(world_size):
     _run(world_size, _compare_penalty)

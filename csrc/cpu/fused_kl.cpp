@@ -215,7 +215,10 @@ RowSums<acc_t> tile_sums(const scalar_t* x, const acc_t* xr, int64_t n, acc_t m,
     s += e;
     const Vec is_zero = e == zero;  // 2^-inf: the term is 0 even though x is -inf
     if (need_sx) sx += Vec::blendv(e * shifted, zero, is_zero);
-    if (need_sd) sd += Vec::blendv(e * (xv - Vec::loadu(xrv)), zero, is_zero);
+    if (need_sd) {  // fused_kl_math.h sd_term, a vector at a time
+      const Vec w = xv - Vec::loadu(xrv);
+      sd += Vec::blendv(Vec::blendv(e * w, zero, is_zero), w, w == Vec(std::numeric_limits<acc_t>::infinity()));
+    }
   };
   const int64_t whole = n / lanes * lanes;
   for (int64_t i = 0; i < whole; i += lanes) {
@@ -255,8 +258,10 @@ acc_t tile_max(const scalar_t* x, int64_t n) {
 // if the tile went above r.m by more than kHeadroom (in units of z/T: e^64 * 1024 terms is still
 // ~1e31), or is NaN, it is summed again around its own max; either way the row's sums end around
 // the running max, so label_logprob's exact difference with the max holds. The first tile of a
-// row has no running max: a max pass gives it one. Tiles in fixed order: deterministic.
-constexpr double kHeadroom = 64;
+// row has no running max: a max pass gives it one. Tiles in fixed order: deterministic. The full
+// KL's sum sd has terms e * (z - z'), unbounded in |z - z'|, so it gets less headroom: e^16 * 1024
+// * |z - z'| stays finite up to |z - z'| ~ 4e28 (with 64 it overflowed at 1e10, issue 28).
+constexpr double kHeadroom = 64, kHeadroomFull = 16;
 
 template <typename scalar_t, typename acc_t>
 void accumulate_tile(RowSums<acc_t>& r, const void* raw, const acc_t* xr, int64_t n, acc_t inv_t, bool need_sx,
@@ -269,7 +274,8 @@ void accumulate_tile(RowSums<acc_t>& r, const void* raw, const acc_t* xr, int64_
     if (m == -std::numeric_limits<acc_t>::infinity()) return;  // a tile of -inf adds nothing
   }
   RowSums<acc_t> tile = tile_sums(x, xr, n, m, c, need_sx, need_sd, top);
-  if (!((top - m) * inv_t <= acc_t(kHeadroom))) tile = tile_sums(x, xr, n, top, c, need_sx, need_sd, top);
+  const acc_t headroom = acc_t(need_sd ? kHeadroomFull : kHeadroom);
+  if (!((top - m) * inv_t <= headroom)) tile = tile_sums(x, xr, n, top, c, need_sx, need_sd, top);
   r = merge(r, tile, inv_t);  // the online log-sum-exp step, shared with the CUDA kernels
   if (top > r.m) raise_max(r, top, inv_t);
 }
@@ -324,7 +330,8 @@ const acc_t* per_row(const std::optional<Tensor>& t, Tensor& holder, int64_t N, 
 template <typename acc_t>
 void forward_rows(const Tensor& logits, const Tensor& labels, const std::optional<Tensor>& ref_logits,
                   const acc_t* temperature, acc_t scalar_temperature, int64_t ignore_index, VocabShard shard,
-                  bool need_entropy, bool need_full, acc_t* logp, acc_t* ref_logp, acc_t* ent, acc_t* kl, acc_t* lse, acc_t* ref_lse) {
+                  bool need_entropy, bool need_full, acc_t* logp, acc_t* ref_logp, acc_t* ent, acc_t* kl, double* lse,
+                  double* ref_lse) {
   const int64_t N = labels.numel(), V = logits.size(2);
   const Rows policy(logits);
   const bool has_ref = ref_logits.has_value();
@@ -377,15 +384,16 @@ void forward_rows(const Tensor& logits, const Tensor& labels, const std::optiona
       auto label_logit = [&](const TileReader<acc_t>& reader, const char* r) {
         acc_t value;
         reader.load(r + (label - shard.start) * reader.element_size, 1, &value);
-        return value * inv_t;
+        return value;
       };
-      lse[n] = row_lse;
-      logp[n] = bad ? nan : owned ? label_logprob(p, label_logit(read, row), row_lse) : -inf;
+      lse[n] = saved_lse(raw_p, inv_t);
+      logp[n] = bad ? nan : owned ? label_logprob(raw_p, label_logit(read, row), inv_t, row_lse) : -inf;
       if (need_entropy) ent[n] = bad ? nan : entropy(p, row_lse);
       if (has_ref) {
-        ref_lse[n] = log_sum_exp(q);
-        ref_logp[n] = bad ? nan : owned ? label_logprob(q, label_logit(read_ref, ref_row), ref_lse[n]) : -inf;
-        if (need_full) kl[n] = bad ? nan : full_kl(raw_p, raw_q, inv_t, row_lse, ref_lse[n]);
+        const acc_t row_ref_lse = log_sum_exp(q);
+        ref_lse[n] = saved_lse(raw_q, inv_t);
+        ref_logp[n] = bad ? nan : owned ? label_logprob(raw_q, label_logit(read_ref, ref_row), inv_t, row_ref_lse) : -inf;
+        if (need_full) kl[n] = bad ? nan : full_kl(raw_p, raw_q, inv_t, row_lse, row_ref_lse);
       }
     }
   });
@@ -407,15 +415,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cpu(
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = logits.options().dtype(acc);
   auto make = [&](bool needed) { return at::empty({needed ? N : 0}, options); };
-  Tensor logp = make(true), lse = make(true), ref_logp = make(ref_logits.has_value()),
-         ref_lse = make(ref_logits.has_value()), ent = make(need_entropy), kl = make(need_full);
+  // the saved lse is double whatever the logits (saved_lse in fused_kl_math.h)
+  auto make_lse = [&](bool needed) { return at::empty({needed ? N : 0}, options.dtype(at::kDouble)); };
+  Tensor logp = make(true), lse = make_lse(true), ref_logp = make(ref_logits.has_value()),
+         ref_lse = make_lse(ref_logits.has_value()), ent = make(need_entropy), kl = make(need_full);
   Tensor temperature_holder;
   AT_DISPATCH_FLOATING_TYPES(acc, "fused_kl_fwd_cpu", [&] {
     using acc_t = scalar_t;
     const acc_t* temp = per_row<acc_t>(temperature, temperature_holder, N, acc, "temperature");
     auto ptr = [](Tensor& t) { return t.numel() ? t.data_ptr<acc_t>() : nullptr; };
+    auto ptr_lse = [](Tensor& t) { return t.numel() ? t.data_ptr<double>() : nullptr; };
     forward_rows<acc_t>(logits, labels, ref_logits, temp, static_cast<acc_t>(scalar_temperature), ignore_index, shard,
-                        need_entropy, need_full, ptr(logp), ptr(ref_logp), ptr(ent), ptr(kl), ptr(lse), ptr(ref_lse));
+                        need_entropy, need_full, ptr(logp), ptr(ref_logp), ptr(ent), ptr(kl), ptr_lse(lse),
+                        ptr_lse(ref_lse));
   });
   return {logp, ref_logp, ent, kl, lse, ref_lse};
 }
@@ -423,8 +435,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> fused_kl_fwd_cpu(
 template <typename acc_t>
 void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_full, const Tensor& logits,
                    const Tensor& labels, const std::optional<Tensor>& ref_logits, const acc_t* temperature,
-                   acc_t scalar_temperature, int64_t ignore_index, VocabShard shard, const acc_t* lse,
-                   const acc_t* ref_lse, const acc_t* ent, const acc_t* kl, Tensor& grad) {
+                   acc_t scalar_temperature, int64_t ignore_index, VocabShard shard, const double* lse,
+                   const double* ref_lse, const acc_t* ent, const acc_t* kl, Tensor& grad) {
   using Vec = Vectorized<acc_t>;
   const int64_t N = labels.numel(), V = logits.size(2);
   const Rows policy(logits), out(grad);
@@ -441,8 +453,8 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
       char* out_row = const_cast<char*>(out.row(n));
       const int64_t label = y[n];
       RowGrad<acc_t> r{g_logp ? g_logp[n] : acc_t(0), g_entropy ? g_entropy[n] : acc_t(0),
-                       g_full ? g_full[n] : acc_t(0), ent ? ent[n] : acc_t(0), kl ? kl[n] : acc_t(0), lse[n],
-                       use_ref ? ref_lse[n] : acc_t(0), acc_t(0)};
+                       g_full ? g_full[n] : acc_t(0), ent ? ent[n] : acc_t(0), kl ? kl[n] : acc_t(0),
+                       lse_parts<acc_t>(lse[n]), lse_parts<acc_t>(use_ref ? ref_lse[n] : 0.0), acc_t(0)};
       // nothing flows back from ignored or fully masked rows: an exact 0, even for NaN logits
       if (label == ignore_index || (r.g_logp == 0 && r.g_entropy == 0 && r.g_full == 0)) {
         std::memset(out_row, 0, V * out.element_size);  // 0 bits are 0.0 in every float dtype
@@ -457,7 +469,8 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
       const int64_t label_col = shard.owns(label, V) ? label - shard.start : -1;
       const char* row = policy.row(n);
       const char* ref_row = row_ref ? reference.row(n) : nullptr;
-      const Vec v_lse(r.lse), v_ref_lse(r.ref_lse), v_ent(r.entropy), v_kl(r.kl), v_inv_t(r.inv_t),
+      const Vec v_lse(r.lse.head), v_lse_tail(r.lse.tail), v_ref_lse(r.ref_lse.head), v_ref_lse_tail(r.ref_lse.tail),
+          v_ent(r.entropy), v_kl(r.kl), v_inv_t(r.inv_t),
           v_gl(r.g_logp), v_gh(r.g_entropy), v_gf(r.g_full), v_log2e{acc_t(kLog2e)}, zero(0);
       // only the label log-prob's gradient flows (the common case): the row is p_v * k, k = -g_logp/T,
       // exactly 0 where p_v = 0 as long as k is finite
@@ -472,14 +485,14 @@ void backward_rows(const acc_t* g_logp, const acc_t* g_entropy, const acc_t* g_f
         for (int64_t i = 0; i < padded; i += Vec::size()) {  // the RowGrad formula, a vector at a time
           __builtin_prefetch(reinterpret_cast<const char*>(xt + i) + kPrefetchBytes);
           if (row_ref) __builtin_prefetch(reinterpret_cast<const char*>(xrt + i) + kPrefetchBytes);
-          // one rounding (z/T - lse inside the fma): exact to the last bit where it matters, near the max
-          const Vec log_p = at::vec::fmsub(Vec::loadu(xt + i), v_inv_t, v_lse);
+          // z/T - lse: the product exact inside the fma, lse's head then its tail (lse_parts)
+          const Vec log_p = at::vec::fmsub(Vec::loadu(xt + i), v_inv_t, v_lse) - v_lse_tail;
           const Vec p = softmax_exp2(log_p * v_log2e);
           if (only_logp) {
             (p * v_k).store(g + i);
             continue;
           }
-          const Vec log_q = row_ref ? at::vec::fmsub(Vec::loadu(xrt + i), v_inv_t, v_ref_lse) : zero;
+          const Vec log_q = row_ref ? at::vec::fmsub(Vec::loadu(xrt + i), v_inv_t, v_ref_lse) - v_ref_lse_tail : zero;
           const Vec f = grad_weight(log_p, log_q, v_gl, v_gh, v_ent, v_gf, v_kl, row_ref);
           Vec::blendv(p * f * v_inv_t, zero, p == zero).store(g + i);
         }
@@ -517,8 +530,8 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
     const acc_t* ge = per_row<acc_t>(grad_entropy, h[1], N, acc, "grad_entropy");
     const acc_t* gf = per_row<acc_t>(grad_full, h[2], N, acc, "grad_full");
     const acc_t* temp = per_row<acc_t>(temperature, h[3], N, acc, "temperature");
-    const acc_t* l = per_row<acc_t>(std::optional<Tensor>(lse), h[4], N, acc, "lse");
-    const acc_t* rl = use_full ? per_row<acc_t>(ref_lse, h[5], N, acc, "ref_lse") : nullptr;
+    const double* l = per_row<double>(std::optional<Tensor>(lse), h[4], N, at::kDouble, "lse");
+    const double* rl = use_full ? per_row<double>(ref_lse, h[5], N, at::kDouble, "ref_lse") : nullptr;
     const acc_t* e = ge ? per_row<acc_t>(entropy_out, h[6], N, acc, "entropy") : nullptr;
     const acc_t* k = use_full ? per_row<acc_t>(full_out, h[7], N, acc, "full_kl") : nullptr;
     backward_rows<acc_t>(gl, ge, gf, logits, labels, ref_logits, temp, static_cast<acc_t>(scalar_temperature),

@@ -101,13 +101,15 @@ FwdOutputs forward(const Tensor& logits, const Tensor& labels, const std::option
   const bool has_ref = ref_logits.has_value();
   const auto stats = [&](bool needed) { return at::empty({needed ? N : 0}, logits.options().dtype(at::kFloat)); };
   const bool has_ref_logp = has_ref || penalty.ref_logprobs != nullptr;
+  // the saved lse is double (fused_kl_math.h saved_lse)
+  const auto saved = [&](bool needed) { return at::empty({needed ? N : 0}, logits.options().dtype(at::kDouble)); };
   Tensor logp = stats(true), ref_logp = stats(has_ref_logp), entropy = stats(need_entropy), full = stats(need_full),
-         lse = stats(true), ref_lse = stats(has_ref);
+         lse = saved(true), ref_lse = saved(has_ref);
   cuda::FwdParams p{labels.data_ptr<int64_t>(), ptr<float>(temperature), static_cast<float>(1.0 / scalar_temperature),
                     N, V, ignore_index, shard, need_entropy, need_full, logp.data_ptr<float>(),
                     has_ref_logp ? ref_logp.data_ptr<float>() : nullptr,
                     need_entropy ? entropy.data_ptr<float>() : nullptr, need_full ? full.data_ptr<float>() : nullptr,
-                    lse.data_ptr<float>(), has_ref ? ref_lse.data_ptr<float>() : nullptr, penalty};
+                    lse.data_ptr<double>(), has_ref ? ref_lse.data_ptr<double>() : nullptr, penalty};
   const Tensor& reference = has_ref ? *ref_logits : logits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dtype_switch(logits.scalar_type(), "logits", [&](auto policy_tag) {
@@ -137,20 +139,20 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
                                 {&grad_full, "grad_full"}}) {
     check_rowwise(*t, N, name, at::kFloat);
   }
-  check_rowwise(lse, N, "lse", at::kFloat);
+  check_rowwise(lse, N, "lse", at::kDouble);
   KL_CHECK_ARG(!grad_entropy.has_value() || entropy.has_value(), "entropy", "is needed for grad_entropy");
   if (grad_entropy.has_value()) check_rowwise(entropy, N, "entropy", at::kFloat);
   const bool use_ref = grad_full.has_value() || (penalty.on && penalty.spec.kind == kFull);
   if (use_ref) {
     KL_CHECK_ARG(ref_logits.has_value() && ref_lse.has_value() && full_kl.has_value(), "grad_full",
                  "needs ref_logits, ref_lse and full_kl");
-    check_rowwise(ref_lse, N, "ref_lse", at::kFloat);
+    check_rowwise(ref_lse, N, "ref_lse", at::kDouble);
     check_rowwise(full_kl, N, "full_kl", at::kFloat);
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   cuda::BwdParams p{labels.data_ptr<int64_t>(), ptr<float>(temperature), static_cast<float>(1.0 / scalar_temperature),
                     N, V, ignore_index, shard, ptr<float>(grad_logp), ptr<float>(grad_entropy), ptr<float>(grad_full),
-                    lse.data_ptr<float>(), use_ref ? ptr<float>(ref_lse) : nullptr,
+                    lse.data_ptr<double>(), use_ref ? ptr<double>(ref_lse) : nullptr,
                     grad_entropy.has_value() ? ptr<float>(entropy) : nullptr, use_ref ? ptr<float>(full_kl) : nullptr,
                     penalty};
   const Tensor& reference = use_ref ? *ref_logits : logits;

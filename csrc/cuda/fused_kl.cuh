@@ -107,10 +107,9 @@ __device__ __forceinline__ void add_value(RowSums<float>& r, float x, float w_sd
   if (!(x <= r.m)) raise_max(r, nan_max(r.m, x), inv_t);  // also taken by a NaN x, which sticks
   const float e = r.m == -INFINITY ? 0.0f : __expf((x - r.m) * inv_t);
   r.s += e;
-  if (e != 0.0f) {  // a -inf logit adds nothing (not 0 * -inf)
-    if (need_sx) r.sx += e * (x - r.m);  // kept around the running max (fused_kl_math.h)
-    if (need_sd) r.sd += e * w_sd;
-  }
+  if (need_sd) r.sd += sd_term(e, w_sd);  // +inf where the reference bans a token the policy can sample
+  if (e != 0.0f && need_sx) r.sx += e * (x - r.m);  // a -inf logit adds nothing (not 0 * -inf); kept around
+                                                    // the running max (fused_kl_math.h)
 }
 
 __device__ __forceinline__ RowSums<float> shuffle_down(const RowSums<float>& r, int offset) {
@@ -170,7 +169,8 @@ struct FwdParams {
   int64_t N, V, ignore_index;
   VocabShard shard;  // the columns' place in the vocabulary (fused_kl_math.h)
   bool need_entropy, need_full;
-  float *logp, *ref_logp, *entropy, *full_kl, *lse, *ref_lse;  // [N] each; ref_* null without a reference
+  float *logp, *ref_logp, *entropy, *full_kl;  // [N] each; ref_* null without a reference
+  double *lse, *ref_lse;  // [N] saved for the backward (fused_kl_math.h saved_lse)
   PenaltyFwd penalty;
 };
 
@@ -195,8 +195,8 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
   const bool valid = label != p.ignore_index;
   if (!valid) {  // an ignored row (prompt tokens, padding) is 0 in every output: none of it is read
     if (threadIdx.x == 0) {
-      p.logp[n] = p.lse[n] = 0.0f;
-      if (has_ref) p.ref_logp[n] = p.ref_lse[n] = 0.0f;
+      p.logp[n] = 0.0f, p.lse[n] = 0.0;
+      if (has_ref) p.ref_logp[n] = 0.0f, p.ref_lse[n] = 0.0;
       if (p.need_entropy) p.entropy[n] = 0.0f;
       if (p.need_full) p.full_kl[n] = 0.0f;
       if (p.penalty.on) penalty_epilogue(p, n, false, 0.0f, 0.0f, 0.0f);
@@ -218,22 +218,22 @@ __global__ void fused_kl_fwd_kernel(Rows<const scalar_t> logits, Rows<const ref_
 
   const RowSums<float> ps = scaled(policy, inv_t);
   const float lse = log_sum_exp(ps);
-  p.lse[n] = lse;
+  p.lse[n] = saved_lse(policy, inv_t);
   // a label outside the vocabulary only gets here with validate=False: NaN in its row, nothing read;
   // one in another rank's shard has no mass here: -inf
   const bool bad = p.shard.bad(label), owned = p.shard.owns(label, p.V);
   const int64_t col = label - p.shard.start;
   const float nan = __int_as_float(0x7fc00000), inf = __int_as_float(0x7f800000);
   auto out = [&](float value) { return bad ? nan : value; };
-  const float logp = out(owned ? label_logprob(ps, to_float(row[col]) * inv_t, lse) : -inf);
+  const float logp = out(owned ? label_logprob(policy, to_float(row[col]), inv_t, lse) : -inf);
   p.logp[n] = logp;
   if (p.need_entropy) p.entropy[n] = out(entropy(ps, lse));
   float ref_logp = 0.0f, full = 0.0f;
   if (has_ref) {
     const RowSums<float> qs = scaled(reference, inv_t);
     const float ref_lse = log_sum_exp(qs);
-    p.ref_lse[n] = ref_lse;
-    p.ref_logp[n] = ref_logp = out(owned ? label_logprob(qs, to_float(ref_row[col]) * inv_t, ref_lse) : -inf);
+    p.ref_lse[n] = saved_lse(reference, inv_t);
+    p.ref_logp[n] = ref_logp = out(owned ? label_logprob(reference, to_float(ref_row[col]), inv_t, ref_lse) : -inf);
     if (p.need_full) p.full_kl[n] = full = out(full_kl(policy, reference, inv_t, lse, ref_lse));
   }
   if (p.penalty.on) penalty_epilogue(p, n, true, logp, ref_logp, full);
@@ -343,7 +343,8 @@ struct BwdParams {
   int64_t N, V, ignore_index;
   VocabShard shard;
   const float *grad_logp, *grad_entropy, *grad_full;  // [N] each, or null
-  const float *lse, *ref_lse, *entropy, *full_kl;      // saved by the forward (null when unused)
+  const double *lse, *ref_lse;                         // saved by the forward (null when unused)
+  const float *entropy, *full_kl;
   PenaltyBwd penalty;
 };
 
@@ -370,7 +371,8 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
   const bool use_ref = p.grad_full != nullptr || chain_full;
   RowGrad<float> r{p.grad_logp ? p.grad_logp[n] : 0.0f, p.grad_entropy ? p.grad_entropy[n] : 0.0f,
                    p.grad_full ? p.grad_full[n] : 0.0f, p.grad_entropy ? p.entropy[n] : 0.0f,
-                   use_ref ? p.full_kl[n] : 0.0f, p.lse[n], use_ref ? p.ref_lse[n] : 0.0f,
+                   use_ref ? p.full_kl[n] : 0.0f, lse_parts<float>(p.lse[n]),
+                   lse_parts<float>(use_ref ? p.ref_lse[n] : 0.0),
                    p.temperature != nullptr ? 1.0f / p.temperature[n] : p.inv_temperature};
   const int64_t label = p.labels[n];
   if (p.penalty.on) {  // every thread computes it: a few flops, no barrier
@@ -391,10 +393,11 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
   const bool row_ref = use_ref && r.g_full != 0.0f;
   const ref_t* ref_row = row_ref ? ref_logits.row(n) : nullptr;
   map_row(logits.row(n), ref_row, out, p.V, [&](int64_t v, float x, float xr) {
-    const float log_p = x * r.inv_t - r.lse;
+    // z/T - lse: the product exact inside the fma, lse's head then its tail (fused_kl_math.h lse_parts)
+    const float log_p = __fmaf_rn(x, r.inv_t, -r.lse.head) - r.lse.tail;
     const float prob = __expf(log_p);
-    const float f = grad_weight(log_p, xr * r.inv_t - r.ref_lse, r.g_logp, r.g_entropy, r.entropy, r.g_full, r.kl,
-                                row_ref);
+    const float log_q = __fmaf_rn(xr, r.inv_t, -r.ref_lse.head) - r.ref_lse.tail;
+    const float f = grad_weight(log_p, log_q, r.g_logp, r.g_entropy, r.entropy, r.g_full, r.kl, row_ref);
     float g = prob == 0.0f ? 0.0f : prob * f * r.inv_t;  // a -inf logit: 0, not 0 * inf
     if (v == label_col) g += r.g_logp * r.inv_t;
     return bad ? __int_as_float(0x7fc00000) : g;

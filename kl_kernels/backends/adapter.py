@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGrads, RowStats
+from ..contract import PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGrads, RowStats, compute_dtype
 from ..estimators import ESTIMATOR_CODES
 
 
@@ -96,11 +96,14 @@ def penalty_outputs(logits, padded, cu_seqlens, has_ref, need_entropy, need_full
 
 def fwd_outputs(logits, has_ref, need_entropy, need_full):
     """The forward's six [N] outputs (logp, ref_logp, entropy, full_kl, lse, ref_lse), uninitialised,
-    in the compute dtype; one not asked for is empty. Every fused forward op allocates (or fakes) these."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    in the compute dtype, but lse and ref_lse (saved for the backward) in float64 whatever the logits
+    (csrc/fused_kl_math.h saved_lse); one not asked for is empty. Every fused forward op allocates (or
+    fakes) these."""
+    dtype = compute_dtype(logits.dtype)
     rows = logits.shape[0] * logits.shape[1]
-    new = lambda needed: logits.new_empty((rows if needed else 0,), dtype=dtype)  # noqa: E731
-    return new(True), new(has_ref), new(need_entropy), new(need_full), new(True), new(has_ref)
+    new = lambda needed, kind=dtype: logits.new_empty((rows if needed else 0,), dtype=kind)  # noqa: E731
+    return (new(True), new(has_ref), new(need_entropy), new(need_full), new(True, torch.float64),
+            new(has_ref, torch.float64))
 
 
 def register_fakes() -> None:

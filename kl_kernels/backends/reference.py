@@ -65,7 +65,7 @@ def _log_softmax(x: torch.Tensor):
     its digits even where lse is huge (x - lse would round them away). An lse of +inf (a +inf
     logit, or one that overflows once divided by T) leaves no softmax: the row is NaN, as on every
     backend (csrc/fused_kl_math.h)."""
-    lse = torch.logsumexp(x, dim=-1)
+    lse = torch.logsumexp(x.double(), dim=-1)  # saved in float64, as on every backend
     undefined = lse == float("inf")
     lse = torch.where(undefined, float("nan"), lse)
     log_p = torch.where(undefined.unsqueeze(-1), float("nan"), torch.log_softmax(x, dim=-1))
@@ -73,8 +73,13 @@ def _log_softmax(x: torch.Tensor):
 
 
 def _shifted(log_softmax, saved_lse):
+    """log p over these columns moved from their own lse to the saved one (a shard's to the whole
+    vocabulary's; exactly 0 unsharded). A shard with no mass (every logit -inf) under a finite saved
+    lse has p = 0 everywhere: log p -inf, not its own -inf - -inf = NaN."""
     log_p, lse = log_softmax
-    return log_p + (lse - saved_lse.to(lse.dtype)).unsqueeze(-1)
+    empty = (lse == float("-inf")) & (saved_lse > float("-inf"))
+    shifted = log_p + (lse - saved_lse).to(log_p.dtype).unsqueeze(-1)
+    return torch.where(empty.unsqueeze(-1), float("-inf"), shifted)
 
 
 def _label_columns(labels: torch.Tensor, ignore_index: int, shard, V: int):
@@ -99,11 +104,11 @@ def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStat
     B, T, V = logits.shape
     N = B * T
     dtype = compute_dtype(logits.dtype)
-    new = lambda: torch.empty(N, dtype=dtype, device=logits.device)  # noqa: E731
-    logp, lse = new(), new()
+    new = lambda kind=dtype: torch.empty(N, dtype=kind, device=logits.device)  # noqa: E731
+    logp, lse = new(), new(torch.float64)
     ref_logp = ref_lse = entropy = full_kl = None
     if ref_logits is not None:
-        ref_logp, ref_lse = new(), new()
+        ref_logp, ref_lse = new(), new(torch.float64)
     if need_entropy:
         entropy = new()
     if need_full:
@@ -125,7 +130,10 @@ def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStat
             ref_lse[n0:n1] = torch.where(valid, row_ref_lse, 0.0)
             ref_logp[n0:n1] = _label_logprob(log_q, *label)
             if need_full:
-                kl = _p_times(p, log_p - log_q).sum(-1)
+                # +inf where the reference bans (-inf) a token the policy can sample (finite log p), however
+                # small p is (csrc/fused_kl_math.h sd_term); not 0 once p underflows
+                banned = ((log_q == float("-inf")) & (log_p > float("-inf"))).any(-1)
+                kl = torch.where(banned, float("inf"), _p_times(p, log_p - log_q).sum(-1))
                 full_kl[n0:n1] = torch.where(valid, torch.where(bad, torch.nan, kl), 0.0)
     return RowStats(logp, ref_logp, entropy, full_kl, lse, ref_lse)
 

@@ -64,10 +64,28 @@ def _log_sum_exp(m, s, inv_t):
 
 
 @triton.jit
+def _saved_lse(m, s, inv_t):
+    """The lse a row saves for its backward, in float64: m/T + log s without a float32 rounding of
+    the sum, which every p of the backward would carry (csrc/fused_kl_math.h saved_lse)."""
+    lse = m.to(tl.float64) * inv_t.to(tl.float64) + tl.log(s).to(tl.float64)
+    return tl.where(lse == float("inf"), float("nan"), lse)
+
+
+@triton.jit
+def _log_prob(x, inv_t, lse):
+    """z/T - lse with a float64 saved lse split into a float32 head and tail: the product exact inside
+    the fma, so p carries none of lse's size in its error (csrc/fused_kl_math.h lse_parts)."""
+    head = lse.to(tl.float32)
+    tail = (lse - head.to(tl.float64)).to(tl.float32)
+    return tl.fma(x, inv_t, -head) - tail
+
+
+@triton.jit
 def _label_logprob(z_y, m, s, inv_t, lse):
-    """(z_y - m)/T - log s, not z_y/T - lse: a confident token (z_y = m) keeps its digits; NaN with
-    the row's lse (csrc/fused_kl_math.h's label_logprob)."""
-    return (z_y * inv_t - m * inv_t) - tl.log(s) + (lse - lse)
+    """(z_y - m)/T - log s: the difference with the max exact, then one rounding (not z_y/T - m/T,
+    which an fma contraction can leave half an ulp of z/T off; not z_y/T - lse). NaN with the row's
+    lse (csrc/fused_kl_math.h's label_logprob)."""
+    return (z_y - m) * inv_t - tl.log(s) + (lse - lse)
 
 
 @triton.jit
@@ -89,8 +107,9 @@ def _inverse_temperature(temperature_ptr, row, INV_TEMPERATURE: tl.constexpr, HA
 
 @triton.jit
 def _weighted(e, w):
-    # e * w with 0 where e == 0: a -inf logit (e = 0, w = -inf) adds nothing instead of NaN
-    return tl.sum(tl.where(e == 0.0, 0.0, e * w), axis=0)
+    # e * w with 0 where e == 0: a -inf logit (e = 0, w = -inf) adds nothing instead of NaN; +inf where
+    # w is (z' = -inf, z > -inf: the reference bans a token the policy can sample, csrc/fused_kl_math.h sd_term)
+    return tl.sum(tl.where(w == float("inf"), w, tl.where(e == 0.0, 0.0, e * w)), axis=0)
 
 
 @triton.jit
@@ -156,7 +175,8 @@ def _fused_kl_fwd_kernel(
     ref_logits_ptr,  # [B, T, V] reference logits, any of those dtypes (unused without HAS_REF)
     labels_ptr,  # [N] int64
     temperature_ptr,  # [N] fp32 per-row temperature (unused without HAS_TEMPERATURE_TENSOR)
-    logp_ptr, ref_logp_ptr, entropy_ptr, full_kl_ptr, lse_ptr, ref_lse_ptr,  # [N] fp32 outputs
+    logp_ptr, ref_logp_ptr, entropy_ptr, full_kl_ptr,  # [N] fp32 outputs
+    lse_ptr, ref_lse_ptr,  # [N] fp64 saved for the backward
     T, V, ignore_index, vocab_start, vocab_size,  # the columns are ids [vocab_start, vocab_start + V) of vocab_size
     stride_logits_b, stride_logits_t, stride_ref_b, stride_ref_t,
     # kl_penalty's epilogue (PENALTY only): given ref log-probs [N], mask [N] (nonzero = valid), the
@@ -197,12 +217,13 @@ def _fused_kl_fwd_kernel(
         if HAS_REF:
             xr = tl.load(ref_row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
             if NEED_FULL:
-                sd = sd * scale + _weighted(e, x - xr)
+                # an infinite sd stays infinite, even when scale underflows to 0 (fused_kl_math.h raise_max)
+                sd = tl.where(sd == float("inf"), sd, sd * scale) + _weighted(e, x - xr)
             ref_m, ref_scale, ref_e = _online_lse_step(ref_m, xr, inv_t)
             ref_s = ref_s * ref_scale + tl.sum(ref_e, axis=0)
 
     lse = _log_sum_exp(m, s, inv_t)
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, _saved_lse(m, s, inv_t), 0.0))
     # a label outside the vocabulary only gets here with validate=False: its row is NaN, nothing is
     # read; one in another rank's shard (kl_kernels/sharding.py) has no mass here: log-prob -inf
     bad = tl.where((label >= 0) & (label < vocab_size), 0.0, float("nan"))  # added to each output of the row
@@ -219,7 +240,7 @@ def _fused_kl_fwd_kernel(
     full = tl.zeros_like(logp)
     if HAS_REF:
         ref_lse = _log_sum_exp(ref_m, ref_s, inv_t)
-        tl.store(ref_lse_ptr + row, tl.where(valid, ref_lse, 0.0))
+        tl.store(ref_lse_ptr + row, tl.where(valid, _saved_lse(ref_m, ref_s, inv_t), 0.0))
         ref_z_y = tl.load(ref_row_ptr + safe_col, mask=valid & owned, other=0.0).to(tl.float32)
         ref_logp = tl.where(owned, _label_logprob(ref_z_y, ref_m, ref_s, inv_t, ref_lse), float("-inf"))
         ref_logp = tl.where(valid, ref_logp + bad, 0.0)
@@ -340,7 +361,7 @@ def _fused_kl_bwd_kernel(
     g_full = 0.0
     entropy = 0.0
     kl = 0.0
-    ref_lse = 0.0
+    ref_lse = tl.zeros((), tl.float64)
     if HAS_GRAD_LOGP:
         g_logp = tl.load(grad_logp_ptr + row)
     if HAS_GRAD_ENTROPY:
@@ -390,14 +411,14 @@ def _fused_kl_bwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         in_row = cols < V
         x = tl.load(row_ptr + cols, mask=cols < read_len, other=0.0).to(tl.float32)
-        log_p = x * inv_t - lse
+        log_p = _log_prob(x, inv_t, lse)
         f = -g_logp + tl.zeros_like(log_p)
         if HAS_GRAD_ENTROPY:
             f -= g_entropy * (log_p + entropy)
         if HAS_GRAD_FULL:
             xr = tl.load(ref_row_ptr + cols, mask=cols < read_len, other=0.0).to(tl.float32)
             # full's term only where its gradient flows: a masked row's reference NaN stays out
-            f += tl.where(g_full != 0.0, g_full * (log_p - (xr * inv_t - ref_lse) - kl), 0.0)
+            f += tl.where(g_full != 0.0, g_full * (log_p - _log_prob(xr, inv_t, ref_lse) - kl), 0.0)
         p = tl.exp(log_p)
         # p == 0 (a -inf logit): the term is 0, not 0 * inf; the label's own term needs no p
         g = tl.where(p == 0.0, 0.0, p * f) + tl.where(cols == col, g_logp, 0.0)
