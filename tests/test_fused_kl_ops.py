@@ -296,3 +296,51 @@ def test_cpu_kernels_exp2_is_within_two_ulp():
         torch.tensor([float("-inf"), float("nan"), -0.0, 0.0, -200.0, -150.6, 128.0]))
     assert specials[0] == 0 and torch.isnan(specials[1]) and specials[2] == 1 and specials[3] == 1
     assert specials[4] == 0 and specials[5] == 0 and specials[6] == float("inf")
+
+
+def test_every_compiled_backend_takes_its_inputs_through_one_adapter():
+    """Issue 27: the [N] inputs reach every compiled op (C++ CPU, CUDA, Triton) in one dtype and layout,
+    made by backends/adapter.py before any op runs: temperature, upstream gradients and given reference
+    log-probs contiguous in the compute dtype, the mask contiguous (any real dtype), cu_seqlens
+    contiguous int32/int64.
+    The CUDA glue accepts only these (a bf16 ref_logprobs, an int16 cu_seqlens or a strided mask was a
+    TORCH_CHECK failure there), so the CPU tests run exactly what the CUDA glue receives."""
+    from kl_kernels.backends import adapter
+    from kl_kernels.contract import PassArgs, PenaltyArgs, PenaltyGrads, whole
+    from kl_kernels.dispatch import BACKENDS
+    from kl_kernels.estimators import parse_estimator
+
+    for name in ("cpu", "triton", "cuda"):
+        impl = BACKENDS[name].impl
+        if impl is None:
+            continue
+        for function in ("fused_kl_fwd", "fused_kl_bwd", "kl_penalty_fwd", "kl_penalty_bwd"):
+            made_by = getattr(impl, function).__qualname__.split(".")[0]
+            assert made_by in ("op_backend", "penalty_op_backend"), (name, function, made_by)
+            assert getattr(impl, function).__module__ == adapter.__name__
+
+    seen = []
+
+    def record(*args):
+        seen.append(args)
+        return tuple(torch.empty(0) for _ in range(12))
+
+    fwd, bwd = adapter.penalty_op_backend(record, record, record)
+    logits = torch.randn(2, 3, 7, dtype=torch.bfloat16)
+    temperature = torch.rand(12, dtype=torch.float64)[::2] + 0.5  # strided, float64
+    args = PassArgs(logits, torch.zeros(6, dtype=torch.long), None, temperature, -100, whole(7))
+    mask = torch.tensor([1, 5, 0, 5, 2, 5, 0, 5, 7, 5, 7, 5], dtype=torch.int8)[::2]  # strided int8: 1 0 2 0 7 7
+    penalty = PenaltyArgs(parse_estimator("k3"), torch.randn(6, dtype=torch.bfloat16), mask, False,
+                          torch.tensor([0, 4, 6], dtype=torch.int16), torch.tensor(0.1, dtype=torch.float64))
+    fwd(args, penalty, True)
+    grads = PenaltyGrads(torch.randn(12)[::2], None, None, torch.randn(2, dtype=torch.float64), None, None)
+    bwd(args, penalty, adapter.PenaltyStats(*(torch.empty(6) for _ in range(12))), grads, False)
+    forward, backward = seen
+    ref_logprobs, op_mask, cu_seqlens, op_temperature, kl_coef = forward[3], forward[4], forward[5], forward[6], \
+        forward[13]
+    for tensor, dtype in ((ref_logprobs, torch.float32), (op_mask, torch.int8), (cu_seqlens, torch.int64),
+                          (op_temperature, torch.float32), (kl_coef, torch.float32), (backward[0], torch.float32),
+                          (backward[3], torch.float32), (backward[9], torch.int8)):
+        assert tensor.dtype == dtype and tensor.is_contiguous(), (tensor.dtype, dtype)
+    assert op_mask.tolist() == [1, 0, 2, 0, 7, 7] and cu_seqlens.tolist() == [0, 4, 6]
+    torch.testing.assert_close(op_temperature, temperature.float())

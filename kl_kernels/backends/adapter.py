@@ -12,11 +12,22 @@ from ..contract import PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGra
 from ..estimators import ESTIMATOR_CODES
 
 
-def _row_converter(row_dtype):
-    """[N] inputs as the ops want them: contiguous, in row_dtype when given (the Triton kernels read fp32)."""
-    def rows(t):
-        return None if t is None else (t if row_dtype is None else t.to(row_dtype)).contiguous()
-    return rows
+def _rows(t, dtype):
+    """An [N] per-row input (temperature, an upstream gradient, given reference log-probs) as every
+    compiled op takes it: contiguous, in the compute dtype."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _mask(t):
+    """A mask as every compiled op takes it: contiguous, its dtype kept (every kernel reads nonzero of
+    any real dtype; a conversion would be one more launch per call)."""
+    return None if t is None else t.contiguous()
+
+
+def _boundaries(t):
+    """cu_seqlens as every compiled op takes it: contiguous int32 or int64 (another integer dtype
+    becomes int64)."""
+    return None if t is None else (t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int64)).contiguous()
 
 
 def _tensor_or_float(value, convert=lambda t: t):
@@ -24,26 +35,42 @@ def _tensor_or_float(value, convert=lambda t: t):
     return (convert(value), 1.0) if isinstance(value, torch.Tensor) else (None, float(value))
 
 
-def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
+def op_inputs(args: PassArgs, penalty: PenaltyArgs | None = None) -> dict:
+    """Every [N] (and [S + 1]) input of the ops in the dtypes and layout all compiled backends take,
+    before any op runs: so the C++ CPU, CUDA and Triton ops receive identical arguments, and a CPU test
+    exercises exactly what the CUDA glue receives (whose checks accept nothing else): per-row values
+    contiguous in the compute dtype, the mask contiguous, cu_seqlens contiguous int32/int64."""
+    dtype = compute_dtype(args.logits.dtype)
+    rows = lambda t: _rows(t, dtype)  # noqa: E731
+    inputs = dict(temperature=_tensor_or_float(args.temperature, rows), rows=rows)
+    if penalty is not None:
+        inputs.update(ref_logprobs=rows(penalty.ref_logprobs), mask=_mask(penalty.mask),
+                      cu_seqlens=_boundaries(penalty.cu_seqlens),
+                      kl_coef=_tensor_or_float(penalty.kl_coef, rows))
+    return inputs
+
+
+def op_backend(fwd_op, bwd_op, bwd_inplace_op):
     """fused_kl_fwd / fused_kl_bwd of contract.FusedPass over a backend's three registered ops (the
     C++ ops and the Triton ops share one schema). The ops' temperature convention, the same for every
     backend: T itself, as an [N] tensor (None when scalar) plus a float (1.0 when a tensor); the
-    shard as two ints, vocab_start and vocab_size.
-    row_dtype: the dtype the ops want [N] inputs in (the Triton kernels read fp32), None for as given."""
-    rows = _row_converter(row_dtype)
+    shard as two ints, vocab_start and vocab_size; [N] inputs as op_inputs makes them."""
 
-    def common(args: PassArgs):
-        return (args.logits, args.labels, args.ref_logits, *_tensor_or_float(args.temperature, rows),
-                args.ignore_index, args.shard.start, args.shard.size)
+    def common(args: PassArgs, inputs: dict):
+        return (args.logits, args.labels, args.ref_logits, *inputs["temperature"], args.ignore_index,
+                args.shard.start, args.shard.size)
 
     def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStats:
-        logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(*common(args), need_entropy, need_full)
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(*common(args, op_inputs(args)), need_entropy,
+                                                                need_full)
         has_ref = args.ref_logits is not None
         return RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
                         full_kl if need_full else None, lse, ref_lse if has_ref else None)
 
     def fused_kl_bwd(args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
-        op_args = (*map(rows, grads), *common(args), stats.lse, stats.ref_lse, stats.entropy, stats.full_kl)
+        inputs = op_inputs(args)
+        op_args = (*map(inputs["rows"], grads), *common(args, inputs), stats.lse, stats.ref_lse, stats.entropy,
+                   stats.full_kl)
         if inplace:
             bwd_inplace_op(*op_args)
             return args.logits
@@ -52,19 +79,19 @@ def op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
     return fused_kl_fwd, fused_kl_bwd
 
 
-def penalty_op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
+def penalty_op_backend(fwd_op, bwd_op, bwd_inplace_op):
     """kl_penalty_fwd / kl_penalty_bwd of contract.OnePass over a backend's three one-pass ops (one
     schema for the C++ and Triton ops, csrc/registration.cpp), in op_backend's conventions."""
-    rows = _row_converter(row_dtype)
 
-    def common(args: PassArgs, penalty: PenaltyArgs):
+    def common(args: PassArgs, penalty: PenaltyArgs, inputs: dict):
         est = penalty.estimator
-        return (*_tensor_or_float(args.temperature, rows), args.ignore_index, ESTIMATOR_CODES[est.name],
-                est.straight_through, est.log_ratio_clamp, est.kl_clamp, *_tensor_or_float(penalty.kl_coef))
+        return (*inputs["temperature"], args.ignore_index, ESTIMATOR_CODES[est.name], est.straight_through,
+                est.log_ratio_clamp, est.kl_clamp, *inputs["kl_coef"])
 
     def kl_penalty_fwd(args: PassArgs, penalty: PenaltyArgs, need_entropy: bool) -> PenaltyStats:
-        out = fwd_op(args.logits, args.labels, args.ref_logits, penalty.ref_logprobs, penalty.mask, penalty.cu_seqlens,
-                     *common(args, penalty), penalty.padded, need_entropy)
+        inputs = op_inputs(args, penalty)
+        out = fwd_op(args.logits, args.labels, args.ref_logits, inputs["ref_logprobs"], inputs["mask"],
+                     inputs["cu_seqlens"], *common(args, penalty, inputs), penalty.padded, need_entropy)
         stats = PenaltyStats(*out)
         return stats._replace(entropy=stats.entropy if need_entropy else None,
                               full_kl=stats.full_kl if penalty.estimator.name == "full" else None,
@@ -72,9 +99,10 @@ def penalty_op_backend(fwd_op, bwd_op, bwd_inplace_op, row_dtype=None):
 
     def kl_penalty_bwd(args: PassArgs, penalty: PenaltyArgs, stats: PenaltyStats, grads: PenaltyGrads,
                        inplace: bool) -> torch.Tensor:
-        op_args = (*map(rows, grads), args.logits, args.labels, args.ref_logits, penalty.mask, *common(args, penalty),
-                   stats.logp, stats.ref_logp, stats.counts, stats.sequence, stats.lse, stats.ref_lse, stats.entropy,
-                   stats.full_kl)
+        inputs = op_inputs(args, penalty)
+        op_args = (*map(inputs["rows"], grads), args.logits, args.labels, args.ref_logits, inputs["mask"],
+                   *common(args, penalty, inputs), stats.logp, stats.ref_logp, stats.counts, stats.sequence,
+                   stats.lse, stats.ref_lse, stats.entropy, stats.full_kl)
         if inplace:
             bwd_inplace_op(*op_args)
             return args.logits

@@ -621,8 +621,7 @@ def _penalty_bwd_inplace_op(grad_logp: Optional[torch.Tensor], grad_kl: Optional
 
 kl_penalty_fwd, kl_penalty_bwd = penalty_op_backend(torch.ops.kl_kernels.triton_kl_penalty_fwd,
                                                     torch.ops.kl_kernels.triton_kl_penalty_bwd,
-                                                    torch.ops.kl_kernels.triton_kl_penalty_bwd_,
-                                                    row_dtype=torch.float32)
+                                                    torch.ops.kl_kernels.triton_kl_penalty_bwd_)
 
 
 def serves_one_pass(device: torch.device) -> bool:
@@ -633,7 +632,7 @@ def serves_one_pass(device: torch.device) -> bool:
 # compiled once per value, which trainers keep fixed
 fused_kl_fwd, fused_kl_bwd = op_backend(torch.ops.kl_kernels.triton_fused_kl_fwd,
                                        torch.ops.kl_kernels.triton_fused_kl_bwd,
-                                       torch.ops.kl_kernels.triton_fused_kl_bwd_, row_dtype=torch.float32)
+                                       torch.ops.kl_kernels.triton_fused_kl_bwd_)
 
 
 def _register_interpreter_fakes() -> None:
