@@ -42,3 +42,14 @@ def test_chain_quality_is_the_chains_log_likelihood():
         n = int(sum(m))
         want.append(sum(float(chain.log_probs[a, b]) for a, b in zip(row[:n], row[1:n + 1])) / n)
     torch.testing.assert_close(chain.quality(tokens, mask), torch.tensor(want))
+
+
+def test_missing_matplotlib_is_said_at_the_start(tmp_path, monkeypatch, capsys):
+    """A plain install has no matplotlib: kl-lab says so before any run (it used to die at the end)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit) as stop:
+        lab.main(["--quick", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "--no-plots" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

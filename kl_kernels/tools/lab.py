@@ -268,6 +268,13 @@ def main(argv=None):
     parser.add_argument("--from", dest="from_csv", metavar="CSV",
                         help="no runs: the report and plots of a previous steps.csv")
     args = parser.parse_args(argv)
+    if not args.no_plots:
+        # matplotlib stays optional (the library never needs it), so say so now, not after the runs
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("the plots need matplotlib (pip install matplotlib, or kl_kernels[bench]); "
+                         "or pass --no-plots for the CSV and the report alone")
     os.makedirs(args.out, exist_ok=True)
     if args.from_csv:
         return _write_report(read_steps(args.from_csv), args, quick=False)
@@ -287,7 +294,7 @@ def main(argv=None):
               f"seed {config.seed} width {config.width} scale {config.reward_scale:g}: proxy {last['proxy']:.3f} "
               f"quality {last['quality']:.3f} KL/token {last['kl_token']:.4f} KL/seq {last['kl_seq']:.2f} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-    write_steps(rows, os.path.join(args.out, "steps.csv"))
+        write_steps(rows, os.path.join(args.out, "steps.csv"))  # every run's steps kept as soon as they exist
     _write_report(rows, args, quick=args.quick)
     print(f"# {len(rows)} steps in {time.perf_counter() - started:.0f} s; written to {args.out}/")
     return 0
