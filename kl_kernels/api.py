@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import sharding
+from . import replay, sharding
 from . import validation as check
 from .contract import (PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGrads, RowStats, compute_dtype)
 from .dispatch import select_backend
@@ -49,11 +49,18 @@ class FusedKLFunction(torch.autograd.Function):
     kernel gets the merged ones."""
 
     @staticmethod
-    def forward(ctx, impl, logits, args, need_entropy, need_full, inplace):
+    def forward(ctx, impl, logits, args, need_entropy, need_full, inplace, kept=None):
+        """kept: a replay.KeptSet (sampling replay), or None."""
         args = args._replace(logits=logits)
         stats = impl.fused_kl_fwd(args, need_entropy, need_full)
         if args.shard.group is not None:
             stats = merge(args, stats)
+        if kept is not None:  # the rows with a kept set: their numbers over it, from its K gathered logits
+            ref_z = None if args.ref_logits is None else replay.gather(args.ref_logits, kept)
+            stats = replay.override(stats, kept, replay.row_stats(
+                replay.gather(logits, kept), ref_z, kept, args.labels, args.ignore_index, args.temperature,
+                need_entropy, need_full))
+        ctx.kept = kept is not None
         ctx.impl, ctx.inplace = impl, inplace
         ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
         tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
@@ -61,7 +68,8 @@ class FusedKLFunction(torch.autograd.Function):
         ctx.args = args._replace(logits=None, labels=None, ref_logits=None,
                                  temperature=None if tensor_temperature is not None else args.temperature)
         ctx.save_for_backward(logits, args.labels, args.ref_logits if need_full else None, tensor_temperature,
-                              stats.lse, stats.ref_lse if need_full else None, stats.entropy, stats.full_kl)
+                              stats.lse, stats.ref_lse if need_full else None, stats.entropy, stats.full_kl,
+                              *(kept if kept is not None else (None,) * 3))
         if stats.ref_logp is not None:
             ctx.mark_non_differentiable(stats.ref_logp)
         return stats.logp, stats.ref_logp, stats.entropy, stats.full_kl
@@ -69,14 +77,26 @@ class FusedKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
         first_order_only()
-        logits, labels, ref_logits, tensor_temperature, lse, ref_lse, entropy, full_kl = ctx.saved_tensors
+        logits, labels, ref_logits, tensor_temperature, lse, ref_lse, entropy, full_kl, *kept = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None and grad_full is None:
-            return (None,) * 6
+            return (None,) * 7
         temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
         args = ctx.args._replace(logits=logits, labels=labels, ref_logits=ref_logits, temperature=temperature)
         stats = RowStats(None, None, entropy, full_kl, lse, ref_lse)
-        grad = ctx.impl.fused_kl_bwd(args, stats, RowGrads(grad_logp, grad_entropy, grad_full), ctx.inplace)
-        return None, grad, None, None, None, None
+        grads = RowGrads(grad_logp, grad_entropy, grad_full)
+        if not ctx.kept:
+            return None, ctx.impl.fused_kl_bwd(args, stats, grads, ctx.inplace), None, None, None, None, None
+        # the kept rows get nothing from the kernel (exact zeros there) and their gradient on S after it,
+        # from logits gathered before an in-place kernel writes over them
+        kept = replay.KeptSet(*kept)
+        ref_z = None if ref_logits is None else replay.gather(ref_logits, kept)
+        on_kept = replay.kept_gradient(replay.gather(logits, kept), ref_z, kept, labels, args.ignore_index,
+                                       temperature, grads)
+        kernel_grads = RowGrads(*(None if g is None else torch.where(kept.rows, 0.0, g) for g in grads))
+        grad = ctx.impl.fused_kl_bwd(args, stats, kernel_grads, ctx.inplace)
+        B, T, _ = grad.shape
+        grad.scatter_add_(2, kept.columns.view(B, T, -1), on_kept.view(B, T, -1).to(grad.dtype))
+        return None, grad, None, None, None, None, None
 
 
 class FusedPenaltyFunction(torch.autograd.Function):
@@ -175,20 +195,33 @@ def _check_logits_labels(logits, labels, inplace_backward=False):
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
 
 
+def _kept_set(kept_ids, labels, logits, ignore_index, validate, process_group):
+    """The checked replay.KeptSet of a call from logits, or None without kept_ids."""
+    if kept_ids is None:
+        return None
+    if process_group is not None:
+        raise ValueError("kept_ids with process_group is not supported yet: pass the kept sets without a "
+                         "tensor-parallel vocabulary (docs/contract.md section 12)")
+    return replay.kept_set(kept_ids, labels, logits.shape[-1], ignore_index, validate, logits.device)
+
+
 def _device(tensor) -> torch.device:
     return tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
-                   validate=True, inplace_backward=False, process_group=None, backend=None):
+                   validate=True, inplace_backward=False, process_group=None, backend=None, kept_ids=None):
     """Label log-probs z_y/T - lse(z/T) in float32 (float64 for float64 logits), optionally entropy.
-    process_group: logits hold this rank's shard of the vocabulary (docs/contract.md section 10)."""
+    process_group: logits hold this rank's shard of the vocabulary (docs/contract.md section 10).
+    kept_ids: [..., K] the sampler's kept token ids per position, -1 padding: each row's softmax over
+    its kept set (section 12)."""
     with sharding.checks(process_group, _device(logits), validate):
         _check_logits_labels(logits, labels, inplace_backward)
         validate = validate and check.has_values(logits)
         ignore_index = check.ignore_index(ignore_index)
         dtype = compute_dtype(logits.dtype)
         temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
+        kept = _kept_set(kept_ids, labels, logits, ignore_index, validate, process_group)
         chosen = select_backend(backend, logits.device, (logits.dtype,))
     shard, flat_labels = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate,
                                                "token_logprobs", labels, return_entropy=bool(return_entropy),
@@ -196,7 +229,7 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
     rows = _as_rows(logits)
     args = PassArgs(rows, flat_labels, None, temp, ignore_index, shard)
     logp, _, entropy, _ = FusedKLFunction.apply(chosen.impl, rows, args, bool(return_entropy), False,
-                                                bool(inplace_backward))
+                                                bool(inplace_backward), kept)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -322,9 +355,10 @@ def _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy, full_kl
 def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
                kl_coef=0.1, estimator="k1", temperature=1.0, log_ratio_clamp=None, kl_clamp=None,
                ignore_index=-100, return_entropy=False, validate=True, inplace_backward=False, process_group=None,
-               backend=None):
+               backend=None, kept_ids=None):
     """The fused KL penalty pass; see docs/contract.md section 2 for every field of the result
-    (section 10 for process_group: logits and ref_logits hold this rank's shard of the vocabulary)."""
+    (section 10 for process_group: logits and ref_logits hold this rank's shard of the vocabulary;
+    section 12 for kept_ids, the sampler's kept sets: policy and reference renormalised over them)."""
     with sharding.checks(process_group, _device(logits), validate):
         _check_logits_labels(logits, labels, inplace_backward)
         validate = validate and check.has_values(logits)
@@ -339,6 +373,7 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
             mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
             log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
             has_ref_model=ref_logits is not None)
+        kept = _kept_set(kept_ids, labels, logits, plan.ignore_index, validate, process_group)
         dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
         chosen = select_backend(backend, logits.device, dtypes)
     shard, flat_labels = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan,
@@ -346,7 +381,7 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
     rows = _as_rows(logits)
     args = PassArgs(rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
                     plan.ignore_index, shard)
-    if shard.group is None and chosen.one_pass(logits.device):
+    if shard.group is None and kept is None and chosen.one_pass(logits.device):
         # the whole penalty in the backend's ops: one forward op, one backward op
         coef = kl_coef.to(device=logits.device, dtype=plan.dtype) if isinstance(kl_coef, torch.Tensor) else None
         penalty = PenaltyArgs(plan.estimator, None if ref_logprobs is None else ref_logprobs.detach().reshape(-1),
@@ -358,7 +393,7 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
         return KLPenaltyOutput(*(t.view(shape) for t in outputs[:4]), *outputs[4:6],
                                outputs[6].view(shape) if return_entropy else None)
     logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
-        chosen.impl, rows, args, bool(return_entropy), plan.estimator.name == "full", bool(inplace_backward))
+        chosen.impl, rows, args, bool(return_entropy), plan.estimator.name == "full", bool(inplace_backward), kept)
     return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
                             ref_logprobs, mask, kl_coef)
 

@@ -1,0 +1,125 @@
+"""Sampling replay (docs/contract.md section 12): kept_ids on token_logprobs and kl_penalty, every
+backend, against float64 formulas of the softmax over each row's kept set; rows without a set bit
+for bit as without kept_ids; bad kept sets; a row alone or in a batch, the same bits."""
+import pytest
+import torch
+
+import kl_kernels
+
+V = 300
+
+
+def _kept(labels, width, rng, pad_middle=True):
+    """[..., width] kept ids holding each label, with repeats and -1 padding in the middle."""
+    kept = torch.randint(0, V, (*labels.shape, width), generator=rng)
+    kept[..., width // 2] = labels  # the label somewhere inside
+    if width > 3:
+        kept[..., 1] = kept[..., 2]  # a repeat
+        if pad_middle:
+            kept[..., 3] = -1
+    return kept
+
+
+def _truth(logits, ref_logits, labels, kept, temperature):
+    """float64 logp, ref_logp, entropy, exact KL over each row's set (rows of all -1: the whole vocabulary)."""
+    members = torch.zeros(*labels.shape, V, dtype=torch.bool).scatter_(-1, kept.clamp(min=0), kept >= 0)
+    members = torch.where((kept >= 0).any(-1, keepdim=True), members, True)
+    t = temperature.double().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
+
+    def log_softmax(z):
+        return torch.where(members, torch.log_softmax((z.double() / t).masked_fill(~members, float("-inf")), -1), 0.0)
+
+    log_p, log_q = log_softmax(logits), log_softmax(ref_logits)
+    p = torch.where(members, log_p.exp(), 0.0)
+    pick = lambda lp: lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    return pick(log_p), pick(log_q), -(p * log_p).sum(-1), (p * (log_p - log_q)).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [1, 5, 40, V])
+@pytest.mark.parametrize("packed", [False, True])
+def test_against_float64(backend, dtype, width, packed):
+    rng = torch.Generator().manual_seed(width)
+    shape = (12,) if packed else (2, 6)
+    logits = (torch.randn(*shape, V) * 2).to(dtype)
+    ref_logits = (logits.float() + 0.3 * torch.randn(*shape, V)).to(dtype)
+    labels = torch.randint(0, V, shape)
+    kept = torch.arange(V).expand(*shape, V).clone() if width == V else _kept(labels, width, rng)
+    kept.view(-1, kept.shape[-1])[3] = -1  # one row without a set: its whole vocabulary
+    temperature = torch.rand(shape) + 0.5
+    layout = dict(cu_seqlens=torch.tensor([0, 5, 12])) if packed else {}
+    x = logits.clone().requires_grad_()
+    out = kl_kernels.kl_penalty(x, labels, ref_logits=ref_logits, estimator="full", temperature=temperature,
+                                kept_ids=kept, return_entropy=True, backend=backend, **layout)
+    weights = torch.randn(3, *shape)
+    (weights[0] * out.logprobs + weights[1] * out.kl + weights[2] * out.entropy).sum().backward()
+    x64 = logits.double().requires_grad_()
+    truth = _truth(x64, ref_logits, labels, kept, temperature)
+    (weights[0] * truth[0] + weights[1] * truth[3] + weights[2] * truth[2]).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in zip((out.logprobs, out.ref_logprobs, out.entropy, out.kl), truth):
+        torch.testing.assert_close(got.double(), want.detach(), **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    outside = torch.ones(*shape, V, dtype=torch.bool).scatter_(-1, kept.clamp(min=0), kept < 0)
+    outside.view(-1, V)[3] = False
+    assert (x.grad[outside] == 0).all()  # nothing outside the kept sets
+
+
+def test_rows_without_a_set_are_bit_for_bit_unchanged(backend):
+    logits = torch.randn(2, 7, V) * 3
+    labels = torch.randint(0, V, (2, 7))
+    kept = _kept(labels, 9, torch.Generator().manual_seed(0))
+    kept[0] = -1  # the first sequence: no sets
+    grads = []
+    outs = []
+    for kept_ids in (None, kept):
+        x = logits.clone().requires_grad_()
+        logp, entropy = kl_kernels.token_logprobs(x, labels, return_entropy=True, kept_ids=kept_ids, backend=backend)
+        (logp.sum() + entropy.sum()).backward()
+        outs.append((logp, entropy))
+        grads.append(x.grad)
+    for plain, replayed in zip(*outs):
+        assert torch.equal(plain[0], replayed[0])
+    assert torch.equal(grads[0][0], grads[1][0])  # including the sign of every zero
+
+
+def test_a_row_has_the_same_bits_alone_and_in_a_batch(backend):
+    logits = torch.randn(9, V) * 2
+    labels = torch.randint(0, V, (9,))
+    kept = _kept(labels, 17, torch.Generator().manual_seed(1))
+    kept[4] = -1
+
+    def run(index):
+        x = logits[index].clone().requires_grad_()
+        out = kl_kernels.kl_penalty(x, labels[index], ref_logprobs=-torch.ones(len(index)), estimator="k3",
+                                    kept_ids=kept[index], return_entropy=True, backend=backend)
+        (out.kl.sum() + out.entropy.sum()).backward()
+        return out.logprobs.detach(), out.kl.detach(), out.entropy.detach(), x.grad
+
+    batch = run(torch.tensor([8, 2, 4, 0, 6]))
+    for at, row in enumerate([8, 2, 4, 0, 6]):
+        for got, want in zip(run(torch.tensor([row])), batch):
+            assert torch.equal(got[0], want[at])
+
+
+def test_bad_kept_sets(backend):
+    logits = torch.randn(2, 3, V)
+    labels = torch.randint(0, V, (2, 3))
+    kept = _kept(labels, 4, torch.Generator().manual_seed(2))
+    outside = kept.clone()
+    outside[0, 1] = (labels[0, 1] + 1) % V  # the label left out of its set
+    with pytest.raises(ValueError, match="kept_ids"):
+        kl_kernels.token_logprobs(logits, labels, kept_ids=outside, backend=backend)
+    with pytest.raises(ValueError, match="kept_ids"):
+        kl_kernels.token_logprobs(logits, labels, kept_ids=torch.full((2, 3, 2), V), backend=backend)
+    with pytest.raises(ValueError, match="kept_ids"):
+        kl_kernels.token_logprobs(logits, labels, kept_ids=kept[0], backend=backend)
+    with pytest.raises(TypeError, match="kept_ids"):
+        kl_kernels.token_logprobs(logits, labels, kept_ids=kept.float(), backend=backend)
+    # validate=False: a label outside its set gives a NaN row, the others are untouched
+    logp = kl_kernels.token_logprobs(logits, labels, kept_ids=outside, validate=False, backend=backend)
+    assert torch.isnan(logp[0, 1]) and torch.isfinite(logp[torch.arange(2) != 0]).all()
+    # an ignored row is 0 whatever its set says
+    ignored = labels.clone()
+    ignored[1, 2] = -100
+    assert kl_kernels.token_logprobs(logits, ignored, kept_ids=kept, backend=backend)[1, 2] == 0
