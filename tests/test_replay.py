@@ -11,7 +11,7 @@ V = 300
 
 def _kept(labels, width, rng, pad_middle=True):
     """[..., width] kept ids holding each label, with repeats and -1 padding in the middle."""
-    kept = torch.randint(0, V, (*labels.shape, width), generator=rng)
+    kept = torch.randint(0, V, (*labels.shape, width), generator=rng, device="cpu").to(labels.device)
     kept[..., width // 2] = labels  # the label somewhere inside
     if width > 3:
         kept[..., 1] = kept[..., 2]  # a repeat
