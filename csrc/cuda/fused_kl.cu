@@ -54,7 +54,8 @@ void check_rowwise(const std::optional<Tensor>& t, int64_t N, const char* arg, a
 
 template <typename T>
 cuda::Rows<T> rows(const Tensor& t) {
-  return {reinterpret_cast<T*>(t.data_ptr()), t.size(1), t.stride(0), t.stride(1)};
+  return {.data = reinterpret_cast<T*>(t.data_ptr()), .T_len = t.size(1), .stride_b = t.stride(0),
+          .stride_t = t.stride(1)};
 }
 
 template <typename T>
@@ -105,11 +106,20 @@ FwdOutputs forward(const Tensor& logits, const Tensor& labels, const std::option
   const auto saved = [&](bool needed) { return at::empty({needed ? N : 0}, logits.options().dtype(at::kDouble)); };
   Tensor logp = stats(true), ref_logp = stats(has_ref_logp), entropy = stats(need_entropy), full = stats(need_full),
          lse = saved(true), ref_lse = saved(has_ref);
-  cuda::FwdParams p{labels.data_ptr<int64_t>(), ptr<float>(temperature), static_cast<float>(1.0 / scalar_temperature),
-                    N, V, ignore_index, shard, need_entropy, need_full, logp.data_ptr<float>(),
-                    has_ref_logp ? ref_logp.data_ptr<float>() : nullptr,
-                    need_entropy ? entropy.data_ptr<float>() : nullptr, need_full ? full.data_ptr<float>() : nullptr,
-                    lse.data_ptr<double>(), has_ref ? ref_lse.data_ptr<double>() : nullptr, penalty};
+  // parameter structs are filled by field name (designated initialisers, in declaration order)
+  cuda::FwdParams p{.labels = labels.data_ptr<int64_t>(),
+                    .temperature = ptr<float>(temperature),
+                    .inv_temperature = static_cast<float>(1.0 / scalar_temperature),
+                    .N = N, .V = V, .ignore_index = ignore_index,
+                    .shard = shard,
+                    .need_entropy = need_entropy, .need_full = need_full,
+                    .logp = logp.data_ptr<float>(),
+                    .ref_logp = has_ref_logp ? ref_logp.data_ptr<float>() : nullptr,
+                    .entropy = need_entropy ? entropy.data_ptr<float>() : nullptr,
+                    .full_kl = need_full ? full.data_ptr<float>() : nullptr,
+                    .lse = lse.data_ptr<double>(),
+                    .ref_lse = has_ref ? ref_lse.data_ptr<double>() : nullptr,
+                    .penalty = penalty};
   const Tensor& reference = has_ref ? *ref_logits : logits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dtype_switch(logits.scalar_type(), "logits", [&](auto policy_tag) {
@@ -150,11 +160,17 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
     check_rowwise(full_kl, N, "full_kl", at::kFloat);
   }
   const c10::cuda::CUDAGuard guard(logits.device());
-  cuda::BwdParams p{labels.data_ptr<int64_t>(), ptr<float>(temperature), static_cast<float>(1.0 / scalar_temperature),
-                    N, V, ignore_index, shard, ptr<float>(grad_logp), ptr<float>(grad_entropy), ptr<float>(grad_full),
-                    lse.data_ptr<double>(), use_ref ? ptr<double>(ref_lse) : nullptr,
-                    grad_entropy.has_value() ? ptr<float>(entropy) : nullptr, use_ref ? ptr<float>(full_kl) : nullptr,
-                    penalty};
+  cuda::BwdParams p{.labels = labels.data_ptr<int64_t>(),
+                    .temperature = ptr<float>(temperature),
+                    .inv_temperature = static_cast<float>(1.0 / scalar_temperature),
+                    .N = N, .V = V, .ignore_index = ignore_index,
+                    .shard = shard,
+                    .grad_logp = ptr<float>(grad_logp), .grad_entropy = ptr<float>(grad_entropy),
+                    .grad_full = ptr<float>(grad_full),
+                    .lse = lse.data_ptr<double>(), .ref_lse = use_ref ? ptr<double>(ref_lse) : nullptr,
+                    .entropy = grad_entropy.has_value() ? ptr<float>(entropy) : nullptr,
+                    .full_kl = use_ref ? ptr<float>(full_kl) : nullptr,
+                    .penalty = penalty};
   const Tensor& reference = use_ref ? *ref_logits : logits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dtype_switch(logits.scalar_type(), "logits", [&](auto policy_tag) {
@@ -195,18 +211,20 @@ void fused_kl_bwd_inplace_cuda(const std::optional<Tensor>& grad_logp, const std
 // sequence_sums_kernel) and one backward (the row kernel with the chain from all six outputs).
 
 cuda::AnyMask any_mask(const std::optional<Tensor>& mask, int64_t N) {
-  if (!mask.has_value()) return {nullptr, 0, false};
+  if (!mask.has_value()) return {.data = nullptr, .element_size = 0, .is_float = false};
   KL_CHECK_ARG(mask->is_cuda() && mask->numel() == N && mask->is_contiguous(), "mask",
                "must be a contiguous CUDA tensor with one value per row (", N, "), got ", mask->sizes());
   KL_CHECK_ARG(!mask->is_complex(), "mask", "must be real");
-  return {mask->data_ptr(), static_cast<int>(mask->element_size()), mask->is_floating_point()};
+  return {.data = mask->data_ptr(), .element_size = static_cast<int>(mask->element_size()),
+          .is_float = mask->is_floating_point()};
 }
 
 EstimatorSpec<float> spec_of(int64_t estimator, bool straight_through, std::optional<double> log_ratio_clamp,
                              std::optional<double> kl_clamp) {
   KL_CHECK_ARG(estimator >= kK1 && estimator <= kFull, "estimator", "must be a code 0-4 (estimators.py), got ", estimator);
-  return {estimator, straight_through, log_ratio_clamp ? static_cast<float>(*log_ratio_clamp) : INFINITY,
-          kl_clamp ? static_cast<float>(*kl_clamp) : INFINITY};
+  return {.kind = estimator, .straight_through = straight_through,
+          .log_ratio_clamp = log_ratio_clamp ? static_cast<float>(*log_ratio_clamp) : INFINITY,
+          .kl_clamp = kl_clamp ? static_cast<float>(*kl_clamp) : INFINITY};
 }
 
 const float* coef_ptr(const std::optional<Tensor>& kl_coef) {
@@ -236,19 +254,28 @@ KL_PENALTY_FWD_OUTPUTS kl_penalty_fwd_cuda(KL_PENALTY_FWD_ARGS) {
          kl_mean = at::empty({S}, options), counts = at::empty({S}, options),
          sequence = at::empty({N}, options.dtype(at::kInt));
   const cuda::AnyMask valid = any_mask(mask, N);
-  cuda::PenaltyFwd epilogue{true, ptr<float>(ref_logprobs), valid,
-                            spec_of(estimator, straight_through, log_ratio_clamp, kl_clamp), coef_ptr(kl_coef),
-                            static_cast<float>(scalar_kl_coef), kl.data_ptr<float>(), penalty.data_ptr<float>()};
+  cuda::PenaltyFwd epilogue{.on = true,
+                            .ref_logprobs = ptr<float>(ref_logprobs),
+                            .mask = valid,
+                            .spec = spec_of(estimator, straight_through, log_ratio_clamp, kl_clamp),
+                            .kl_coef_ptr = coef_ptr(kl_coef),
+                            .kl_coef = static_cast<float>(scalar_kl_coef),
+                            .kl = kl.data_ptr<float>(), .penalty = penalty.data_ptr<float>()};
   auto [logp, ref_logp, entropy, full_kl, lse, ref_lse] =
       forward(logits, labels, ref_logits, temperature, scalar_temperature, ignore_index, 0, logits.size(2),
               need_entropy, full, epilogue);
   if (!padded && S == 0) sequence.fill_(-1);  // cu_seqlens of one entry: every row outside
-  cuda::SumParams sums{kl.data_ptr<float>(), labels.data_ptr<int64_t>(), valid,
-                       cu_seqlens.has_value() ? cu_seqlens->data_ptr() : nullptr,
-                       cu_seqlens.has_value() ? static_cast<int>(cu_seqlens->element_size()) : 8,
-                       cu_seqlens.has_value() ? cu_seqlens->numel() : 0, N, T, S, ignore_index, padded,
-                       kl_sum.data_ptr<float>(), kl_mean.data_ptr<float>(), counts.data_ptr<float>(),
-                       sequence.data_ptr<int32_t>()};
+  cuda::SumParams sums{.kl = kl.data_ptr<float>(),
+                       .labels = labels.data_ptr<int64_t>(),
+                       .mask = valid,
+                       .cu_seqlens = cu_seqlens.has_value() ? cu_seqlens->data_ptr() : nullptr,
+                       .cu_element_size = cu_seqlens.has_value() ? static_cast<int>(cu_seqlens->element_size()) : 8,
+                       .n_cu = cu_seqlens.has_value() ? cu_seqlens->numel() : 0,
+                       .N = N, .T = T, .S = S, .ignore_index = ignore_index,
+                       .padded = padded,
+                       .kl_sum = kl_sum.data_ptr<float>(), .kl_mean = kl_mean.data_ptr<float>(),
+                       .counts = counts.data_ptr<float>(),
+                       .sequence = sequence.data_ptr<int32_t>()};
   cuda::launch_sequence_sums(sums, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logp, ref_logp, kl, penalty, kl_sum, kl_mean, counts, sequence, entropy, full_kl, lse, ref_lse};
@@ -268,11 +295,16 @@ void kl_penalty_bwd_into(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_B
   check_rowwise(counts, S, "counts", at::kFloat);
   check_rowwise(sequence, N, "sequence", at::kInt);
   const bool on = grad_kl || grad_penalty || grad_kl_sum || grad_kl_mean;
-  cuda::PenaltyBwd chain{on, ptr<float>(grad_kl), ptr<float>(grad_penalty), ptr<float>(grad_kl_sum),
-                         ptr<float>(grad_kl_mean), counts.data_ptr<float>(), logp.data_ptr<float>(),
-                         ref_logp.data_ptr<float>(), sequence.data_ptr<int32_t>(), any_mask(mask, N),
-                         spec_of(estimator, straight_through, log_ratio_clamp, kl_clamp), coef_ptr(kl_coef),
-                         static_cast<float>(scalar_kl_coef)};
+  cuda::PenaltyBwd chain{.on = on,
+                         .grad_kl = ptr<float>(grad_kl), .grad_penalty = ptr<float>(grad_penalty),
+                         .grad_kl_sum = ptr<float>(grad_kl_sum), .grad_kl_mean = ptr<float>(grad_kl_mean),
+                         .counts = counts.data_ptr<float>(), .logp = logp.data_ptr<float>(),
+                         .ref_logp = ref_logp.data_ptr<float>(),
+                         .sequence = sequence.data_ptr<int32_t>(),
+                         .mask = any_mask(mask, N),
+                         .spec = spec_of(estimator, straight_through, log_ratio_clamp, kl_clamp),
+                         .kl_coef_ptr = coef_ptr(kl_coef),
+                         .kl_coef = static_cast<float>(scalar_kl_coef)};
   fused_kl_bwd_into(grad_logp, grad_entropy, std::nullopt, logits, labels, ref_logits, temperature,
                     scalar_temperature, ignore_index, 0, logits.size(2), lse, ref_lse, entropy_out, full_out, grad, chain);
 }
