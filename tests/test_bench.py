@@ -164,3 +164,15 @@ def test_cpu_counter_serves_raw_allocations():
         a, b = torch.randn(512, 256).bfloat16(), torch.randn(1000, 256).bfloat16()
         out = torch.nn.functional.linear(a, b)
     assert peak.extra >= out.nbytes + a.nbytes + b.nbytes
+
+
+def test_kept_provider_matches_the_eager_truth_over_the_kept_sets():
+    """<backend>+kept<K> (sampling replay's cost rows) computes the penalty over each position's kept set:
+    the same as the eager formula with the rest of each row out of the softmax."""
+    inputs = timing.make_inputs(64, 50, torch.float32, torch.device("cpu"))
+    kept = providers.kept_ids_for(inputs[2], 50, 7)
+    want = providers.eager_penalty(*inputs, estimator="k3", dtype=torch.float64, kept_ids=kept)
+    got = providers.make_provider("cpu+kept7", "k3")(*inputs)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    plain = providers.eager_penalty(*inputs, estimator="k3", dtype=torch.float64)
+    assert (plain - want).abs().max() > 1e-2  # the kept sets change the numbers: the check can fail

@@ -51,7 +51,8 @@ def main(argv=None):
                         help="fwd, bwd (the backward alone) and fwd+bwd")
     parser.add_argument("--providers", nargs="+", default=None,
                         help="default: eager, trl, compile, every kl_kernels backend native to the device (reference "
-                             "only when named), and on a GPU liger and flash_attn when installed")
+                             "only when named), and on a GPU liger and flash_attn when installed; <backend>+kept<K> "
+                             "(e.g. cpu+kept20): that backend with kept_ids of K ids per position (sampling replay)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per row, after warm-up")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--json", metavar="FILE", help="also write the rows (with the environment) as JSON")

@@ -5,6 +5,7 @@ Each provider is fn(logits, ref_logits, labels, mask) -> kl_sum [B].
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -18,10 +19,15 @@ def masked_kl_sum(logp, ref_logp, mask, estimator):
     return torch.where(mask != 0, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum(-1)
 
 
-def eager_penalty(logits, ref_logits, labels, mask, estimator="k1", dtype=torch.float32):
-    """What verl/TRL/OpenRLHF write today (per-sequence masked sum); dtype=float64 is the truth."""
-    log_p = torch.log_softmax(logits.to(dtype), dim=-1)
-    log_q = torch.log_softmax(ref_logits.to(dtype), dim=-1)
+def eager_penalty(logits, ref_logits, labels, mask, estimator="k1", dtype=torch.float32, kept_ids=None):
+    """What verl/TRL/OpenRLHF write today (per-sequence masked sum); dtype=float64 is the truth.
+    kept_ids: each position's kept set (no -1 here): the softmax over it (sampling replay)."""
+    z, ref_z = logits.to(dtype), ref_logits.to(dtype)
+    if kept_ids is not None:
+        outside = torch.ones_like(z, dtype=torch.bool).scatter_(-1, kept_ids, False)
+        z, ref_z = z.masked_fill(outside, float("-inf")), ref_z.masked_fill(outside, float("-inf"))
+    log_p = torch.log_softmax(z, dim=-1)
+    log_q = torch.log_softmax(ref_z, dim=-1)
     if estimator == "full":
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         return torch.where(mask != 0, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum(-1)
@@ -80,7 +86,35 @@ SAMPLED_ONLY = {"trl", "liger", "flash_attn"}  # providers of label log-probs: n
 PEERS = {"trl": "always", "liger": "liger_kernel", "flash_attn": "flash_attn"}
 
 
+# "<backend>+kept<K>": the backend with kept_ids of K ids per position (sampling replay's cost)
+KEPT = re.compile(r"^(?P<backend>\w+)\+kept(?P<width>\d+)$")
+
+
+def kept_width(name):
+    match = KEPT.match(name)
+    return int(match["width"]) if match else None
+
+
+def kept_ids_for(labels, vocab, width):
+    """A sampler's kept sets for kl-bench: each position's label and width - 1 other ids (repeats
+    allowed), the same for the same labels shape."""
+    generator = torch.Generator().manual_seed(width)
+    others = torch.randint(0, vocab, (*labels.shape, width - 1), generator=generator).to(labels.device)
+    return torch.cat([labels.unsqueeze(-1), others], -1)
+
+
 def make_provider(name, estimator):
+    if kept_width(name):
+        backend, width, made = KEPT.match(name)["backend"], kept_width(name), {}
+
+        def replayed(logits, ref_logits, labels, mask):
+            key = (labels.data_ptr(), tuple(labels.shape))
+            if key not in made:  # made once per case, outside the timed steps
+                made.clear()
+                made[key] = kept_ids_for(labels, logits.shape[-1], width)
+            return kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits, mask=mask, estimator=estimator,
+                                         validate=False, backend=backend, kept_ids=made[key]).kl_sum
+        return replayed
     if name == "eager":
         return functools.partial(eager_penalty, estimator=estimator)
     if name == "compile":

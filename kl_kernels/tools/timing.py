@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .providers import eager_penalty, shifted
+from .providers import eager_penalty, kept_ids_for, kept_width, shifted
 
 def _sync(device):
     if device.type == "cuda":
@@ -122,7 +122,9 @@ def prepare_case(fn, provider, estimator, inputs, mode):
     with torch.no_grad():
         out = fn(*inputs)  # warm-up, compile, and the error check
     truth_inputs = shifted(*inputs) if provider == "liger" else inputs
-    truth = eager_penalty(*truth_inputs, estimator=estimator, dtype=torch.float64)
+    width = kept_width(provider)
+    kept = None if width is None else kept_ids_for(inputs[2], logits.shape[-1], width)
+    truth = eager_penalty(*truth_inputs, estimator=estimator, dtype=torch.float64, kept_ids=kept)
     error = (out.double() - truth).abs().max().item()
     row = dict(provider=provider, estimator=estimator, tokens=logits.shape[0] * logits.shape[1],
                vocab=logits.shape[-1], dtype=str(logits.dtype).replace("torch.", ""), mode=mode, max_abs_error=error)
