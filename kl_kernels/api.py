@@ -195,14 +195,14 @@ def _check_logits_labels(logits, labels, inplace_backward=False):
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
 
 
-def _kept_set(kept_ids, labels, logits, ignore_index, validate, process_group):
-    """The checked replay.KeptSet of a call from logits, or None without kept_ids."""
+def _kept_set(kept_ids, labels, vocab, ignore_index, validate, process_group, device):
+    """The checked replay.KeptSet of a call, or None without kept_ids."""
     if kept_ids is None:
         return None
     if process_group is not None:
         raise ValueError("kept_ids with process_group is not supported yet: pass the kept sets without a "
                          "tensor-parallel vocabulary (docs/contract.md section 12)")
-    return replay.kept_set(kept_ids, labels, logits.shape[-1], ignore_index, validate, logits.device)
+    return replay.kept_set(kept_ids, labels, vocab, ignore_index, validate, device)
 
 
 def _device(tensor) -> torch.device:
@@ -221,7 +221,7 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         ignore_index = check.ignore_index(ignore_index)
         dtype = compute_dtype(logits.dtype)
         temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
-        kept = _kept_set(kept_ids, labels, logits, ignore_index, validate, process_group)
+        kept = _kept_set(kept_ids, labels, logits.shape[-1], ignore_index, validate, process_group, logits.device)
         chosen = select_backend(backend, logits.device, (logits.dtype,))
     shard, flat_labels = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate,
                                                "token_logprobs", labels, return_entropy=bool(return_entropy),
@@ -373,7 +373,8 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
             mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
             log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
             has_ref_model=ref_logits is not None)
-        kept = _kept_set(kept_ids, labels, logits, plan.ignore_index, validate, process_group)
+        kept = _kept_set(kept_ids, labels, logits.shape[-1], plan.ignore_index, validate, process_group,
+                         logits.device)
         dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
         chosen = select_backend(backend, logits.device, dtypes)
     shard, flat_labels = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan,

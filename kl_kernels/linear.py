@@ -23,9 +23,9 @@ import numbers
 
 import torch
 
-from . import sharding
+from . import replay, sharding
 from . import validation as check
-from .api import _agree_shard, _device, _penalty_outputs, _plan_penalty, _temperature, first_order_only
+from .api import _agree_shard, _device, _kept_set, _penalty_outputs, _plan_penalty, _temperature, first_order_only
 from .contract import PassArgs, RowGrads, RowStats, compute_dtype
 from .dispatch import select_backend
 from .sharding import merge
@@ -155,8 +155,9 @@ class LinearKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, args, logit_scale, softcap,
-                need_entropy, need_full, rows):
-        """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard)."""
+                need_entropy, need_full, rows, kept=None):
+        """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard); kept:
+        a replay.KeptSet (sampling replay), whose K logits per row are gathered from each tile."""
         n_tokens, has_ref, vocab = hidden.shape[0], ref_hidden is not None, weight.shape[0]
         dtype = compute_dtype(hidden.dtype)
         new = lambda needed, kind=dtype: hidden.new_empty((n_tokens if needed else 0,), dtype=kind)  # noqa: E731
@@ -170,6 +171,10 @@ class LinearKLFunction(torch.autograd.Function):
         labelled = args.labels != args.ignore_index
         poisoned = torch.empty_like(labelled)
         bad = _bad_label(args.ignore_index)
+        kept_z = ref_kept_z = None
+        if kept is not None:  # the kept columns' logits, gathered from each tile as it passes
+            kept_z = hidden.new_empty(kept.columns.shape, dtype=compute_dtype(hidden.dtype))
+            ref_kept_z = torch.empty_like(kept_z) if has_ref else None
         for n0 in range(0, n_tokens, rows):
             n1 = min(n0 + rows, n_tokens)
             finite = policy.finite_rows(n0, n1)
@@ -181,10 +186,21 @@ class LinearKLFunction(torch.autograd.Function):
             ref_z = reference.tile(n0, n1, feed)[0] if has_ref else None
             labels = torch.where(poisoned[n0:n1], bad, args.labels[n0:n1])
             tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, n0, n1, labels), need_entropy, need_full)
+            if kept is not None:
+                kept_z[n0:n1] = z[:n1 - n0].gather(1, kept.columns[n0:n1])
+                if has_ref:
+                    ref_kept_z[n0:n1] = ref_z[:n1 - n0].gather(1, kept.columns[n0:n1])
             for out, value in zip((logp, ref_logp, entropy, full_kl, lse, ref_lse), tile):
                 if value is not None and out.numel():
                     out[n0:n1] = value
             del z, ref_z  # the budget holds one tile of each at a time
+        if kept is not None:  # the kept rows' numbers over their sets (a poisoned row's bad label: NaN)
+            stats = replay.override(RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
+                                             full_kl if need_full else None, lse, ref_lse if has_ref else None),
+                                    kept, replay.row_stats(kept_z, ref_kept_z, kept,
+                                                           torch.where(poisoned, bad, args.labels), args.ignore_index,
+                                                           args.temperature, need_entropy, need_full))
+            logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
         if args.shard.group is not None:  # weight holds this rank's vocabulary shard: merge the ranks' statistics
             stats = merge(args, RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
                                          full_kl if need_full else None, lse, ref_lse if has_ref else None))
@@ -196,7 +212,8 @@ class LinearKLFunction(torch.autograd.Function):
         # the reference model is saved only for `full`, whose gradient reads its logits
         ctx.save_for_backward(hidden, weight, bias, *((ref_hidden, ref_weight, ref_bias) if need_full else (None,) * 3),
                               args.labels, poisoned, lse, ref_lse if need_full else None, entropy, full_kl,
-                              tensor_temperature)
+                              tensor_temperature, *(kept if kept is not None else (None,) * 3), kept_z,
+                              ref_kept_z if need_full else None)
         if has_ref:
             ctx.mark_non_differentiable(ref_logp)
         return logp, ref_logp if has_ref else None, entropy if need_entropy else None, full_kl if need_full else None
@@ -205,15 +222,26 @@ class LinearKLFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
         first_order_only()
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, poisoned, lse, ref_lse, entropy, full_kl,
-         tensor_temperature) = ctx.saved_tensors
+         tensor_temperature, kept_columns, kept_counts, kept_rows, kept_z, ref_kept_z) = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
         if grad_logp is None and grad_entropy is None and grad_full is None:
-            return (None,) * 13
+            return (None,) * 14
         # the kernels see a poisoned row as ignored (an exact 0 gradient row); its NaN is set below
         args = ctx.args._replace(labels=torch.where(poisoned, ctx.args.ignore_index, labels),
                                  temperature=tensor_temperature if tensor_temperature is not None
                                  else ctx.args.temperature)
         feed = (labels != ctx.args.ignore_index) & ~poisoned
+        kept = on_kept = None
+        upstream = (grad_logp, grad_entropy, grad_full)
+        if kept_columns is not None:
+            # the kept rows' gradient on their sets, once; the kernel gets none for them (exact zeros), and
+            # each chunk adds its columns' share (replay.py)
+            kept = replay.KeptSet(kept_columns, kept_counts, kept_rows)
+            on_kept = replay.kept_gradient(kept_z, ref_kept_z, kept, args.labels, ctx.args.ignore_index,
+                                           args.temperature, RowGrads(grad_logp, grad_entropy, grad_full))
+            upstream = (grad_logp, grad_entropy, grad_full)
+            grad_logp, grad_entropy, grad_full = (None if g is None else torch.where(kept.rows, 0.0, g)
+                                                  for g in upstream)
         n_tokens, (vocab, hidden_size) = hidden.shape[0], weight.shape
         # Vocabulary chunks outer, token tiles inner, when the weight needs a gradient: each chunk's
         # weight gradient is summed over the tiles in a chunk-sized float32 buffer and written once in
@@ -264,6 +292,11 @@ class LinearKLFunction(torch.autograd.Function):
                                                  n0, n1), stats, grads, True)
                 dz = z
                 dz[rows:].zero_()
+                if kept is not None:  # this chunk's kept columns (the others add -0.0: no bit changes)
+                    columns = kept.columns[n0:n1] - v0
+                    here = (columns >= 0) & (columns < v1 - v0)
+                    dz[:rows].scatter_add_(1, torch.where(here, columns, 0),
+                                           torch.where(here, on_kept[n0:n1], -0.0).to(dz.dtype))
                 if tanh is not None:
                     dz = dz * (1.0 - tanh * tanh)  # dead and poisoned rows were fed zeros: tanh is finite
                 if ctx.logit_scale != 1.0:
@@ -288,7 +321,7 @@ class LinearKLFunction(torch.autograd.Function):
             if need_weight and not summed_in_place:
                 grad_weight[v0:v1] = weight_sum
         # a poisoned row from which a gradient flows: NaN in its hidden gradient, and in the sums over rows
-        flows = torch.stack([g != 0 for g in (grad_logp, grad_entropy, grad_full) if g is not None]).any(0)
+        flows = torch.stack([g != 0 for g in upstream if g is not None]).any(0)
         nan_rows = poisoned & flows
         if grad_hidden is not None:
             grad_hidden.masked_fill_(nan_rows[:, None], float("nan"))
@@ -296,7 +329,7 @@ class LinearKLFunction(torch.autograd.Function):
         for grad in (grad_weight, grad_bias):
             if grad is not None:
                 grad.masked_fill_(any_nan, float("nan"))
-        return (None, _cast(grad_hidden, hidden), grad_weight, _cast(grad_bias, bias)) + (None,) * 9
+        return (None, _cast(grad_hidden, hidden), grad_weight, _cast(grad_bias, bias)) + (None,) * 10
 
 
 def _tile_args(args, z, ref_z, n0, n1, labels=None):
@@ -362,7 +395,7 @@ def _tile_dtype(dtype, logit_scale, softcap):
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                           ignore_index=-100, return_entropy=False, validate=True, process_group=None, backend=None,
-                          tile_bytes=TILE_BYTES):
+                          tile_bytes=TILE_BYTES, kept_ids=None):
     """token_logprobs of z = g(hidden @ weight^T + bias) without materialising z (docs/contract.md section 9).
 
     hidden [..., H] (leading dims as labels), weight [V, H], bias [V]; returns float32 [...] log-probs
@@ -375,6 +408,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         ignore_index = check.ignore_index(ignore_index)
         vocab = weight.shape[0]
         temp = _temperature(temperature, labels.shape, hidden.device, compute_dtype(hidden.dtype), validate)
+        kept = _kept_set(kept_ids, labels, weight.shape[0], ignore_index, validate, process_group, hidden.device)
         chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
     shard, flat_labels = sharding.vocab_shard(process_group, hidden.device, vocab, validate, "linear_token_logprobs",
                                               labels, return_entropy=bool(return_entropy), ignore_index=ignore_index,
@@ -383,7 +417,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     args = PassArgs(None, flat_labels, None, temp, ignore_index, shard)
     logp, _, entropy, _ = LinearKLFunction.apply(
         chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None, args, logit_scale, softcap,
-        bool(return_entropy), False, rows)
+        bool(return_entropy), False, rows, kept)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -391,7 +425,8 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
 def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                       ref_logprobs=None, mask=None, cu_seqlens=None, kl_coef=0.1, estimator="k1", temperature=1.0,
                       logit_scale=1.0, softcap=None, log_ratio_clamp=None, kl_clamp=None, ignore_index=-100,
-                      return_entropy=False, validate=True, process_group=None, backend=None, tile_bytes=TILE_BYTES):
+                      return_entropy=False, validate=True, process_group=None, backend=None, tile_bytes=TILE_BYTES,
+                      kept_ids=None):
     """kl_penalty of z = g(hidden @ weight^T + bias) against z' = g(ref_hidden @ ref_weight^T + ref_bias)
     (or given ref_logprobs), never materialising either (docs/contract.md section 9). Same KLPenaltyOutput.
 
@@ -416,6 +451,7 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
             mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
             log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
             has_ref_model=ref_hidden is not None)
+        kept = _kept_set(kept_ids, labels, weight.shape[0], plan.ignore_index, validate, process_group, hidden.device)
         dtypes = [_tile_dtype(hidden.dtype, logit_scale, softcap)]
         if ref_hidden is not None:
             dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
@@ -431,6 +467,6 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
     logp, ref_logp, entropy, full_kl = LinearKLFunction.apply(
         chosen.impl, flat(hidden), weight, bias, flat(detached(ref_hidden)), detached(ref_weight), detached(ref_bias),
         PassArgs(None, flat_labels, None, plan.temperature, plan.ignore_index, shard), logit_scale, softcap,
-        bool(return_entropy), plan.estimator.name == "full", rows)
+        bool(return_entropy), plan.estimator.name == "full", rows, kept)
     return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
                             ref_logprobs, mask, kl_coef)

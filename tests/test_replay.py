@@ -123,3 +123,44 @@ def test_bad_kept_sets(backend):
     ignored = labels.clone()
     ignored[1, 2] = -100
     assert kl_kernels.token_logprobs(logits, ignored, kept_ids=kept, backend=backend)[1, 2] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transform", [(1.0, None), (0.5, 3.0)])
+def test_hidden_states_against_float64(backend, dtype, transform, monkeypatch):
+    """kept_ids on linear_kl_penalty: the kept columns gathered from each logits tile (row tiles of 16,
+    vocabulary chunks of 100 rows in the backward), a logit transform, a reference model; values and
+    the gradients of hidden, weight and bias against float64."""
+    logit_scale, softcap = transform
+    monkeypatch.setattr(kl_kernels.linear, "PARTIAL_BYTES", 100 * 24 * 4)
+    n, hidden_size = 37, 24
+    hidden = torch.randn(n, hidden_size).to(dtype)
+    weight = (torch.randn(V, hidden_size) / 3).to(dtype)
+    bias = torch.randn(V).to(dtype)
+    ref_hidden = (hidden.float() + 0.1 * torch.randn(n, hidden_size)).to(dtype)
+    labels = torch.randint(0, V, (n,))
+    labels[5] = -100
+    kept = _kept(labels.clamp(min=0), 9, torch.Generator().manual_seed(3))
+    kept[7] = -1
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    out = kl_kernels.linear_kl_penalty(h, w, labels, bias=b, ref_hidden=ref_hidden, ref_weight=weight, ref_bias=bias,
+                                       estimator="full",
+                                       logit_scale=logit_scale, softcap=softcap, kept_ids=kept, return_entropy=True,
+                                       tile_bytes=1, backend=backend)
+    g = torch.randn(3, n)
+    (g[0] * out.logprobs + g[1] * out.kl + g[2] * out.entropy).sum().backward()
+
+    def logits(hh, ww, bb):
+        z = torch.nn.functional.linear(hh.double(), ww.double(), bb.double()) * logit_scale
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    h64, w64, b64 = (t.double().requires_grad_() for t in (hidden, weight, bias))
+    truth = _truth(logits(h64, w64, b64), logits(ref_hidden, weight, bias), labels.clamp(min=0), kept, 1.0)
+    valid = (labels != -100).double()
+    (g[0] * truth[0] * valid + g[1] * truth[3] * valid + g[2] * truth[2] * valid).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for got, want in zip((out.logprobs, out.ref_logprobs, out.entropy, out.kl), truth):
+        torch.testing.assert_close(got.double(), want.detach() * valid, **tol)
+    for got, want in zip((h.grad, w.grad, b.grad), (h64.grad, w64.grad, b64.grad)):
+        scale = want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= tol["rtol"] * scale + tol["atol"]
