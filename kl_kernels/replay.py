@@ -133,3 +133,58 @@ def kept_gradient(z, ref_z, kept: KeptSet, labels, ignore_index, temperature, gr
     if grad is None:
         grad = torch.zeros_like(leaf)
     return torch.where(kept.counts & takes[:, None], grad, -0.0)
+
+
+def kept_ids_from_sampler(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, max_kept=None):
+    """The kept set a vLLM-style sampler leaves at each position, as `kept_ids` [..., K] (-1 padding).
+
+    For engines that do not return their sampling mask. The steps follow vLLM's sampler, in its order:
+    the temperature, then min_p (tokens whose probability is below min_p times the row's largest go),
+    then top_k (the k largest stay, ties at the k-th included), then top_p (the most probable tokens
+    whose probabilities, renormalised after top_k, reach p; at least one). A replay, not the engine's
+    own mask: where tokens tie at a boundary, or the engine computed its logits in another precision,
+    a set can differ. K is the largest set of the call (a host sync), or max_kept (larger sets are cut
+    to their most probable max_kept). Rows are processed in blocks: memory O(block x V), not O(N x V)."""
+    check.floating(logits, "logits")
+    vocab = logits.shape[-1]
+    rows = logits.reshape(-1, vocab)
+    temperatures = None
+    if isinstance(temperature, torch.Tensor):
+        temperatures = temperature.to(torch.float32).expand(logits.shape[:-1]).reshape(-1)
+    elif not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if top_k is not None and not 1 <= top_k:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1] or None, got {min_p!r}")
+    block = max(1, (1 << 22) // max(vocab, 1))
+    keeps = []
+    for r0 in range(0, rows.shape[0], block):
+        x = rows[r0:r0 + block].float()
+        x = x / (temperatures[r0:r0 + block, None] if temperatures is not None else float(temperature))
+        keep = torch.ones_like(x, dtype=torch.bool)
+        if min_p is not None:
+            probs = torch.softmax(x, -1)
+            keep &= probs >= min_p * probs.amax(-1, keepdim=True)
+        if top_k is not None and top_k < vocab:
+            kth = x.masked_fill(~keep, float("-inf")).topk(int(top_k), dim=-1).values[:, -1:]
+            keep &= x >= kth
+        if top_p is not None and top_p < 1:
+            probs = torch.softmax(x.masked_fill(~keep, float("-inf")), -1)
+            ascending, order = probs.sort(dim=-1)
+            drop = ascending.cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False  # at least the most probable token
+            keep &= ~torch.zeros_like(drop).scatter_(-1, order, drop)
+        keeps.append((keep, x))
+    counts = torch.cat([keep.sum(-1) for keep, _ in keeps]) if keeps else torch.zeros(0, dtype=torch.long)
+    width = int(counts.max()) if counts.numel() else 1
+    width = max(1, min(width, max_kept) if max_kept is not None else width)
+    out = []
+    for keep, x in keeps:
+        # the kept ids, most probable first; -1 after a row's set
+        ranked = x.masked_fill(~keep, float("-inf")).topk(width, dim=-1)
+        out.append(torch.where(ranked.values > float("-inf"), ranked.indices, -1))
+    ids = torch.cat(out) if out else torch.empty(0, width, dtype=torch.long)
+    return ids.reshape(*logits.shape[:-1], width)

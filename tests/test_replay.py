@@ -20,10 +20,17 @@ def _kept(labels, width, rng, pad_middle=True):
     return kept
 
 
+def _members(kept, vocab=V):
+    """[..., V] bool: each row's kept set (a padding entry writes the row's largest id again: a scatter of
+    False at a clamped -1 could land on a kept id 0, in either order)."""
+    safe = torch.where(kept >= 0, kept, kept.amax(-1, keepdim=True).clamp(min=0))
+    members = torch.zeros(*kept.shape[:-1], vocab, dtype=torch.bool).scatter_(-1, safe, True)
+    return torch.where((kept >= 0).any(-1, keepdim=True), members, True)
+
+
 def _truth(logits, ref_logits, labels, kept, temperature):
     """float64 logp, ref_logp, entropy, exact KL over each row's set (rows of all -1: the whole vocabulary)."""
-    members = torch.zeros(*labels.shape, V, dtype=torch.bool).scatter_(-1, kept.clamp(min=0), kept >= 0)
-    members = torch.where((kept >= 0).any(-1, keepdim=True), members, True)
+    members = _members(kept)
     t = temperature.double().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
 
     def log_softmax(z):
@@ -60,8 +67,7 @@ def test_against_float64(backend, dtype, width, packed):
     for got, want in zip((out.logprobs, out.ref_logprobs, out.entropy, out.kl), truth):
         torch.testing.assert_close(got.double(), want.detach(), **tol)
     torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
-    outside = torch.ones(*shape, V, dtype=torch.bool).scatter_(-1, kept.clamp(min=0), kept < 0)
-    outside.view(-1, V)[3] = False
+    outside = ~_members(kept)
     assert (x.grad[outside] == 0).all()  # nothing outside the kept sets
 
 
@@ -164,3 +170,49 @@ def test_hidden_states_against_float64(backend, dtype, transform, monkeypatch):
     for got, want in zip((h.grad, w.grad, b.grad), (h64.grad, w64.grad, b64.grad)):
         scale = want.abs().max().item()
         assert (got.double() - want).abs().max().item() <= tol["rtol"] * scale + tol["atol"]
+
+
+def _brute_force_kept(row, temperature, top_k, top_p, min_p):
+    """One row's kept set, step by step in float64 as vLLM's sampler orders them."""
+    x = row.double() / temperature
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if min_p is not None:
+        p = torch.softmax(x, -1)
+        keep &= p >= min_p * p.max()
+    if top_k is not None:
+        keep &= x >= x[keep].topk(min(top_k, int(keep.sum()))).values[-1]
+    if top_p is not None:
+        p = torch.softmax(x.masked_fill(~keep, float("-inf")), -1)
+        mass, kept = 0.0, set()
+        for index in p.argsort(descending=True).tolist():  # most probable first until the mass reaches top_p
+            kept.add(index)
+            mass += p[index].item()
+            if mass >= top_p:
+                break
+        keep &= torch.tensor([v in kept for v in range(len(x))])
+    return set(keep.nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("settings", [dict(top_k=7), dict(top_p=0.8), dict(min_p=0.05), dict(top_k=20, top_p=0.9),
+                                      dict(top_k=50, top_p=0.95, min_p=0.01, temperature=0.7)])
+def test_kept_ids_from_sampler(settings):
+    logits = torch.randn(3, 4, 200) * 3
+    kept = kl_kernels.kept_ids_from_sampler(logits, **settings)
+    assert kept.shape[:2] == (3, 4)
+    args = dict(temperature=1.0, top_k=None, top_p=None, min_p=None) | settings
+    for row, ids in zip(logits.reshape(-1, 200), kept.reshape(12, -1)):
+        assert set(ids[ids >= 0].tolist()) == _brute_force_kept(row, **args)
+        assert ((ids >= 0).cumprod(0) == (ids >= 0)).all()  # -1 only after a row's set
+    # a token sampled from the engine's truncated distribution is in its kept set: kept_ids validates it
+    members = _members(kept, 200)
+    probs = torch.softmax((logits / args["temperature"]).masked_fill(~members, float("-inf")), -1)
+    sampled = torch.multinomial(probs.reshape(12, 200), 1).view(3, 4)
+    kl_kernels.token_logprobs(logits, sampled, temperature=args["temperature"], kept_ids=kept)
+
+
+def test_kept_ids_from_sampler_bad_settings():
+    with pytest.raises(ValueError, match="top_p"):
+        kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=0)
+    assert kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=3, max_kept=2).shape == (2, 2)
