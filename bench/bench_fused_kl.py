@@ -8,7 +8,7 @@ checks its per-sequence sums against float64, so a fast wrong provider fails ins
 import pytest
 import torch
 
-from kl_kernels.tools import providers, timing
+from kl_kernels.tools import providers as bench_providers, timing
 from kl_kernels.dispatch import native_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -19,7 +19,7 @@ SHAPES = [(512, 4096), (1024, 32000)]  # (tokens, vocab)
 
 @pytest.fixture(scope="module")
 def providers():
-    return {name: providers.make_provider(name, "k1") for name in PROVIDERS}
+    return {name: bench_providers.make_provider(name, "k1") for name in PROVIDERS}
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -32,7 +32,7 @@ def bench_fused_kl(benchmark, providers, provider, tokens, vocab, dtype, mode):
     inputs = timing.make_inputs(tokens, vocab, dtype, DEVICE)
     with torch.no_grad():
         got = fn(*inputs).double()
-    want = providers.eager_penalty(*inputs, dtype=torch.float64)
+    want = bench_providers.eager_penalty(*inputs, dtype=torch.float64)
     if provider == "trl" and dtype != torch.float32:
         # TRL rounds each log-prob to bf16 (8 significant bits, a relative error up to 2^-8) and the
         # roundings add up like a random walk over the sequence: bounded by 3 * 2^-8 * the root of
