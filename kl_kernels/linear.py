@@ -292,11 +292,10 @@ class LinearKLFunction(torch.autograd.Function):
                                                  n0, n1), stats, grads, True)
                 dz = z
                 dz[rows:].zero_()
-                if kept is not None:  # this chunk's kept columns (the others add -0.0: no bit changes)
+                if kept is not None:  # this chunk's kept columns, over the kernel's zeros (replay.put)
                     columns = kept.columns[n0:n1] - v0
-                    here = (columns >= 0) & (columns < v1 - v0)
-                    dz[:rows].scatter_add_(1, torch.where(here, columns, 0),
-                                           torch.where(here, on_kept[n0:n1], -0.0).to(dz.dtype))
+                    here = (columns >= 0) & (columns < v1 - v0) & (on_kept[n0:n1] != 0)
+                    replay.put(dz[:rows], torch.where(here, columns, 0), here, on_kept[n0:n1])
                 if tanh is not None:
                     dz = dz * (1.0 - tanh * tanh)  # dead and poisoned rows were fed zeros: tanh is finite
                 if ctx.logit_scale != 1.0:

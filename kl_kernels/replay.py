@@ -10,8 +10,8 @@ The fused pass runs as always (one read of the logits) and gives every row its w
 statistics; the rows that have a kept set then get theirs from the K logits of S, gathered (O(N K)
 reads, never a second pass over [N, V], never an [N, V] mask). In the backward the kernel is given
 no upstream gradient for those rows (it writes them as exact zeros) and their gradient, nonzero on
-S only, is added at the K columns. Rows without a set (all -1) keep the fused pass's numbers, bit
-for bit.
+S only, is written at the K columns (put). Rows without a set (all -1) keep the fused pass's numbers,
+bit for bit.
 """
 from __future__ import annotations
 
@@ -117,11 +117,10 @@ def override(stats, kept: KeptSet, values):
 
 
 def kept_gradient(z, ref_z, kept: KeptSet, labels, ignore_index, temperature, grads):
-    """[N, K] gradient of the kept rows' outputs at their kept columns, from the upstream gradients of
-    logp, entropy and the exact KL (RowGrads), through the small [N, K] graph. Entries that do not take
-    a gradient are -0.0, which scatter_add adds to anything without changing a bit (+0.0 would turn a
-    -0.0 of a row without a kept set into +0.0). Rows that take none (no set, an ignored label) enter
-    the graph as zeros, so their NaN logits make no NaN."""
+    """[N, K] gradient of the kept rows' outputs at their kept columns (0 elsewhere), from the upstream
+    gradients of logp, entropy and the exact KL (RowGrads), through the small [N, K] graph; written into
+    the logits' gradient by put(). Rows that take none (no set, an ignored label) enter the graph as
+    zeros, so their NaN logits make no NaN."""
     takes = kept.rows & (labels != ignore_index)
     with torch.enable_grad():
         leaf = torch.where(takes[:, None], z.detach(), 0).requires_grad_(True)
@@ -132,7 +131,7 @@ def kept_gradient(z, ref_z, kept: KeptSet, labels, ignore_index, temperature, gr
         grad = torch.autograd.grad([o for o, _ in pairs], [leaf], [g for _, g in pairs], allow_unused=True)[0]
     if grad is None:
         grad = torch.zeros_like(leaf)
-    return torch.where(kept.counts & takes[:, None], grad, -0.0)
+    return torch.where(kept.counts & takes[:, None], grad, 0.0)
 
 
 def kept_ids_from_sampler(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, max_kept=None):
@@ -188,3 +187,25 @@ def kept_ids_from_sampler(logits, *, temperature=1.0, top_k=None, top_p=None, mi
         out.append(torch.where(ranked.values > float("-inf"), ranked.indices, -1))
     ids = torch.cat(out) if out else torch.empty(0, width, dtype=torch.long)
     return ids.reshape(*logits.shape[:-1], width)
+
+
+def put(target, columns, take, values):
+    """target[..., columns[..., j]] = values[..., j] wherever take[..., j], in place, where target holds
+    exact zeros at those places (the kept rows the kernel zeroed), so writing is adding. A plain write
+    (index_put_ on the flat target): on a CPU a bf16 scatter, with or without add, works through a
+    float32 copy of the whole target, an [N, V] temporary and a pass. The entries that take nothing
+    write what the target will hold anyway (the new value of the row's largest taken column, or, in a
+    row that takes none, what it holds at column 0), so every place written gets one value, whatever
+    the order of the writes."""
+    anchor = torch.where(take, columns, -1).amax(-1, keepdim=True)  # a taken column of the row, -1: none
+    has = anchor >= 0
+    anchor = anchor.clamp(min=0)
+    position = (take & (columns == anchor)).to(torch.int8).argmax(-1, keepdim=True)
+    fill = torch.where(has, values.gather(-1, position).to(target.dtype), target.gather(-1, anchor))
+    index, source = torch.where(take, columns, anchor), torch.where(take, values.to(target.dtype), fill)
+    if not target.is_contiguous():
+        target.scatter_(-1, index, source)
+        return
+    # index_put_ on the flat tensor: a plain copy (the CPU scatter_ of bf16 also widened the whole target)
+    rows = torch.arange(index[..., 0].numel(), device=index.device).view(index.shape[:-1] + (1,))
+    target.view(-1).index_put_(((rows * target.shape[-1] + index).reshape(-1),), source.reshape(-1))
