@@ -402,9 +402,26 @@ def test_fuzz_the_hidden_state_head(backend):
         (g.double() * want[0] + want[1]).sum().backward()
         tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
         what = f"case {case}: n {n} H {hidden_size} V {vocab} {dtype} {logit_scale} {softcap} T {temperature}"
-        torch.testing.assert_close(logp.double(), want[0], rtol=tol, atol=tol, msg=what)
-        torch.testing.assert_close(entropy.double(), want[1], rtol=tol, atol=tol, msg=what)
+        # eager PyTorch in the same dtype (F.linear, a float32 log-softmax): in bf16 the matmul's rounded
+        # logits rule the error, ours and eager's alike; each result within tol or 2x eager's error
+        eager_hidden = torch.where(live[:, None], hidden, 0).requires_grad_()
+        z = torch.nn.functional.linear(eager_hidden, weight).float() * logit_scale
+        z = z if softcap is None else softcap * torch.tanh(z / softcap)
+        log_p = torch.log_softmax(z / temperature, -1)
+        eager_logp = torch.where(live, log_p.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+        eager_entropy = torch.where(live, -(log_p.exp() * log_p).sum(-1), 0.0)
+        (g * eager_logp + eager_entropy).sum().backward()
+
+        def worst(got, want):
+            return (got.double() - want).abs().max().item() if got.numel() else 0.0
+
+        for ours_value, eager_value, exact in ((logp, eager_logp, want[0]), (entropy, eager_entropy, want[1])):
+            allowed = max(tol * (1 + exact.abs().max().item()), 2 * worst(eager_value.detach(), exact))
+            assert worst(ours_value.detach(), exact) <= allowed, what
         assert (h.grad[dead] == 0).all(), what
         scale = h64.grad.abs().max().item() + 1e-6
-        assert (h.grad.double() - h64.grad)[live].abs().max().item() <= tol * scale, what
+        live_rows = live[:, None]
+        ours_error = worst(torch.where(live_rows, h.grad.double(), 0.0), torch.where(live_rows, h64.grad, 0.0))
+        eager_error = worst(torch.where(live_rows, eager_hidden.grad.double(), 0.0), torch.where(live_rows, h64.grad, 0.0))
+        assert ours_error <= max(tol * scale, 2 * eager_error), what
         assert torch.isfinite(w.grad).all(), what
