@@ -65,7 +65,8 @@ def gather(logits: torch.Tensor, kept: KeptSet) -> torch.Tensor:
 
 
 def _log_softmax_over(z, kept: KeptSet, temperature):
-    """(x, lse, log p) of the kept entries, x = z/T; entries that do not count are -inf in x and 0 in log p."""
+    """(x, lse, log p, live) of the kept entries, x = z/T: entries that do not count are -inf in x and 0
+    in log p; live marks the entries with p > 0 possible (counted, not a -inf logit)."""
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     t = temperature[:, None].to(dtype) if isinstance(temperature, torch.Tensor) else temperature
     x = torch.where(kept.counts, z.to(dtype) / t, float("-inf"))
