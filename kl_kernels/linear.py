@@ -98,8 +98,8 @@ class _Projection:
     """The logits tiles g(hidden @ weight^T + bias) of one model (the policy, or the frozen reference),
     each row's bits its own. A tile's matmul reads its rows from a padded buffer: the rows to feed as
     they are, every other row (dead: ignored; poisoned: a non-finite hidden state) and the padding as
-    zeros, since a NaN row does not stay in its row everywhere (oneDNN's bf16 matmul on this CPU spread
-    one into other rows when H is not a multiple of 16). Both buffers are reused from tile to tile: a
+    zeros, since a NaN row need not stay in its row inside a BLAS kernel (issue 28's fuzz saw a bf16
+    matmul here spread one into live rows; not reproduced since, the zero rows make it impossible). Both buffers are reused from tile to tile: a
     CPU tile above glibc's 32 MiB mmap ceiling (fp32, V = 32000, 512 rows: 65 MB) is mapped fresh each
     time otherwise, and the first-touch page faults made 8 such matmuls (H = 1024) 5% slower."""
 
@@ -138,11 +138,6 @@ class _Projection:
         return tanh * self.softcap, tanh, inputs
 
 
-def _bad_label(ignore_index: int) -> int:
-    """A label id that is neither ignore_index nor in any vocabulary: the kernels make its row NaN."""
-    return -1 if ignore_index != -1 else -2
-
-
 class LinearKLFunction(torch.autograd.Function):
     """The fused pass over logits made tile by tile from hidden states: the backend's fused_kl_fwd /
     fused_kl_bwd (contract.FusedPass) on each [rows, V] tile of the policy (and, when given, of the
@@ -170,7 +165,7 @@ class LinearKLFunction(torch.autograd.Function):
             if has_ref else None
         labelled = args.labels != args.ignore_index
         poisoned = torch.empty_like(labelled)
-        bad = _bad_label(args.ignore_index)
+        bad = sharding.bad_label(args.ignore_index)
         kept_z = ref_kept_z = None
         if kept is not None:  # the kept columns' logits, gathered from each tile as it passes
             kept_z = hidden.new_empty(kept.columns.shape, dtype=compute_dtype(hidden.dtype))

@@ -118,7 +118,8 @@ def agree(group, device, local_vocab: int, header: dict, validate: bool, error: 
     return everyone[:, 0], rank
 
 
-def _bad_label(ignore_index: int) -> int:
+def bad_label(ignore_index: int) -> int:
+    """A label id that is neither ignore_index nor in any vocabulary: the kernels make its row NaN."""
     return -1 if ignore_index != -1 else -2
 
 
@@ -145,7 +146,7 @@ def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, 
     bad = valid & ((flat < 0) | (flat >= ends[-1]))
     column = flat - start
     owned = valid & ~bad & (column >= 0) & (column < local_vocab)
-    local = torch.where(owned, column, torch.where(bad, _bad_label(ignore_index), local_vocab))
+    local = torch.where(owned, column, torch.where(bad, bad_label(ignore_index), local_vocab))
     local = torch.where(valid, local, ignore_index)
     owner = torch.bucketize(flat, ends, right=True).clamp_(max=ends.numel() - 1)
     return VocabShard(0, local_vocab + 1, group, owner), local
