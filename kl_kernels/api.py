@@ -95,8 +95,7 @@ class FusedKLFunction(torch.autograd.Function):
         kernel_grads = RowGrads(*(None if g is None else torch.where(kept.rows, 0.0, g) for g in grads))
         grad = ctx.impl.fused_kl_bwd(args, stats, kernel_grads, ctx.inplace)
         B, T, _ = grad.shape
-        takes = kept.counts & (on_kept != 0)  # a zero needs no write: the kernel's rows are zeros there
-        replay.put(grad, kept.columns.view(B, T, -1), takes.view(B, T, -1), on_kept.view(B, T, -1))
+        replay.put(grad, kept.columns.view(B, T, -1), kept.counts.view(B, T, -1), on_kept.view(B, T, -1))
         return None, grad, None, None, None, None, None
 
 

@@ -289,7 +289,7 @@ class LinearKLFunction(torch.autograd.Function):
                 dz[rows:].zero_()
                 if kept is not None:  # this chunk's kept columns, over the kernel's zeros (replay.put)
                     columns = kept.columns[n0:n1] - v0
-                    here = (columns >= 0) & (columns < v1 - v0) & (on_kept[n0:n1] != 0)
+                    here = (columns >= 0) & (columns < v1 - v0)
                     replay.put(dz[:rows], torch.where(here, columns, 0), here, on_kept[n0:n1])
                 if tanh is not None:
                     dz = dz * (1.0 - tanh * tanh)  # dead and poisoned rows were fed zeros: tanh is finite

@@ -198,6 +198,7 @@ def put(target, columns, take, values):
     write what the target will hold anyway (the new value of the row's largest taken column, or, in a
     row that takes none, what it holds at column 0), so every place written gets one value, whatever
     the order of the writes."""
+    take = take & (values != 0)  # a zero needs no write: the target is zero there already
     anchor = torch.where(take, columns, -1).amax(-1, keepdim=True)  # a taken column of the row, -1: none
     has = anchor >= 0
     anchor = anchor.clamp(min=0)
