@@ -161,8 +161,8 @@ struct RowGrad {
 // f(v) above, for one value (GPU) or one SIMD vector of values (CPU, ATen Vectorized<acc_t>):
 // every argument has the vector's type; log_q is read only with use_ref.
 template <typename vec_t>
-KL_HOST_DEVICE vec_t grad_weight(vec_t log_p, vec_t log_q, vec_t g_logp, vec_t g_entropy, vec_t entropy,
-                                 vec_t g_full, vec_t kl, bool use_ref) {
+KL_HOST_DEVICE vec_t logit_factor(vec_t log_p, vec_t log_q, vec_t g_logp, vec_t g_entropy, vec_t entropy,
+                                  vec_t g_full, vec_t kl, bool use_ref) {
   vec_t f = -g_logp - g_entropy * (log_p + entropy);
   if (use_ref) f = f + g_full * (log_p - log_q - kl);
   return f;

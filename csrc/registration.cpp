@@ -101,4 +101,9 @@ TORCH_LIBRARY(kl_kernels, m) {
 #undef KL_PENALTY_BWD_SCHEMA
   // the CPU kernels' 2^y (the softmax terms, y = log2 of each term), elementwise: for tests only
   m.def("softmax_exp2(Tensor x) -> Tensor");
+  // sampling replay (kl_kernels/replay.py): [N, K] int64 kept ids -> [N, K] bool, True where the entry
+  // counts (an id in [0, columns) not seen earlier in its row); CPU only (elsewhere a stable sort)
+  m.def("kept_counts(Tensor ids, int columns) -> Tensor");
+  // frees the CPU backward's cached gradient block (csrc/cpu/gradient_cache.h)
+  m.def("empty_cpu_cache() -> ()");
 }

@@ -52,14 +52,19 @@ class FusedKLFunction(torch.autograd.Function):
     def forward(ctx, impl, logits, args, need_entropy, need_full, inplace, kept=None):
         """kept: a replay.KeptSet (sampling replay), or None."""
         args = args._replace(logits=logits)
-        stats = impl.fused_kl_fwd(args, need_entropy, need_full)
-        if args.shard.group is not None:
-            stats = merge(args, stats)
-        if kept is not None:  # the rows with a kept set: their numbers over it, from its K gathered logits
+        # the kernel skips the rows with a kept set (as ignored: none of their logits read); they take
+        # their numbers over the set from its K gathered logits
+        stats = impl.fused_kl_fwd(args if kept is None else args._replace(
+            labels=replay.kernel_labels(args.labels, kept, args.ignore_index)), need_entropy, need_full)
+        if kept is not None:
             ref_z = None if args.ref_logits is None else replay.gather(args.ref_logits, kept)
             stats = replay.override(stats, kept, replay.row_stats(
                 replay.gather(logits, kept), ref_z, kept, args.labels, args.ignore_index, args.temperature,
                 need_entropy, need_full))
+        if args.shard.group is not None:  # after the kept rows' override: a rank's part of each set merges too
+            stats = merge(args, stats)
+            if kept is not None:
+                stats = replay.after_merge(stats, kept, args.labels, args.ignore_index)
         ctx.kept = kept is not None
         ctx.impl, ctx.inplace = impl, inplace
         ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
@@ -69,7 +74,7 @@ class FusedKLFunction(torch.autograd.Function):
                                  temperature=None if tensor_temperature is not None else args.temperature)
         ctx.save_for_backward(logits, args.labels, args.ref_logits if need_full else None, tensor_temperature,
                               stats.lse, stats.ref_lse if need_full else None, stats.entropy, stats.full_kl,
-                              *(kept if kept is not None else (None,) * 3))
+                              *(kept if kept is not None else (None,) * 4))
         if stats.ref_logp is not None:
             ctx.mark_non_differentiable(stats.ref_logp)
         return stats.logp, stats.ref_logp, stats.entropy, stats.full_kl
@@ -86,14 +91,14 @@ class FusedKLFunction(torch.autograd.Function):
         grads = RowGrads(grad_logp, grad_entropy, grad_full)
         if not ctx.kept:
             return None, ctx.impl.fused_kl_bwd(args, stats, grads, ctx.inplace), None, None, None, None, None
-        # the kept rows get nothing from the kernel (exact zeros there) and their gradient on S after it,
+        # the kept rows are ignored by the kernel (exact zeros there) and get their gradient on S after it,
         # from logits gathered before an in-place kernel writes over them
         kept = replay.KeptSet(*kept)
         ref_z = None if ref_logits is None else replay.gather(ref_logits, kept)
         on_kept = replay.kept_gradient(replay.gather(logits, kept), ref_z, kept, labels, args.ignore_index,
-                                       temperature, grads)
-        kernel_grads = RowGrads(*(None if g is None else torch.where(kept.rows, 0.0, g) for g in grads))
-        grad = ctx.impl.fused_kl_bwd(args, stats, kernel_grads, ctx.inplace)
+                                       temperature, stats, grads)
+        grad = ctx.impl.fused_kl_bwd(args._replace(labels=replay.kernel_labels(labels, kept, args.ignore_index)),
+                                     stats, grads, ctx.inplace)
         B, T, _ = grad.shape
         replay.put(grad, kept.columns.view(B, T, -1), kept.counts.view(B, T, -1), on_kept.view(B, T, -1))
         return None, grad, None, None, None, None, None
@@ -195,14 +200,15 @@ def _check_logits_labels(logits, labels, inplace_backward=False):
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
 
 
-def _kept_set(kept_ids, labels, vocab, ignore_index, validate, process_group, device):
-    """The checked replay.KeptSet of a call, or None without kept_ids."""
+def _kept_set(kept_ids, labels, shard, columns, ignore_index, validate):
+    """The replay.KeptSet of a call (kept_ids passed replay.check_kept_ids), or None without kept_ids;
+    a tensor-parallel rank's part of it (its ids of the whole vocabulary, as its columns)."""
     if kept_ids is None:
         return None
-    if process_group is not None:
-        raise ValueError("kept_ids with process_group is not supported yet: pass the kept sets without a "
-                         "tensor-parallel vocabulary (docs/contract.md section 12)")
-    return replay.kept_set(kept_ids, labels, vocab, ignore_index, validate, device)
+    if shard.group is None:
+        return replay.kept_set(kept_ids, labels, columns, ignore_index, validate)
+    # the same kept_ids and labels on every rank (header): a bad set raises on every rank alike
+    return replay.kept_set(kept_ids, labels, shard.total, ignore_index, validate, shard.offset, columns)
 
 
 def _device(tensor) -> torch.device:
@@ -221,11 +227,13 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         ignore_index = check.ignore_index(ignore_index)
         dtype = compute_dtype(logits.dtype)
         temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
-        kept = _kept_set(kept_ids, labels, logits.shape[-1], ignore_index, validate, process_group, logits.device)
+        if kept_ids is not None:
+            replay.check_kept_ids(kept_ids, labels, logits.device)
         chosen = select_backend(backend, logits.device, (logits.dtype,))
     shard, flat_labels = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate,
                                                "token_logprobs", labels, return_entropy=bool(return_entropy),
-                                               ignore_index=ignore_index, temperature=temperature)
+                                               ignore_index=ignore_index, temperature=temperature, kept_ids=kept_ids)
+    kept = _kept_set(kept_ids, labels, shard, logits.shape[-1], ignore_index, validate)
     rows = _as_rows(logits)
     args = PassArgs(rows, flat_labels, None, temp, ignore_index, shard)
     logp, _, entropy, _ = FusedKLFunction.apply(chosen.impl, rows, args, bool(return_entropy), False,
@@ -373,12 +381,13 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
             mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
             log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
             has_ref_model=ref_logits is not None)
-        kept = _kept_set(kept_ids, labels, logits.shape[-1], plan.ignore_index, validate, process_group,
-                         logits.device)
+        if kept_ids is not None:
+            replay.check_kept_ids(kept_ids, labels, logits.device)
         dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
         chosen = select_backend(backend, logits.device, dtypes)
     shard, flat_labels = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan,
-                                      validate, ref_logits is not None, return_entropy, temperature, mask)
+                                      validate, ref_logits is not None, return_entropy, temperature, mask, kept_ids)
+    kept = _kept_set(kept_ids, labels, shard, logits.shape[-1], plan.ignore_index, validate)
     rows = _as_rows(logits)
     args = PassArgs(rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
                     plan.ignore_index, shard)
@@ -400,9 +409,10 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
 
 
 def _agree_shard(process_group, device, local_vocab, function, labels, plan, validate, has_ref, return_entropy,
-                 temperature, mask, **transform):
+                 temperature, mask, kept_ids, **transform):
     """The penalty's (VocabShard, kernel labels) (sharding.vocab_shard) from its plan."""
     return sharding.vocab_shard(process_group, device, local_vocab, validate, function, labels,
                                  estimator=(*plan.estimator, plan.layout), has_ref=has_ref,
                                  return_entropy=bool(return_entropy), ignore_index=plan.ignore_index,
-                                 temperature=temperature, mask=mask, cu_seqlens=plan.cu_seqlens, **transform)
+                                 temperature=temperature, mask=mask, cu_seqlens=plan.cu_seqlens, kept_ids=kept_ids,
+                                 **transform)

@@ -19,11 +19,14 @@ class VocabShard(NamedTuple):
     """Where a kernel's V columns sit: ids [start, start + V) of a vocabulary of `size` ids; a label
     outside [0, size) is bad (a NaN row). Unsharded: start 0, size V. A tensor-parallel rank's
     (sharding.vocab_shard): its labels made local (another rank's label is column V, none here), so
-    start 0 and size V + 1, with group and each label's owner rank for the merge."""
+    start 0 and size V + 1, with group and each label's owner rank for the merge, and where the shard
+    sits among the whole vocabulary's ids (to make global kept ids local, sampling replay)."""
     start: int
     size: int
     group: object = None  # the process group; None: not sharded
     owner: object = None  # [N] int64 tensor: the rank whose shard holds each label (sharded only)
+    offset: object = None  # [] int64 tensor: the global id of this rank's column 0 (sharded only)
+    total: object = None  # [] int64 tensor: the whole vocabulary's size (sharded only)
 
 
 def whole(vocab: int) -> VocabShard:

@@ -180,6 +180,8 @@ class LinearKLFunction(torch.autograd.Function):
             z = policy.tile(n0, n1, feed)[0]
             ref_z = reference.tile(n0, n1, feed)[0] if has_ref else None
             labels = torch.where(poisoned[n0:n1], bad, args.labels[n0:n1])
+            if kept is not None:  # the kernel skips the kept rows (as ignored): they take their set's numbers
+                labels = replay.kernel_labels(labels, replay.rows_of(kept, n0, n1), args.ignore_index)
             tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, n0, n1, labels), need_entropy, need_full)
             if kept is not None:
                 kept_z[n0:n1] = z[:n1 - n0].gather(1, kept.columns[n0:n1])
@@ -189,17 +191,17 @@ class LinearKLFunction(torch.autograd.Function):
                 if value is not None and out.numel():
                     out[n0:n1] = value
             del z, ref_z  # the budget holds one tile of each at a time
+        stats = RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
+                         full_kl if need_full else None, lse, ref_lse if has_ref else None)
         if kept is not None:  # the kept rows' numbers over their sets (a poisoned row's bad label: NaN)
-            stats = replay.override(RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
-                                             full_kl if need_full else None, lse, ref_lse if has_ref else None),
-                                    kept, replay.row_stats(kept_z, ref_kept_z, kept,
-                                                           torch.where(poisoned, bad, args.labels), args.ignore_index,
-                                                           args.temperature, need_entropy, need_full))
-            logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
+            stats = replay.override(stats, kept, replay.row_stats(
+                kept_z, ref_kept_z, kept, torch.where(poisoned, bad, args.labels), args.ignore_index,
+                args.temperature, need_entropy, need_full))
         if args.shard.group is not None:  # weight holds this rank's vocabulary shard: merge the ranks' statistics
-            stats = merge(args, RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
-                                         full_kl if need_full else None, lse, ref_lse if has_ref else None))
-            logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
+            stats = merge(args, stats)
+            if kept is not None:
+                stats = replay.after_merge(stats, kept, args.labels, args.ignore_index)
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
         ctx.impl, ctx.logit_scale, ctx.softcap, ctx.rows = impl, logit_scale, softcap, rows
         tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
@@ -207,7 +209,7 @@ class LinearKLFunction(torch.autograd.Function):
         # the reference model is saved only for `full`, whose gradient reads its logits
         ctx.save_for_backward(hidden, weight, bias, *((ref_hidden, ref_weight, ref_bias) if need_full else (None,) * 3),
                               args.labels, poisoned, lse, ref_lse if need_full else None, entropy, full_kl,
-                              tensor_temperature, *(kept if kept is not None else (None,) * 3), kept_z,
+                              tensor_temperature, *(kept if kept is not None else (None,) * 4), kept_z,
                               ref_kept_z if need_full else None)
         if has_ref:
             ctx.mark_non_differentiable(ref_logp)
@@ -217,26 +219,22 @@ class LinearKLFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
         first_order_only()
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, poisoned, lse, ref_lse, entropy, full_kl,
-         tensor_temperature, kept_columns, kept_counts, kept_rows, kept_z, ref_kept_z) = ctx.saved_tensors
+         tensor_temperature, *kept, kept_z, ref_kept_z) = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
         if grad_logp is None and grad_entropy is None and grad_full is None:
             return (None,) * 14
-        # the kernels see a poisoned row as ignored (an exact 0 gradient row); its NaN is set below
-        args = ctx.args._replace(labels=torch.where(poisoned, ctx.args.ignore_index, labels),
-                                 temperature=tensor_temperature if tensor_temperature is not None
-                                 else ctx.args.temperature)
+        temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
         feed = (labels != ctx.args.ignore_index) & ~poisoned
-        kept = on_kept = None
-        upstream = (grad_logp, grad_entropy, grad_full)
-        if kept_columns is not None:
-            # the kept rows' gradient on their sets, once; the kernel gets none for them (exact zeros), and
-            # each chunk adds its columns' share (replay.py)
-            kept = replay.KeptSet(kept_columns, kept_counts, kept_rows)
-            on_kept = replay.kept_gradient(kept_z, ref_kept_z, kept, args.labels, ctx.args.ignore_index,
-                                           args.temperature, RowGrads(grad_logp, grad_entropy, grad_full))
-            upstream = (grad_logp, grad_entropy, grad_full)
-            grad_logp, grad_entropy, grad_full = (None if g is None else torch.where(kept.rows, 0.0, g)
-                                                  for g in upstream)
+        # the kernels see a poisoned row as ignored (an exact 0 gradient row; its NaN is set below), and a
+        # kept row too: its gradient on its set is computed once here, each chunk adding its columns' share
+        ignored, on_kept = poisoned, None
+        kept = replay.KeptSet(*kept) if kept[0] is not None else None
+        if kept is not None:
+            on_kept = replay.kept_gradient(kept_z, ref_kept_z, kept, labels, ctx.args.ignore_index, temperature,
+                                           RowStats(None, None, entropy, full_kl, lse, ref_lse),
+                                           RowGrads(grad_logp, grad_entropy, grad_full))
+            ignored = poisoned | kept.rows
+        args = ctx.args._replace(labels=torch.where(ignored, ctx.args.ignore_index, labels), temperature=temperature)
         n_tokens, (vocab, hidden_size) = hidden.shape[0], weight.shape
         # Vocabulary chunks outer, token tiles inner, when the weight needs a gradient: each chunk's
         # weight gradient is summed over the tiles in a chunk-sized float32 buffer and written once in
@@ -315,7 +313,7 @@ class LinearKLFunction(torch.autograd.Function):
             if need_weight and not summed_in_place:
                 grad_weight[v0:v1] = weight_sum
         # a poisoned row from which a gradient flows: NaN in its hidden gradient, and in the sums over rows
-        flows = torch.stack([g != 0 for g in upstream if g is not None]).any(0)
+        flows = torch.stack([g != 0 for g in (grad_logp, grad_entropy, grad_full) if g is not None]).any(0)
         nan_rows = poisoned & flows
         if grad_hidden is not None:
             grad_hidden.masked_fill_(nan_rows[:, None], float("nan"))
@@ -402,11 +400,14 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         ignore_index = check.ignore_index(ignore_index)
         vocab = weight.shape[0]
         temp = _temperature(temperature, labels.shape, hidden.device, compute_dtype(hidden.dtype), validate)
-        kept = _kept_set(kept_ids, labels, weight.shape[0], ignore_index, validate, process_group, hidden.device)
+        if kept_ids is not None:
+            replay.check_kept_ids(kept_ids, labels, hidden.device)
         chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
     shard, flat_labels = sharding.vocab_shard(process_group, hidden.device, vocab, validate, "linear_token_logprobs",
                                               labels, return_entropy=bool(return_entropy), ignore_index=ignore_index,
-                                              temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+                                              temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                                              kept_ids=kept_ids)
+    kept = _kept_set(kept_ids, labels, shard, vocab, ignore_index, validate)
     rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, False, hidden.device)
     args = PassArgs(None, flat_labels, None, temp, ignore_index, shard)
     logp, _, entropy, _ = LinearKLFunction.apply(
@@ -445,14 +446,16 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
             mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
             log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
             has_ref_model=ref_hidden is not None)
-        kept = _kept_set(kept_ids, labels, weight.shape[0], plan.ignore_index, validate, process_group, hidden.device)
+        if kept_ids is not None:
+            replay.check_kept_ids(kept_ids, labels, hidden.device)
         dtypes = [_tile_dtype(hidden.dtype, logit_scale, softcap)]
         if ref_hidden is not None:
             dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
         chosen = select_backend(backend, hidden.device, tuple(dtypes))
     shard, flat_labels = _agree_shard(process_group, hidden.device, weight.shape[0], "linear_kl_penalty", labels,
                                       plan, validate, ref_hidden is not None, return_entropy, temperature, mask,
-                                      logit_scale=logit_scale, softcap=softcap)
+                                      kept_ids, logit_scale=logit_scale, softcap=softcap)
+    kept = _kept_set(kept_ids, labels, shard, weight.shape[0], plan.ignore_index, validate)
     element_bytes = max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size())
     rows = _rows_per_tile(labels.numel(), weight.shape[0], element_bytes, tile_bytes, ref_hidden is not None,
                           hidden.device)

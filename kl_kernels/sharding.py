@@ -54,8 +54,9 @@ def _all_gather(group, tensor: torch.Tensor) -> torch.Tensor:
 # cu_seqlens, a tensor temperature) cost a host sync: taken with validate=True only, compared among
 # the ranks that took them.
 HEADER = ("function", "rows", "estimator", "ref_logits", "return_entropy", "ignore_index", "temperature",
-          "logit_scale", "softcap", "labels", "mask", "cu_seqlens", "temperature values")
-FINGERPRINTS = ("labels", "mask", "cu_seqlens", "temperature values")
+          "logit_scale", "softcap", "kept_ids width", "labels", "mask", "cu_seqlens", "temperature values",
+          "kept_ids")
+FINGERPRINTS = ("labels", "mask", "cu_seqlens", "temperature values", "kept_ids")
 
 
 def _bits(value: float) -> int:
@@ -64,7 +65,7 @@ def _bits(value: float) -> int:
 
 def header(function: str, labels: torch.Tensor, validate: bool, *, estimator=None, has_ref=False,
            return_entropy=False, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None, mask=None,
-           cu_seqlens=None) -> dict:
+           cu_seqlens=None, kept_ids=None) -> dict:
     """The header of one call. Codes are stable across processes (crc32, not Python's salted hash)."""
     def code(value) -> int:
         return zlib.crc32(repr(value).encode())
@@ -73,8 +74,9 @@ def header(function: str, labels: torch.Tensor, validate: bool, *, estimator=Non
     values = dict(function=code(function), rows=labels.numel(), estimator=code(estimator), ref_logits=int(has_ref),
                   return_entropy=int(return_entropy), ignore_index=ignore_index,
                   temperature=-1 if tensor_t else _bits(temperature), logit_scale=_bits(logit_scale),
-                  softcap=-1 if softcap is None else _bits(softcap))
-    fingerprints = (labels, mask, cu_seqlens, temperature if tensor_t else None)
+                  softcap=-1 if softcap is None else _bits(softcap),
+                  **{"kept_ids width": -1 if kept_ids is None else kept_ids.shape[-1]})
+    fingerprints = (labels, mask, cu_seqlens, temperature if tensor_t else None, kept_ids)
     for name, value in zip(FINGERPRINTS, fingerprints):
         values[name] = fingerprint(value) if validate and value is not None else 0
     return {name: values[name] for name in HEADER}
@@ -149,7 +151,7 @@ def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, 
     local = torch.where(owned, column, torch.where(bad, bad_label(ignore_index), local_vocab))
     local = torch.where(valid, local, ignore_index)
     owner = torch.bucketize(flat, ends, right=True).clamp_(max=ends.numel() - 1)
-    return VocabShard(0, local_vocab + 1, group, owner), local
+    return VocabShard(0, local_vocab + 1, group, owner, start, ends[-1]), local
 
 
 @contextlib.contextmanager

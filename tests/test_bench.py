@@ -129,14 +129,14 @@ def test_compare_verdicts_respect_the_spread():
 
 def test_cli_tensor_parallel_mode(tmp_path):
     """--tp 2: two gloo processes; what a rank receives per token is the per-row statistics (k = 5 float64
-    here: log-prob, lse, reference log-prob and lse, entropy) plus a 128-byte header per call, whatever V."""
+    here: log-prob, lse, reference log-prob and lse, entropy) plus a 144-byte header per call, whatever V."""
     out = tmp_path / "tp.json"
     assert bench.main(["--tp", "2", "--tokens", "96", "--vocab", "64", "640", "--modes", "fwd+bwd", "--repeats", "1",
                        "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [row["vocab"] for row in rows] == [64, 640]
     for row in rows:
-        assert row["received_bytes_per_token"] == pytest.approx(5 * 8 + 128 / 96)
+        assert row["received_bytes_per_token"] == pytest.approx(5 * 8 + 144 / 96)
         assert row["max_abs_diff_vs_single"] < 1e-4 and row["sharded_ms"] > 0
 
 
@@ -176,3 +176,10 @@ def test_kept_provider_matches_the_eager_truth_over_the_kept_sets():
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     plain = providers.eager_penalty(*inputs, estimator="k3", dtype=torch.float64)
     assert (plain - want).abs().max() > 1e-2  # the kept sets change the numbers: the check can fail
+    # the hidden-state head's provider (kl-bench --linear): the same kept sets, from hidden states
+    inputs = bench_linear.make_inputs(64, 16, 50, torch.float32, torch.device("cpu"))
+    kept = providers.kept_ids_for(inputs[4], 50, 7)
+    want = bench_linear.eager_linear(*(t.double() if i < 4 else t for i, t in enumerate(inputs)), estimator="k3",
+                                     dtype=torch.float64, kept_ids=kept)
+    got = bench_linear.make_provider("cpu+kept7", "k3")(*inputs)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

@@ -216,3 +216,28 @@ def test_kept_ids_from_sampler_bad_settings():
     with pytest.raises(ValueError, match="top_k"):
         kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=0)
     assert kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=3, max_kept=2).shape == (2, 2)
+
+
+def test_the_cpu_kernel_marks_the_same_entries_as_the_sort(monkeypatch):
+    """replay._first_occurrences: the CPU bitmap kernel (csrc/cpu/replay.cpp) and the stable sort used on
+    other devices mark the same entries: each id in [0, columns) at its first place in its row."""
+    from kl_kernels import replay
+
+    assert replay._has_cpu_kernel()
+    g = torch.Generator().manual_seed(5)
+    for columns, width in ((1, 3), (64, 40), (65, 200), (1000, 7), (70000, 513)):
+        ids = torch.randint(-1, min(columns, 50) if width > 100 else columns, (33, width), generator=g)
+        ids[0] = -1
+        ids[1, : width // 2] = columns - 1  # repeats of the last column, a whole word of the bitmap
+        kernel = replay._first_occurrences(ids, columns)
+        monkeypatch.setattr(replay, "_has_cpu_kernel", lambda: False)
+        sort = replay._first_occurrences(ids, columns)
+        monkeypatch.undo()
+        assert torch.equal(kernel, sort)
+        torch.library.opcheck(torch.ops.kl_kernels.kept_counts.default, (ids, columns))
+        # the truth, one row at a time
+        for row, marks in zip(ids.tolist(), kernel.tolist()):
+            seen = set()
+            for value, mark in zip(row, marks):
+                assert mark == (value >= 0 and value not in seen)
+                seen.add(value)

@@ -305,6 +305,91 @@ def _banned_shard_gradient(rank, world_size, group):
         torch.testing.assert_close(local.grad, whole.grad[:, start:end], rtol=1e-5, atol=1e-6, msg=backend)
 
 
+def _kept_sets(labels, vocab, g):
+    """[..., 6] global kept ids holding each label: a repeat, -1 in the middle, one row without a set, one
+    row whose set lies in the last rank's shard only (the other ranks own none of it)."""
+    kept = torch.randint(0, vocab, (*labels.shape, 6), generator=g)
+    kept[..., 2] = labels.clamp(min=0)
+    kept[..., 4] = kept[..., 0]
+    kept[..., 3] = -1
+    flat = kept.view(-1, 6)
+    flat[2] = -1
+    flat[3] = torch.tensor([vocab - 1, vocab - 2, vocab - 1, -1, vocab - 3, vocab - 2])
+    return kept
+
+
+def _compare_kept(rank, world_size, group):
+    """Sampling replay under tensor parallelism (section 12): kept ids are global, each rank sums its own;
+    outputs and gradients equal the single-process call's with the same kept_ids."""
+    vocab = sum(SHARDS[world_size])
+    start, end = _span(rank, world_size)
+    for case, (backend, packed) in enumerate((b, p) for b in _backends() for p in (False, True)):
+        logits, ref_logits, labels, mask, weights, extra = _inputs(40 + case, torch.float32, packed, vocab)
+        labels.view(-1)[3] = vocab - 2  # the row whose set is the last shard's
+        kept = _kept_sets(labels, vocab, torch.Generator().manual_seed(case))
+        kwargs = dict(ref_logits=ref_logits, mask=mask, estimator="full", return_entropy=True, temperature=0.8,
+                      kept_ids=kept, backend=backend, **extra)
+        full_logits = logits.clone().requires_grad_()
+        want = kl_kernels.kl_penalty(full_logits, labels, **kwargs)
+        _loss(want, weights).backward()
+        shard = logits[..., start:end].clone().requires_grad_()
+        got = kl_kernels.kl_penalty(shard, labels, process_group=group,
+                                    **{**kwargs, "ref_logits": ref_logits[..., start:end]})
+        _loss(got, weights).backward()
+        where = f"rank {rank}/{world_size} {backend} packed={packed}"
+        for name, value in want._asdict().items():
+            torch.testing.assert_close(getattr(got, name), value, rtol=2e-5, atol=2e-5, equal_nan=True,
+                                       msg=lambda m: f"{where} {name}: {m}")
+            _same_on_every_rank(group, getattr(got, name).nan_to_num(7.0))
+        torch.testing.assert_close(shard.grad, full_logits.grad[..., start:end], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{where} gradient: {m}")
+        plain = kl_kernels.kl_penalty(shard.detach(), labels, process_group=group,
+                                      **{**kwargs, "ref_logits": ref_logits[..., start:end], "kept_ids": None})
+        assert (plain.kl - got.kl).abs().max() > 1e-3  # the sets change the numbers: the check can fail
+    # from hidden states
+    g = torch.Generator().manual_seed(9)
+    hidden, weight = torch.randn(2, 5, 16, generator=g), torch.randn(vocab, 16, generator=g) * 0.5
+    labels = torch.randint(0, vocab, (2, 5), generator=g)
+    labels[0, 3] = vocab - 2
+    kept = _kept_sets(labels, vocab, g)
+    full = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    mine = [hidden.clone().requires_grad_(), weight[start:end].clone().requires_grad_()]
+    outs = [kl_kernels.linear_token_logprobs(*full, labels, kept_ids=kept, return_entropy=True),
+            kl_kernels.linear_token_logprobs(*mine, labels, kept_ids=kept, return_entropy=True, process_group=group)]
+    for logp, entropy in outs:
+        (logp * weights["logprobs"].view(-1)[:10].view(2, 5) + entropy).sum().backward()
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    hidden_grad = mine[0].grad.clone()
+    dist.all_reduce(hidden_grad, group=group)
+    torch.testing.assert_close(hidden_grad, full[0].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine[1].grad, full[1].grad[start:end], rtol=1e-5, atol=1e-5)
+    # bad sets: every rank raises (an id outside the whole vocabulary, a label outside its set), or with
+    # validate=False the label's row is NaN; kept_ids that differ between ranks: every rank raises
+    shard = logits[..., start:end]
+    labels = torch.randint(0, vocab, logits.shape[:-1], generator=g)
+    kept = _kept_sets(labels, vocab, g)
+    for bad, match in ((torch.where(kept == 0, vocab, kept), "kept_ids must be token ids"),
+                       (torch.where(kept == labels[..., None], -1, kept), "every label must be in its row's")):
+        bad.view(-1, 6)[0, 0] = vocab if "token ids" in match else bad.view(-1, 6)[0, 0]
+        with pytest.raises(ValueError, match=match):
+            kl_kernels.token_logprobs(shard, labels, kept_ids=bad, process_group=group)
+    outside = torch.where(kept == labels[..., None], -1, kept)
+    logp = kl_kernels.token_logprobs(shard, labels, kept_ids=outside, validate=False, process_group=group)
+    rows_outside = (outside >= 0).any(-1)
+    assert torch.isnan(logp[rows_outside]).all() and torch.isfinite(logp[~rows_outside]).all(), (logp, rows_outside)
+    with pytest.raises(ValueError, match="same kept_ids"):
+        kl_kernels.token_logprobs(shard, labels, kept_ids=kept if rank else kept.flip(-1).contiguous(),
+                                  process_group=group)
+    with pytest.raises(ValueError, match="same kept_ids width"):
+        kl_kernels.token_logprobs(shard, labels, kept_ids=kept if rank else None, process_group=group)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_kept_ids_equal_single_process(world_size):
+    _run(world_size, _compare_kept)
+
+
 def test_changing_layouts_and_mixed_validate():
     _run(2, _changing_layouts_and_mixed_validate)
 

@@ -397,7 +397,7 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
     const float log_p = __fmaf_rn(x, r.inv_t, -r.lse.head) - r.lse.tail;
     const float prob = __expf(log_p);
     const float log_q = __fmaf_rn(xr, r.inv_t, -r.ref_lse.head) - r.ref_lse.tail;
-    const float f = grad_weight(log_p, log_q, r.g_logp, r.g_entropy, r.entropy, r.g_full, r.kl, row_ref);
+    const float f = logit_factor(log_p, log_q, r.g_logp, r.g_entropy, r.entropy, r.g_full, r.kl, row_ref);
     float g = prob == 0.0f ? 0.0f : prob * f * r.inv_t;  // a -inf logit: 0, not 0 * inf
     if (v == label_col) g += r.g_logp * r.inv_t;
     return bad ? __int_as_float(0x7fc00000) : g;

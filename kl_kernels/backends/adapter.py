@@ -166,3 +166,7 @@ def register_fakes() -> None:
     @torch.library.register_fake("kl_kernels::kl_penalty_bwd_")
     def _penalty_bwd_inplace(*args):
         return None
+
+    @torch.library.register_fake("kl_kernels::kept_counts")
+    def _kept_counts(ids, columns):
+        return ids.new_empty(ids.shape, dtype=torch.bool)

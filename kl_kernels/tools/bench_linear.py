@@ -18,7 +18,7 @@ import kl_kernels
 from kl_kernels.dispatch import native_backends
 
 from .memory import step_peak_bytes
-from .providers import eager_penalty, masked_kl_sum
+from .providers import KEPT, eager_penalty, kept_ids_for, kept_ids_once, kept_width, masked_kl_sum
 from .timing import make_step
 
 TRL_CHUNK_SIZE = 32768  # the vocabulary tile TRL's trainers pass (trl.trainer.utils, TRL 1.16)
@@ -38,11 +38,12 @@ def make_inputs(tokens, hidden_size, vocab, dtype, device):
     return hidden, weight, ref_hidden, ref_weight, labels, mask
 
 
-def eager_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", dtype=torch.float32):
+def eager_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", dtype=torch.float32,
+                 kept_ids=None):
     logits = torch.nn.functional.linear(hidden, weight)
     with torch.no_grad():
         ref_logits = torch.nn.functional.linear(ref_hidden, ref_weight)
-    return eager_penalty(logits, ref_logits, labels, mask, estimator=estimator, dtype=dtype)
+    return eager_penalty(logits, ref_logits, labels, mask, estimator=estimator, dtype=dtype, kept_ids=kept_ids)
 
 
 def trl_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1"):
@@ -66,9 +67,11 @@ def logits_then_kernel(hidden, weight, ref_hidden, ref_weight, labels, mask, est
                                  validate=False, backend=backend).kl_sum
 
 
-def fused_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", backend=None):
-    return kl_kernels.linear_kl_penalty(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                        mask=mask, estimator=estimator, validate=False, backend=backend).kl_sum
+def fused_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", backend=None, kept_ids=None):
+    """kept_ids: None, or providers.kept_ids_once(K) (a "<backend>+kept<K>" provider: sampling replay)."""
+    return kl_kernels.linear_kl_penalty(
+        hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, mask=mask, estimator=estimator,
+        validate=False, backend=backend, kept_ids=None if kept_ids is None else kept_ids(labels, weight.shape[0])).kl_sum
 
 
 def default_providers(device):
@@ -91,6 +94,9 @@ def make_provider(name, estimator):
         return functools.partial(trl_linear, estimator=estimator)
     if name.startswith("logits+"):
         return functools.partial(logits_then_kernel, estimator=estimator, backend=name.split("+", 1)[1])
+    if kept_width(name):
+        return functools.partial(fused_linear, estimator=estimator, backend=KEPT.match(name)["backend"],
+                                 kept_ids=kept_ids_once(kept_width(name)))
     return functools.partial(fused_linear, estimator=estimator, backend=name)
 
 
@@ -99,14 +105,17 @@ WARMUP = 1
 
 
 @functools.lru_cache(maxsize=8)
-def _truth(tokens, hidden_size, vocab, dtype, estimator, device):
+def _truth(tokens, hidden_size, vocab, dtype, estimator, device, kept_width=None):
     """The float64 penalty of a case's inputs, one sequence at a time (float64 logits of the whole
-    batch are 4 GB at N = 4096, V = 128256), computed once for every provider."""
+    batch are 4 GB at N = 4096, V = 128256), computed once for every provider (over the kept sets of
+    kept_ids_for(labels, vocab, kept_width) for a "+kept<K>" provider)."""
     inputs = case_inputs(tokens, hidden_size, vocab, dtype, device)
     hidden, weight, ref_hidden, ref_weight, labels, mask = (
         t.double() if t.is_floating_point() and i < 4 else t for i, t in enumerate(inputs))
+    kept = None if kept_width is None else kept_ids_for(labels, vocab, kept_width)
     return torch.cat([eager_linear(hidden[b:b + 1], weight, ref_hidden[b:b + 1], ref_weight, labels[b:b + 1],
-                                   mask[b:b + 1], estimator=estimator, dtype=torch.float64)
+                                   mask[b:b + 1], estimator=estimator, dtype=torch.float64,
+                                   kept_ids=None if kept is None else kept[b:b + 1])
                       for b in range(hidden.shape[0])])
 
 
@@ -121,7 +130,7 @@ def prepare_case(fn, provider, estimator, inputs, mode):
     with torch.no_grad():
         out = fn(*inputs)  # warm-up, compile, and the error check
     tokens, hidden_size, vocab = inputs[-1].numel(), hidden.shape[-1], weight.shape[0]
-    truth = _truth(tokens, hidden_size, vocab, hidden.dtype, estimator, hidden.device)
+    truth = _truth(tokens, hidden_size, vocab, hidden.dtype, estimator, hidden.device, kept_width(provider))
     row = dict(provider=provider, estimator=estimator, tokens=tokens, hidden=hidden_size, vocab=vocab,
                dtype=str(hidden.dtype).replace("torch.", ""), mode=mode,
                max_abs_error=(out.double() - truth).abs().max().item())

@@ -103,17 +103,28 @@ def kept_ids_for(labels, vocab, width):
     return torch.cat([labels.unsqueeze(-1), others], -1)
 
 
+def kept_ids_once(width):
+    """kept_ids(labels, vocab) -> kept_ids_for(labels, vocab, width), made once per case (the first,
+    untimed step) and reused by the timed ones."""
+    made = {}
+
+    def kept_ids(labels, vocab):
+        key = (labels.data_ptr(), tuple(labels.shape), vocab)
+        if key not in made:
+            made.clear()
+            made[key] = kept_ids_for(labels, vocab, width)
+        return made[key]
+    return kept_ids
+
+
 def make_provider(name, estimator):
     if kept_width(name):
-        backend, width, made = KEPT.match(name)["backend"], kept_width(name), {}
+        backend, kept_ids = KEPT.match(name)["backend"], kept_ids_once(kept_width(name))
 
         def replayed(logits, ref_logits, labels, mask):
-            key = (labels.data_ptr(), tuple(labels.shape))
-            if key not in made:  # made once per case, outside the timed steps
-                made.clear()
-                made[key] = kept_ids_for(labels, logits.shape[-1], width)
             return kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits, mask=mask, estimator=estimator,
-                                         validate=False, backend=backend, kept_ids=made[key]).kl_sum
+                                         validate=False, backend=backend,
+                                         kept_ids=kept_ids(labels, logits.shape[-1])).kl_sum
         return replayed
     if name == "eager":
         return functools.partial(eager_penalty, estimator=estimator)
