@@ -84,3 +84,40 @@ def test_linear_peak_memory():
           f"(eager logits alone: {logits_bytes / 2**20:.0f} MiB)")
     assert forward_extra < tile_bytes + 16 * 2**20, forward_extra
     assert total_extra < gradients + tile_bytes + 32 * 2**20, total_extra
+
+
+def test_the_cpu_gradient_cache():
+    """The CPU backward's gradient comes from a one-block cache (csrc/cpu/gradient_cache.h): a block is
+    handed out again only after the tensor that held it died (two live gradients never share memory), a
+    freed one serves the next backward as large or smaller, and empty_cpu_cache gives it back."""
+    import torch
+
+    from kl_kernels import _C
+
+    def gradient(rows, scale):
+        logits = torch.randn(rows, 300, dtype=torch.float64)
+        labels = torch.randint(0, 300, (rows,))
+        x = logits.clone().requires_grad_()
+        (kl_kernels.token_logprobs(x, labels, backend="cpu") * scale).sum().backward()
+        want = scale * (torch.nn.functional.one_hot(labels, 300) - torch.softmax(logits, -1))
+        return x.grad, want
+
+    torch.ops.kl_kernels.empty_cpu_cache()
+    _C.track_cpu_memory(True)
+    try:
+        first, first_want = gradient(64, 1.0)
+        second, second_want = gradient(64, 2.0)  # the first is alive: a block of its own
+        assert first.data_ptr() != second.data_ptr()
+        torch.testing.assert_close(second, second_want)
+        freed = second.data_ptr()
+        del second
+        third, third_want = gradient(32, 3.0)  # smaller: served by the freed block, written anew
+        assert third.data_ptr() == freed
+        torch.testing.assert_close(third, third_want)
+        torch.testing.assert_close(first, first_want)  # untouched by the later backward calls
+        del first, third
+        live = _C.cpu_memory_stats()[0]
+        torch.ops.kl_kernels.empty_cpu_cache()
+        assert _C.cpu_memory_stats()[0] <= live - 32 * 300 * 8  # the cached block went back to the allocator
+    finally:
+        _C.track_cpu_memory(False)

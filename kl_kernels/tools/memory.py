@@ -34,6 +34,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         elif self.counter is not None:
+            # the CPU backward's cached gradient block (csrc/cpu/gradient_cache.h) is given back first, so
+            # that a step's gradient counts as the step's, as the CUDA allocator's peak counts it
+            torch.ops.kl_kernels.empty_cpu_cache()
             self.counter.track_cpu_memory(True)
             self.counter.reset_cpu_memory_peak()
             self.base = self.counter.cpu_memory_stats()[0]
