@@ -260,11 +260,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="kl-lab", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="3 values of k_kl (0, 0.1, 10), one seed, 50 steps: under 3 minutes on 2 cores")
+                        help="3 values of k_kl (0, 0.1, 10), one seed, 50 steps: about 40 s on one core")
     parser.add_argument("--out", default="kl-lab-results", help="folder for steps.csv, the plots and report.md")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="reference model's training steps")
     parser.add_argument("--backend", default=None, help="kl_kernels backend (default: automatic, cpu when built)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib not needed)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; the model's ops are too small to share, and on a busy machine "
+                             "every op of a 2-thread run waits for a descheduled thread (docs/kl-lab.md)")
     parser.add_argument("--from", dest="from_csv", metavar="CSV",
                         help="no runs: the report and plots of a previous steps.csv")
     args = parser.parse_args(argv)
@@ -278,6 +281,16 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.from_csv:
         return _write_report(read_steps(args.from_csv), args, quick=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _experiment(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _experiment(args):
+    """Every run of the plan, steps.csv after each, then the report."""
     chain = Chain()
     started = time.perf_counter()
     references = {}
