@@ -17,7 +17,7 @@ import kl_kernels
 
 from kl_kernels.dispatch import native_backends
 
-from .memory import step_peak_bytes
+from .memory import case_inputs_once, step_peak_bytes
 from .providers import KEPT, eager_penalty, kept_ids_for, kept_ids_once, kept_width, masked_kl_sum
 from .timing import make_step
 
@@ -143,5 +143,6 @@ def finish_row(row, inputs, timing, bandwidth):
 
 
 def peak_extra_bytes(fn, tokens, hidden_size, vocab, dtype, mode, device):
-    return step_peak_bytes(make_step(fn, case_inputs(tokens, hidden_size, vocab, dtype, device), mode, leaves=2),
-                           device)
+    inputs = case_inputs_once((tokens, hidden_size, vocab, dtype, device),
+                              lambda: case_inputs(tokens, hidden_size, vocab, dtype, device))
+    return step_peak_bytes(make_step(fn, inputs, mode, leaves=2), device)

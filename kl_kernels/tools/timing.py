@@ -116,16 +116,29 @@ def case_inputs(tokens, vocab, dtype, device):
     return make_inputs(tokens, vocab, dtype, device)
 
 
+_TRUTHS = {}
+
+
+def _truth(inputs, estimator, liger, width):
+    """The float64 penalty of a case's inputs (shifted for liger, over kept sets of `width` ids for a
+    "+kept<K>" provider), computed once for all the providers and modes of the case: a float64 pass
+    over [N, V] takes seconds, and kl-bench's first run should not take minutes."""
+    key = (inputs[0].data_ptr(), tuple(inputs[0].shape), inputs[0].dtype, estimator, liger, width)
+    if key not in _TRUTHS:
+        if not any(k[:3] == key[:3] for k in _TRUTHS):
+            _TRUTHS.clear()  # another case: the previous case's sums are not needed any more
+        kept = None if width is None else kept_ids_for(inputs[2], inputs[0].shape[-1], width)
+        _TRUTHS[key] = eager_penalty(*(shifted(*inputs) if liger else inputs), estimator=estimator,
+                                     dtype=torch.float64, kept_ids=kept)
+    return _TRUTHS[key]
+
+
 def prepare_case(fn, provider, estimator, inputs, mode):
     """(the row without its times, the step to time) of one provider on a case's inputs."""
     logits = inputs[0]
     with torch.no_grad():
         out = fn(*inputs)  # warm-up, compile, and the error check
-    truth_inputs = shifted(*inputs) if provider == "liger" else inputs
-    width = kept_width(provider)
-    kept = None if width is None else kept_ids_for(inputs[2], logits.shape[-1], width)
-    truth = eager_penalty(*truth_inputs, estimator=estimator, dtype=torch.float64, kept_ids=kept)
-    error = (out.double() - truth).abs().max().item()
+    error = (out.double() - _truth(inputs, estimator, provider == "liger", kept_width(provider))).abs().max().item()
     row = dict(provider=provider, estimator=estimator, tokens=logits.shape[0] * logits.shape[1],
                vocab=logits.shape[-1], dtype=str(logits.dtype).replace("torch.", ""), mode=mode, max_abs_error=error)
     return row, make_step(fn, inputs, mode)
