@@ -6,12 +6,13 @@ that recomputes them over the whole vocabulary puts log(kept mass) into every im
 Given each position's kept ids, the label log-prob, the entropy, the reference's log-prob and the
 exact KL are taken over S instead: logp = z_y/T - log sum_{v in S} e^{z_v/T}.
 
-The fused pass runs as always (one read of the logits) and gives every row its whole-vocabulary
-statistics; the rows that have a kept set then get theirs from the K logits of S, gathered (O(N K)
-reads, never a second pass over [N, V], never an [N, V] mask). In the backward the kernel is given
-no upstream gradient for those rows (it writes them as exact zeros) and their gradient, nonzero on
-S only, is written at the K columns (put). Rows without a set (all -1) keep the fused pass's numbers,
-bit for bit.
+The fused kernels see the rows that have a kept set as ignored rows (kernel_labels), so they read
+none of their logits; those rows take their statistics from the K logits of S, gathered (O(N K) reads,
+never a pass over [N, V], never an [N, V] mask), with the float64 lse the kernels would save. In the
+backward the kernel writes those rows as exact zeros, and their gradient, nonzero on S only, is the
+kernels' closed form over S (kept_gradient), written at the K columns (put). Rows without a set (all
+-1) are the fused pass's, bit for bit. Under tensor parallelism each rank's part of every set is its
+statistics and the one merge adds the parts (sharding.py).
 """
 from __future__ import annotations
 
