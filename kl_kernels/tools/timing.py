@@ -13,7 +13,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-WARMUP = 2  # untimed steps per provider before the timed ones
+WARMUP = 1  # untimed steps per provider before the timed ones (prepare_case ran a forward already)
 
 
 def measure(steps, device, repeats, warmup=WARMUP):
