@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from .providers import CaseCache
 from .timing import make_inputs, make_step
 
 def _cpu_counter():
@@ -68,16 +69,13 @@ class PeakMemory:
         return 0
 
 
-_INPUTS = {}
+_INPUTS = CaseCache()
 
 
-def case_inputs_once(key, make):
+def case_inputs_once(case, make):
     """make() for the rows of one case, made once and reused by each (the memory pass goes through the
     rows case by case; making [N, V] inputs takes ~1 s a row at N = 2048, V = 32000)."""
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        _INPUTS[key] = make()
-    return _INPUTS[key]
+    return _INPUTS.get(case, "inputs", make)
 
 
 def peak_extra_bytes(fn, tokens, vocab, dtype, mode, device):

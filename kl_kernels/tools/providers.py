@@ -103,18 +103,27 @@ def kept_ids_for(labels, vocab, width):
     return torch.cat([labels.unsqueeze(-1), others], -1)
 
 
+class CaseCache:
+    """Values made once per benchmark case and reused by its providers, modes and steps; a new case
+    drops the old case's values (they can be [N, V] tensors)."""
+
+    def __init__(self):
+        self.case, self.values = None, {}
+
+    def get(self, case, key, make):
+        if case != self.case:
+            self.case, self.values = case, {}
+        if key not in self.values:
+            self.values[key] = make()
+        return self.values[key]
+
+
 def kept_ids_once(width):
     """kept_ids(labels, vocab) -> kept_ids_for(labels, vocab, width), made once per case (the first,
     untimed step) and reused by the timed ones."""
-    made = {}
-
-    def kept_ids(labels, vocab):
-        key = (labels.data_ptr(), tuple(labels.shape), vocab)
-        if key not in made:
-            made.clear()
-            made[key] = kept_ids_for(labels, vocab, width)
-        return made[key]
-    return kept_ids
+    cache = CaseCache()
+    return lambda labels, vocab: cache.get((labels.data_ptr(), tuple(labels.shape), vocab), width,
+                                           lambda: kept_ids_for(labels, vocab, width))
 
 
 def make_provider(name, estimator):

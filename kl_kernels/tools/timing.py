@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .providers import eager_penalty, kept_ids_for, kept_width, shifted
+from .providers import CaseCache, eager_penalty, kept_ids_for, kept_width, shifted
 
 def _sync(device):
     if device.type == "cuda":
@@ -116,21 +116,19 @@ def case_inputs(tokens, vocab, dtype, device):
     return make_inputs(tokens, vocab, dtype, device)
 
 
-_TRUTHS = {}
+_TRUTHS = CaseCache()
 
 
 def _truth(inputs, estimator, liger, width):
     """The float64 penalty of a case's inputs (shifted for liger, over kept sets of `width` ids for a
     "+kept<K>" provider), computed once for all the providers and modes of the case: a float64 pass
     over [N, V] takes seconds, and kl-bench's first run should not take minutes."""
-    key = (inputs[0].data_ptr(), tuple(inputs[0].shape), inputs[0].dtype, estimator, liger, width)
-    if key not in _TRUTHS:
-        if not any(k[:3] == key[:3] for k in _TRUTHS):
-            _TRUTHS.clear()  # another case: the previous case's sums are not needed any more
+    def make():
         kept = None if width is None else kept_ids_for(inputs[2], inputs[0].shape[-1], width)
-        _TRUTHS[key] = eager_penalty(*(shifted(*inputs) if liger else inputs), estimator=estimator,
-                                     dtype=torch.float64, kept_ids=kept)
-    return _TRUTHS[key]
+        return eager_penalty(*(shifted(*inputs) if liger else inputs), estimator=estimator, dtype=torch.float64,
+                             kept_ids=kept)
+    return _TRUTHS.get((inputs[0].data_ptr(), tuple(inputs[0].shape), inputs[0].dtype), (estimator, liger, width),
+                       make)
 
 
 def prepare_case(fn, provider, estimator, inputs, mode):
