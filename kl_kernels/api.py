@@ -14,12 +14,11 @@ from typing import NamedTuple
 
 import torch
 
-from . import replay, sharding
+from . import replay, rows, sharding
 from . import validation as check
 from .contract import (PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGrads, RowStats, compute_dtype)
 from .dispatch import select_backend
 from .estimators import estimate, parse_estimator
-from .sharding import merge
 
 
 class KLPenaltyOutput(NamedTuple):
@@ -42,39 +41,40 @@ def first_order_only() -> None:
                            "the log-probs with torch.log_softmax instead")
 
 
+def _save(ctx, args: PassArgs, kept: rows.KeptRows | None, keep_ref: bool, *tensors) -> None:
+    """Saves what a backward of the row pass reads: args' tensors (the reference logits only when
+    keep_ref: `full`'s gradient reads them), the kept rows, then `tensors`; the rest of args as is."""
+    tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
+    ctx.args = args._replace(logits=None, labels=None, ref_logits=None,
+                             temperature=None if tensor_temperature is not None else args.temperature)
+    kept_tensors = (None,) * 6 if kept is None else (*kept.set, kept.logits, kept.ref_logits if keep_ref else None)
+    ctx.save_for_backward(args.logits, args.labels, args.ref_logits if keep_ref else None, tensor_temperature,
+                          *kept_tensors, *tensors)
+
+
+def _saved(ctx):
+    """(args, kept rows, the tensors given to _save after them), as _save left them."""
+    logits, labels, ref_logits, tensor_temperature, *kept, = ctx.saved_tensors[:10]
+    temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
+    args = ctx.args._replace(logits=logits, labels=labels, ref_logits=ref_logits, temperature=temperature)
+    kept_rows = None if kept[0] is None else rows.KeptRows(replay.KeptSet(*kept[:4]), kept[4], kept[5])
+    return args, kept_rows, ctx.saved_tensors[10:]
+
+
 class FusedKLFunction(torch.autograd.Function):
-    """The fused pass with autograd: args is a PassArgs whose logits are the `logits` argument (given
-    separately so that autograd sees them). With a sharded vocabulary (args.shard.group) the per-row
-    statistics of every rank's shard are merged after the kernel (sharding.merge), and the backward's
-    kernel gets the merged ones."""
+    """The fused pass with autograd (rows.forward / rows.backward): args is a PassArgs whose logits are
+    the `logits` argument (given separately so that autograd sees them); kept a replay.KeptSet (sampling
+    replay) or None."""
 
     @staticmethod
     def forward(ctx, impl, logits, args, need_entropy, need_full, inplace, kept=None):
-        """kept: a replay.KeptSet (sampling replay), or None."""
         args = args._replace(logits=logits)
-        # the kernel skips the rows with a kept set (as ignored: none of their logits read); they take
-        # their numbers over the set from its K gathered logits
-        stats = impl.fused_kl_fwd(args if kept is None else args._replace(
-            labels=replay.kernel_labels(args.labels, kept, args.ignore_index)), need_entropy, need_full)
-        if kept is not None:
-            ref_z = None if args.ref_logits is None else replay.gather(args.ref_logits, kept)
-            stats = replay.override(stats, kept, replay.row_stats(
-                replay.gather(logits, kept), ref_z, kept, args.labels, args.ignore_index, args.temperature,
-                need_entropy, need_full))
-        if args.shard.group is not None:  # after the kept rows' override: a rank's part of each set merges too
-            stats = merge(args, stats)
-            if kept is not None:
-                stats = replay.after_merge(stats, kept, args.labels, args.ignore_index)
-        ctx.kept = kept is not None
+        kept = rows.gather(kept, logits, args.ref_logits)
+        stats = rows.forward(impl, args, kept, need_entropy, need_full)
         ctx.impl, ctx.inplace = impl, inplace
         ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
-        tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
-        # the tensors are saved, the rest of args kept as is; the reference only for `full`'s gradient
-        ctx.args = args._replace(logits=None, labels=None, ref_logits=None,
-                                 temperature=None if tensor_temperature is not None else args.temperature)
-        ctx.save_for_backward(logits, args.labels, args.ref_logits if need_full else None, tensor_temperature,
-                              stats.lse, stats.ref_lse if need_full else None, stats.entropy, stats.full_kl,
-                              *(kept if kept is not None else (None,) * 4))
+        _save(ctx, args, kept, need_full, stats.lse, stats.ref_lse if need_full else None, stats.entropy,
+              stats.full_kl)
         if stats.ref_logp is not None:
             ctx.mark_non_differentiable(stats.ref_logp)
         return stats.logp, stats.ref_logp, stats.entropy, stats.full_kl
@@ -82,68 +82,49 @@ class FusedKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_ref_logp, grad_entropy, grad_full):
         first_order_only()
-        logits, labels, ref_logits, tensor_temperature, lse, ref_lse, entropy, full_kl, *kept = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None and grad_full is None:
             return (None,) * 7
-        temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
-        args = ctx.args._replace(logits=logits, labels=labels, ref_logits=ref_logits, temperature=temperature)
-        stats = RowStats(None, None, entropy, full_kl, lse, ref_lse)
-        grads = RowGrads(grad_logp, grad_entropy, grad_full)
-        if not ctx.kept:
-            return None, ctx.impl.fused_kl_bwd(args, stats, grads, ctx.inplace), None, None, None, None, None
-        # the kept rows are ignored by the kernel (exact zeros there) and get their gradient on S after it,
-        # from logits gathered before an in-place kernel writes over them
-        kept = replay.KeptSet(*kept)
-        ref_z = None if ref_logits is None else replay.gather(ref_logits, kept)
-        on_kept = replay.kept_gradient(replay.gather(logits, kept), ref_z, kept, labels, args.ignore_index,
-                                       temperature, stats, grads)
-        grad = ctx.impl.fused_kl_bwd(args._replace(labels=replay.kernel_labels(labels, kept, args.ignore_index)),
-                                     stats, grads, ctx.inplace)
-        B, T, _ = grad.shape
-        replay.put(grad, kept.columns.view(B, T, -1), kept.counts.view(B, T, -1), on_kept.view(B, T, -1))
+        args, kept, (lse, ref_lse, entropy, full_kl) = _saved(ctx)
+        grad = rows.backward(ctx.impl, args, RowStats(None, None, entropy, full_kl, lse, ref_lse),
+                             RowGrads(grad_logp, grad_entropy, grad_full), ctx.inplace, kept)
         return None, grad, None, None, None, None, None
 
 
 class FusedPenaltyFunction(torch.autograd.Function):
-    """kl_penalty in a backend's one-pass ops (contract.OnePass): one forward op, one backward op
-    taking the upstream gradients of all six differentiable outputs. kl_coef is given separately
-    (None when a float) so that a kl_coef tensor that requires grad gets -sum(g_penalty * kl)."""
+    """kl_penalty in a backend's one-pass ops (contract.OnePass; rows.penalty_forward / penalty_backward):
+    one forward op, one backward op taking the upstream gradients of all six differentiable outputs, and
+    one more each way over the kept columns with kept_ids. kl_coef is given separately (None when a float)
+    so that a kl_coef tensor that requires grad gets -sum(g_penalty * kl)."""
 
     @staticmethod
-    def forward(ctx, impl, logits, kl_coef, args, penalty, need_entropy, inplace):
+    def forward(ctx, impl, logits, kl_coef, args, penalty, need_entropy, inplace, kept=None):
         args = args._replace(logits=logits)
-        stats = impl.kl_penalty_fwd(args, penalty, need_entropy)
+        kept = rows.gather(kept, logits, args.ref_logits)
+        stats = rows.penalty_forward(impl, args, penalty, kept, need_entropy)
         ctx.impl, ctx.inplace = impl, inplace
         ctx.set_materialize_grads(False)
         full = penalty.estimator.name == "full"
-        tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
-        ctx.args = args._replace(logits=None, labels=None, ref_logits=None,
-                                 temperature=None if tensor_temperature is not None else args.temperature)
         ctx.penalty = penalty._replace(ref_logprobs=None, mask=None, cu_seqlens=None,
                                        kl_coef=None if kl_coef is not None else penalty.kl_coef)
         coef_grad = kl_coef is not None and kl_coef.requires_grad
-        ctx.save_for_backward(
-            logits, args.labels, args.ref_logits if full else None, tensor_temperature, penalty.mask, kl_coef,
-            stats.logp, stats.ref_logp, stats.counts, stats.sequence, stats.lse, stats.ref_lse if full else None,
-            stats.entropy, stats.full_kl, stats.kl if coef_grad else None)
+        _save(ctx, args, kept, full, penalty.mask, kl_coef, stats.logp, stats.ref_logp, stats.counts, stats.sequence,
+              stats.lse, stats.ref_lse if full else None, stats.entropy, stats.full_kl, stats.kl if coef_grad else None)
         ctx.mark_non_differentiable(stats.ref_logp)
         return stats.logp, stats.ref_logp, stats.kl, stats.penalty, stats.kl_sum, stats.kl_mean, stats.entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ref_logp, g_kl, g_penalty, g_kl_sum, g_kl_mean, g_entropy):
         first_order_only()
-        (logits, labels, ref_logits, tensor_temperature, mask, kl_coef, logp, ref_logp, counts, sequence, lse,
-         ref_lse, entropy, full_kl, kl) = ctx.saved_tensors
+        args, kept, (mask, kl_coef, logp, ref_logp, counts, sequence, lse, ref_lse, entropy, full_kl,
+                     kl) = _saved(ctx)
         grads = PenaltyGrads(g_logp, g_kl, g_penalty, g_kl_sum, g_kl_mean, g_entropy)
         coef_grad = None if kl is None or g_penalty is None else -(g_penalty * kl).sum().to(kl_coef.dtype)
         if all(g is None for g in grads) or not ctx.needs_input_grad[1]:
-            return None, None, coef_grad, None, None, None, None
-        temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
-        args = ctx.args._replace(logits=logits, labels=labels, ref_logits=ref_logits, temperature=temperature)
+            return None, None, coef_grad, None, None, None, None, None
         penalty = ctx.penalty._replace(mask=mask, kl_coef=kl_coef if kl_coef is not None else ctx.penalty.kl_coef)
         stats = PenaltyStats(logp, ref_logp, None, None, None, None, counts, sequence, entropy, full_kl, lse, ref_lse)
-        grad = ctx.impl.kl_penalty_bwd(args, penalty, stats, grads, ctx.inplace)
-        return None, grad, coef_grad, None, None, None, None
+        grad = rows.penalty_backward(ctx.impl, args, penalty, stats, grads, ctx.inplace, kept)
+        return None, grad, coef_grad, None, None, None, None, None
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -234,9 +215,9 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
                                                "token_logprobs", labels, return_entropy=bool(return_entropy),
                                                ignore_index=ignore_index, temperature=temperature, kept_ids=kept_ids)
     kept = _kept_set(kept_ids, labels, shard, logits.shape[-1], ignore_index, validate)
-    rows = _as_rows(logits)
-    args = PassArgs(rows, flat_labels, None, temp, ignore_index, shard)
-    logp, _, entropy, _ = FusedKLFunction.apply(chosen.impl, rows, args, bool(return_entropy), False,
+    logits_rows = _as_rows(logits)
+    args = PassArgs(logits_rows, flat_labels, None, temp, ignore_index, shard)
+    logp, _, entropy, _ = FusedKLFunction.apply(chosen.impl, logits_rows, args, bool(return_entropy), False,
                                                 bool(inplace_backward), kept)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
@@ -388,22 +369,22 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
     shard, flat_labels = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan,
                                       validate, ref_logits is not None, return_entropy, temperature, mask, kept_ids)
     kept = _kept_set(kept_ids, labels, shard, logits.shape[-1], plan.ignore_index, validate)
-    rows = _as_rows(logits)
-    args = PassArgs(rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
+    logits_rows = _as_rows(logits)
+    args = PassArgs(logits_rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
                     plan.ignore_index, shard)
-    if shard.group is None and kept is None and chosen.one_pass(logits.device):
+    if shard.group is None and chosen.one_pass(logits.device):
         # the whole penalty in the backend's ops: one forward op, one backward op
         coef = kl_coef.to(device=logits.device, dtype=plan.dtype) if isinstance(kl_coef, torch.Tensor) else None
         penalty = PenaltyArgs(plan.estimator, None if ref_logprobs is None else ref_logprobs.detach().reshape(-1),
                               None if mask is None else mask.reshape(-1), plan.layout == "padded", plan.cu_seqlens,
                               float(kl_coef) if coef is None else coef)
-        outputs = FusedPenaltyFunction.apply(chosen.impl, rows, coef, args, penalty, bool(return_entropy),
-                                             bool(inplace_backward))
+        outputs = FusedPenaltyFunction.apply(chosen.impl, logits_rows, coef, args, penalty, bool(return_entropy),
+                                             bool(inplace_backward), kept)
         shape = labels.shape
         return KLPenaltyOutput(*(t.view(shape) for t in outputs[:4]), *outputs[4:6],
                                outputs[6].view(shape) if return_entropy else None)
     logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
-        chosen.impl, rows, args, bool(return_entropy), plan.estimator.name == "full", bool(inplace_backward), kept)
+        chosen.impl, logits_rows, args, bool(return_entropy), plan.estimator.name == "full", bool(inplace_backward), kept)
     return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
                             ref_logprobs, mask, kl_coef)
 

@@ -24,11 +24,11 @@ import numbers
 import torch
 
 from . import replay, sharding
+from . import rows as rows_module
 from . import validation as check
 from .api import _agree_shard, _device, _kept_set, _penalty_outputs, _plan_penalty, _temperature, first_order_only
 from .contract import PassArgs, RowGrads, RowStats, compute_dtype
 from .dispatch import select_backend
-from .sharding import merge
 
 # What the logits tiles may hold at a time (the caller's tile_bytes; TRL's own head holds a
 # 4096 x 32768 fp32 buffer, 512 MiB).
@@ -193,14 +193,10 @@ class LinearKLFunction(torch.autograd.Function):
             del z, ref_z  # the budget holds one tile of each at a time
         stats = RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
                          full_kl if need_full else None, lse, ref_lse if has_ref else None)
-        if kept is not None:  # the kept rows' numbers over their sets (a poisoned row's bad label: NaN)
-            stats = replay.override(stats, kept, replay.row_stats(
-                kept_z, ref_kept_z, kept, torch.where(poisoned, bad, args.labels), args.ignore_index,
-                args.temperature, need_entropy, need_full))
-        if args.shard.group is not None:  # weight holds this rank's vocabulary shard: merge the ranks' statistics
-            stats = merge(args, stats)
-            if kept is not None:
-                stats = replay.after_merge(stats, kept, args.labels, args.ignore_index)
+        # the kept rows' numbers over their sets (a poisoned row's bad label: NaN), then the ranks' merge
+        labelled_args = args._replace(labels=torch.where(poisoned, bad, args.labels))
+        kept_rows = None if kept is None else rows_module.from_values(kept, kept_z, ref_kept_z)
+        stats = rows_module.finish(impl, labelled_args, stats, kept_rows, need_entropy, need_full)
         logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
         ctx.impl, ctx.logit_scale, ctx.softcap, ctx.rows = impl, logit_scale, softcap, rows
@@ -230,9 +226,11 @@ class LinearKLFunction(torch.autograd.Function):
         ignored, on_kept = poisoned, None
         kept = replay.KeptSet(*kept) if kept[0] is not None else None
         if kept is not None:
-            on_kept = replay.kept_gradient(kept_z, ref_kept_z, kept, labels, ctx.args.ignore_index, temperature,
-                                           RowStats(None, None, entropy, full_kl, lse, ref_lse),
-                                           RowGrads(grad_logp, grad_entropy, grad_full))
+            on_kept = rows_module.kept_gradient(
+                ctx.impl, ctx.args._replace(labels=torch.where(poisoned, sharding.bad_label(ctx.args.ignore_index),
+                                                               labels), temperature=temperature),
+                rows_module.from_values(kept, kept_z, ref_kept_z), RowStats(None, None, entropy, full_kl, lse, ref_lse),
+                RowGrads(grad_logp, grad_entropy, grad_full))
             ignored = poisoned | kept.rows
         args = ctx.args._replace(labels=torch.where(ignored, ctx.args.ignore_index, labels), temperature=temperature)
         n_tokens, (vocab, hidden_size) = hidden.shape[0], weight.shape

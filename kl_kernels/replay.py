@@ -7,12 +7,11 @@ Given each position's kept ids, the label log-prob, the entropy, the reference's
 exact KL are taken over S instead: logp = z_y/T - log sum_{v in S} e^{z_v/T}.
 
 The fused kernels see the rows that have a kept set as ignored rows (kernel_labels), so they read
-none of their logits; those rows take their statistics from the K logits of S, gathered (O(N K) reads,
-never a pass over [N, V], never an [N, V] mask), with the float64 lse the kernels would save. In the
-backward the kernel writes those rows as exact zeros, and their gradient, nonzero on S only, is the
-kernels' closed form over S (kept_gradient), written at the K columns (put). Rows without a set (all
--1) are the fused pass's, bit for bit. Under tensor parallelism each rank's part of every set is its
-statistics and the one merge adds the parts (sharding.py).
+none of their logits; those rows take their numbers from a second call of the same kernels over the K
+logits of S, gathered (O(N K) reads, never a pass over [N, V], never an [N, V] mask), and their
+gradient, nonzero on S only, is written at the K columns (put): rows.py. Rows without a set (all -1)
+are the fused pass's, bit for bit. This module holds the kept-set plumbing only: the set as columns,
+the gather, the put, and kept_ids_from_sampler.
 """
 from __future__ import annotations
 
@@ -79,7 +78,10 @@ def _first_occurrences(ids, columns: int):
 
 
 def _has_cpu_kernel() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("kl_kernels::kept_counts", "CPU")
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("kl_kernels::kept_counts", "CPU")
+    except RuntimeError:  # no such op: installed without the C++ extension
+        return False
 
 
 def gather(logits: torch.Tensor, kept: KeptSet) -> torch.Tensor:
@@ -88,128 +90,16 @@ def gather(logits: torch.Tensor, kept: KeptSet) -> torch.Tensor:
     return logits.gather(2, kept.columns.view(B, T, -1)).reshape(B * T, -1)
 
 
-def _scaled(z, kept: KeptSet, temperature):
-    """(x = z/T in the compute dtype, -inf where the entry does not count; live: the entries with p > 0
-    possible). A -inf logit inside S has p = 0 and adds nothing (selected away, never 0 * -inf)."""
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    t = temperature[:, None].to(dtype) if isinstance(temperature, torch.Tensor) else temperature
-    x = torch.where(kept.counts, z.to(dtype) / t, float("-inf"))
-    return x, kept.counts & (x != float("-inf"))
-
-
-def _log_softmax(x, live):
-    """(log p of the live entries, 0 elsewhere; the float64 lse): log p = (x - m) - log s from the max m
-    and s = sum exp(x - m), the difference with the max exact, as the kernels (csrc/fused_kl_math.h);
-    the lse = m + log s formed in float64 (a float32 lse would round by |lse| 2^-24, issue 28)."""
-    m = x.amax(-1)
-    m = torch.where(m == float("-inf"), 0.0, m)  # a set with no live entry: s = 0, lse = -inf
-    shifted = x - m[:, None]
-    log_s = torch.where(live, shifted.exp(), 0.0).sum(-1).log()
-    return torch.where(live, shifted - log_s[:, None], 0.0), m.double() + log_s.double()
-
-
-def _log_probs(x, live, lse):
-    """log p of the live entries given the saved float64 lse, 0 elsewhere: x - lse as (x - head) - tail
-    with lse's float head and tail, so p carries none of lse's size in its error (as the kernels)."""
-    head = lse.to(x.dtype)
-    tail = (lse - head.double()).to(x.dtype)
-    return torch.where(live, (x - head[:, None]) - tail[:, None], 0.0)
-
-
-def row_stats(z, ref_z, kept: KeptSet, labels, ignore_index, temperature, need_entropy, need_full):
-    """The RowStats of each row over its kept set (the part of it in these columns: a tensor-parallel
-    rank's, which the merge adds up): logp, ref_logp, entropy, the exact KL and the float64 lse, ref_lse;
-    None where not asked for. labels are the kernels' (a label not in these columns: -inf, the merge takes
-    the owner's; a bad label, negative: NaN). A label outside its set (kept.inside): a NaN row."""
-    x, live = _scaled(z, kept, temperature)
-    log_p, lse = _log_softmax(x, live)
-    label_at = (kept.columns == labels[:, None]) & kept.counts
-    found = label_at.any(-1)
-    position = label_at.to(torch.int8).argmax(-1, keepdim=True)
-    valid = labels != ignore_index
-    nan_row = valid & (~kept.inside | (labels < 0))
-
-    def per_row(value):
-        return torch.where(valid, torch.where(nan_row, float("nan"), value), 0.0)
-
-    def label_logprob(log_probs):
-        return per_row(torch.where(found, log_probs.gather(1, position).squeeze(1), float("-inf")))
-
-    p = torch.where(live, log_p.exp(), 0.0)
-    entropy = per_row(-(p * log_p).sum(-1)) if need_entropy else None
-    ref_logp = full = ref_lse = None
-    if ref_z is not None:
-        ref_x, ref_live = _scaled(ref_z, kept, temperature)
-        log_q, ref_lse = _log_softmax(ref_x, ref_live)
-        ref_logp = label_logprob(log_q)
-        if need_full:
-            # +inf where the reference bans (-inf) a kept token the policy can sample, as the kernels do
-            banned = (live & ~ref_live).any(-1)
-            terms = torch.where(live, p * (log_p - log_q), 0.0).sum(-1)
-            full = per_row(torch.where(banned, float("inf"), terms))
-    return label_logprob(log_p), ref_logp, entropy, full, lse, ref_lse
-
-
-def override(stats, kept: KeptSet, values):
-    """The RowStats of the fused pass with the kept rows' values (row_stats) in place of the whole
-    vocabulary's, the lse included (the merge of a tensor-parallel call and the backward read it)."""
-    replaced = {}
-    for name, value in zip(stats._fields, values):
-        current = getattr(stats, name)
-        if current is not None and value is not None:
-            replaced[name] = torch.where(kept.rows, value.to(current.dtype), current)
-    return stats._replace(**replaced)
-
-
-def after_merge(stats, kept: KeptSet, labels, ignore_index: int):
-    """A tensor-parallel call's merged RowStats with the rows whose label is outside its set NaN again: the
-    merge reads a label's owner rank, which may own none of the set (its lse -inf), and would take that
-    for a banned label (-inf)."""
-    outside = (labels != ignore_index) & ~kept.inside
-    return stats._replace(**{name: torch.where(outside, float("nan"), getattr(stats, name))
-                             for name in ("logp", "ref_logp", "entropy", "full_kl") if getattr(stats, name) is not None})
-
-
 def kernel_labels(labels, kept: KeptSet, ignore_index: int):
     """The labels the kernels read: the kept rows ignored, so the forward reads none of their logits (their
-    numbers come from row_stats) and the backward writes them as exact zeros (kept_gradient's, put after)."""
+    numbers come from the call over their kept columns, rows.py) and the backward writes them as exact zeros
+    (that call's gradient is put after)."""
     return torch.where(kept.rows, ignore_index, labels)
 
 
 def rows_of(kept: KeptSet, n0: int, n1: int) -> KeptSet:
     """Rows [n0, n1) of a kept set (a tile of the hidden-state head)."""
     return KeptSet(*(field[n0:n1] for field in kept))
-
-
-def kept_gradient(z, ref_z, kept: KeptSet, labels, ignore_index, temperature, stats, grads):
-    """[N, K] gradient of the kept rows' outputs at their kept columns (0 elsewhere), from the upstream
-    gradients of logp, entropy and the exact KL (RowGrads) and the rows' statistics over their sets
-    (RowStats after override, merged when sharded: p = exp(z/T - lse) is then the whole set's softmax):
-        d/dz_v = (g_logp [v == y] + p_v f_v) / T,  f_v = -g_logp - g_H (log p_v + H) + g_F (log p_v - log q_v - KL)
-    as the kernels' backward (csrc/fused_kl_math.h). Rows that take none (no set, an ignored label, no
-    upstream gradient) are 0."""
-    x, live = _scaled(z, kept, temperature)
-    # nothing flows back from a row whose upstream gradients are all 0 (a masked row): an exact 0, NaN
-    # logits or not, as in the kernels
-    flows = torch.stack([g != 0 for g in grads if g is not None]).any(0)
-    takes = (kept.rows & (labels != ignore_index) & flows)[:, None]
-    log_p = _log_probs(x, live, stats.lse)
-    row = lambda value: value.to(x.dtype)[:, None]  # noqa: E731
-    factor = torch.zeros_like(x)
-    column = torch.zeros_like(x)
-    if grads.logp is not None:
-        factor = factor - row(grads.logp)
-        column = torch.where((kept.columns == labels[:, None]) & kept.counts, row(grads.logp), 0.0)
-    if grads.entropy is not None:
-        factor = factor - row(grads.entropy) * (log_p + row(stats.entropy))
-    if grads.full_kl is not None:
-        ref_x, ref_live = _scaled(ref_z, kept, temperature)
-        log_q = torch.where(ref_live, _log_probs(ref_x, ref_live, stats.ref_lse), float("-inf"))
-        factor = factor + row(grads.full_kl) * (log_p - log_q - row(stats.full_kl))
-    t = row(temperature) if isinstance(temperature, torch.Tensor) else temperature
-    # where p_v == 0 (a -inf logit) the gradient is 0, not 0 * inf, as in the kernels
-    grad = (column + torch.where(live, log_p.exp() * factor, 0.0)) / t
-    return torch.where(kept.counts & takes, grad, 0.0)
 
 
 def kept_ids_from_sampler(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, max_kept=None):

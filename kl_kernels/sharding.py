@@ -209,6 +209,13 @@ def merge(args, stats):
     if "full_kl" in part:
         out["full_kl"] = _weighted(weight, part["full_kl"] + log_w - log_v)
     valid = labels != args.ignore_index
+    # a bad label's row is NaN (every rank's part was), also where the rank taken as its owner holds no
+    # mass there (its lse -inf would read as a banned label's -inf)
+    bad = valid & (labels < 0)
     dtype = stats.logp.dtype
-    return stats._replace(**{name: torch.where(valid, value, 0.0).to(stats.lse.dtype if name.endswith("lse") else dtype)
-                             for name, value in out.items()})
+
+    def finished(name, value):
+        if not name.endswith("lse"):
+            value = torch.where(bad, float("nan"), value)
+        return torch.where(valid, value, 0.0).to(stats.lse.dtype if name.endswith("lse") else dtype)
+    return stats._replace(**{name: finished(name, value) for name, value in out.items()})

@@ -54,6 +54,17 @@ def _scaled(rows: torch.Tensor, temperature, n0: int, n1: int, dtype: torch.dtyp
     return x / temperature if temperature != 1.0 else x
 
 
+def _row_sums(values: torch.Tensor, reduce=torch.sum) -> torch.Tensor:
+    """reduce(values, dim=-1) of a block of rows, each row's bits its own (docs/contract.md section 11).
+    A reduction whose output is one element (a block of one row) is split across threads by ATen once
+    it has 32768 values or more (TensorIterator's two-pass reduction), so its order differs from the
+    same row's inside a larger block, which one thread reduces alone. A one-row block is therefore
+    reduced as two copies of itself: the same path as any other block, for one row's extra read."""
+    if values.shape[0] == 1:
+        return reduce(values.expand(2, *values.shape[1:]).contiguous(), dim=-1)[:1]
+    return reduce(values, dim=-1)
+
+
 def _p_times(p: torch.Tensor, values: torch.Tensor):
     # p * values with 0 where p == 0: a -inf logit (a banned token) contributes nothing instead
     # of 0 * -inf = NaN, while NaN in p (NaN logits) still propagates since NaN == 0 is False.
@@ -65,7 +76,7 @@ def _log_softmax(x: torch.Tensor):
     its digits even where lse is huge (x - lse would round them away). An lse of +inf (a +inf
     logit, or one that overflows once divided by T) leaves no softmax: the row is NaN, as on every
     backend (csrc/fused_kl_math.h)."""
-    lse = torch.logsumexp(x.double(), dim=-1)  # saved in float64, as on every backend
+    lse = _row_sums(x.double(), torch.logsumexp)  # saved in float64, as on every backend
     undefined = lse == float("inf")
     lse = torch.where(undefined, float("nan"), lse)
     log_p = torch.where(undefined.unsqueeze(-1), float("nan"), torch.log_softmax(x, dim=-1))
@@ -122,7 +133,7 @@ def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStat
         logp[n0:n1] = _label_logprob(log_p, *label)
         p = torch.exp(log_p) if (need_entropy or need_full) else None
         if need_entropy:
-            h = -_p_times(p, log_p).sum(-1)
+            h = -_row_sums(_p_times(p, log_p))
             entropy[n0:n1] = torch.where(valid, torch.where(bad, torch.nan, h), 0.0)
         if ref_rows is not None:
             xr = _scaled(ref_rows, temperature, n0, n1, dtype)
@@ -133,7 +144,7 @@ def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStat
                 # +inf where the reference bans (-inf) a token the policy can sample (finite log p), however
                 # small p is (csrc/fused_kl_math.h sd_term); not 0 once p underflows
                 banned = ((log_q == float("-inf")) & (log_p > float("-inf"))).any(-1)
-                kl = torch.where(banned, float("inf"), _p_times(p, log_p - log_q).sum(-1))
+                kl = torch.where(banned, float("inf"), _row_sums(_p_times(p, log_p - log_q)))
                 full_kl[n0:n1] = torch.where(valid, torch.where(bad, torch.nan, kl), 0.0)
     return RowStats(logp, ref_logp, entropy, full_kl, lse, ref_lse)
 
