@@ -241,3 +241,100 @@ def test_the_cpu_kernel_marks_the_same_entries_as_the_sort(monkeypatch):
             for value, mark in zip(row, marks):
                 assert mark == (value >= 0 and value not in seen)
                 seen.add(value)
+
+
+def _same_bits(a, b):
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def test_a_banned_token_inside_its_set(backend):
+    """Issue 35 finding 1: a label whose logit is -inf inside its kept set has log-prob -inf (probability 0),
+    as without kept_ids, not 0; a reference that bans the sampled token gives ref_logprobs -inf and k1 +inf;
+    a set whose logits are all -inf is a NaN row, as a row of all -inf logits is without kept_ids."""
+    inf = float("inf")
+    logits = torch.tensor([[2.0, -inf, 1.0, 0.5], [2.0, 0.5, 1.0, 0.5], [-inf, -inf, 1.0, 0.5]])
+    ref_logits = torch.tensor([[2.0, 0.0, 1.0, 0.5], [1.0, -inf, 1.0, 0.5], [-inf, -inf, 1.0, 0.5]])
+    labels = torch.tensor([1, 1, 0])
+    kept = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 1, -1]])
+    out = kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits, kept_ids=kept, estimator="k1",
+                                return_entropy=True, backend=backend)
+    plain = kl_kernels.kl_penalty(logits, labels, ref_logits=ref_logits, estimator="k1", backend=backend)
+    assert out.logprobs[0] == -inf and plain.logprobs[0] == -inf
+    assert out.ref_logprobs[1] == -inf and out.kl[1] == inf and plain.kl[1] == inf
+    assert torch.isfinite(out.logprobs[1]) and torch.isfinite(out.entropy[:2]).all()
+    assert torch.isnan(out.logprobs[2]) and torch.isnan(out.entropy[2])
+    all_banned = kl_kernels.token_logprobs(torch.full((1, 4), -inf), torch.tensor([0]), backend=backend)
+    assert torch.isnan(all_banned).all()
+
+
+@pytest.mark.parametrize("estimator", ["k3", "low_var_kl", "k1+", "k3+", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_kept_ids_of_all_minus_one_are_bit_for_bit_the_call_without(backend, estimator, dtype, packed):
+    """Issue 35 finding 2: kl_penalty with kept_ids of all -1 (no row has a set) gives every output and
+    the gradient with the bits of the call without kept_ids, on the one-pass backends too; and the rows
+    without a set keep those bits when other rows of their sequence have one."""
+    shape = (15,) if packed else (3, 5)
+    logits = (torch.randn(*shape, V) * 3).to(dtype)
+    ref_logits = (logits.double() + 0.5 * torch.randn(*shape, V)).to(dtype)
+    labels = torch.randint(0, V, shape)
+    mask = torch.rand(shape) > 0.2
+    layout = dict(cu_seqlens=torch.tensor([0, 4, 11, 15])) if packed else {}
+    upstream = torch.randn(5, *shape)
+
+    def run(kept_ids):
+        x = logits.clone().requires_grad_()
+        out = kl_kernels.kl_penalty(x, labels, ref_logits=ref_logits, mask=mask, estimator=estimator,
+                                    kept_ids=kept_ids, return_entropy=True, backend=backend, **layout)
+        loss = sum((g * t).sum() for g, t in zip(upstream, (out.logprobs, out.kl, out.penalty, out.entropy)))
+        (loss + out.kl_sum.sum() + (upstream[4].reshape(-1)[:out.kl_mean.numel()] * out.kl_mean).sum()).backward()
+        return out, x.grad
+
+    plain, plain_grad = run(None)
+    none, none_grad = run(torch.full((*shape, 4), -1))
+    for name in plain._fields:
+        assert _same_bits(getattr(none, name), getattr(plain, name)), name
+    assert _same_bits(none_grad, plain_grad)
+    # some rows with a set: every row without one keeps its bits
+    kept = _kept(labels, 9, torch.Generator().manual_seed(4))
+    without = torch.rand(shape) < 0.6
+    kept[without] = -1
+    some, some_grad = run(kept)
+    for name in ("logprobs", "ref_logprobs", "kl", "penalty", "entropy"):
+        assert _same_bits(getattr(some, name)[without], getattr(plain, name)[without]), name
+    flat_without = without.reshape(-1)
+    assert _same_bits(some_grad.reshape(-1, V)[flat_without], plain_grad.reshape(-1, V)[flat_without])
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
+def test_a_wide_row_alone_and_in_a_batch(backend_name):
+    """Issue 35 findings 3 and 4: with 2 threads, a row of V >= 32768 values (and a kept set of K >= 32768
+    ids) has the same bits alone, as the one row left over after a block, and inside a block: ATen splits
+    a reduction with one output across threads."""
+    vocab = 40000
+    logits = torch.randn(22, vocab) * 3
+    labels = torch.randint(0, vocab, (22,))
+    kept = torch.stack([torch.randperm(vocab) for _ in range(3)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+
+    def run(index, kept_ids=None):
+        x = logits[index].clone().requires_grad_()
+        out = kl_kernels.kl_penalty(x, labels[index], ref_logprobs=-torch.ones(len(index)), estimator="k3",
+                                    return_entropy=True, kept_ids=kept_ids, backend=backend_name)
+        (out.kl.sum() + out.entropy.sum()).backward()
+        return out.logprobs.detach(), out.kl.detach(), out.entropy.detach(), x.grad
+
+    try:
+        for size in (21, 22):  # one block and a row over (reference: blocks of 26 rows at this V), or none
+            batch = run(torch.arange(size))
+            for row in range(size):  # every row: a split sum may round alike by chance
+                for got, want in zip(run(torch.tensor([row])), batch):
+                    assert _same_bits(got[0], want[row]), (size, row)
+        batch = run(torch.arange(3), kept)
+        for row in range(3):
+            for got, want in zip(run(torch.tensor([row]), kept[row:row + 1]), batch):
+                assert _same_bits(got[0], want[row]), row
+    finally:
+        torch.set_num_threads(threads)
