@@ -181,17 +181,6 @@ def _check_logits_labels(logits, labels, inplace_backward=False):
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
 
 
-def _kept_set(kept_ids, labels, shard, columns, ignore_index, validate):
-    """The replay.KeptSet of a call (kept_ids passed replay.check_kept_ids), or None without kept_ids;
-    a tensor-parallel rank's part of it (its ids of the whole vocabulary, as its columns)."""
-    if kept_ids is None:
-        return None
-    if shard.group is None:
-        return replay.kept_set(kept_ids, labels, columns, ignore_index, validate)
-    # the same kept_ids and labels on every rank (header): a bad set raises on every rank alike
-    return replay.kept_set(kept_ids, labels, shard.total, ignore_index, validate, shard.offset, columns)
-
-
 def _device(tensor) -> torch.device:
     return tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")
 
@@ -211,10 +200,9 @@ def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return
         if kept_ids is not None:
             replay.check_kept_ids(kept_ids, labels, logits.device)
         chosen = select_backend(backend, logits.device, (logits.dtype,))
-    shard, flat_labels = sharding.vocab_shard(process_group, logits.device, logits.shape[-1], validate,
-                                               "token_logprobs", labels, return_entropy=bool(return_entropy),
-                                               ignore_index=ignore_index, temperature=temperature, kept_ids=kept_ids)
-    kept = _kept_set(kept_ids, labels, shard, logits.shape[-1], ignore_index, validate)
+    shard, flat_labels, kept = sharding.vocab_shard(
+        process_group, logits.device, logits.shape[-1], validate, "token_logprobs", labels,
+        return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature, kept_ids=kept_ids)
     logits_rows = _as_rows(logits)
     args = PassArgs(logits_rows, flat_labels, None, temp, ignore_index, shard)
     logp, _, entropy, _ = FusedKLFunction.apply(chosen.impl, logits_rows, args, bool(return_entropy), False,
@@ -366,9 +354,9 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
             replay.check_kept_ids(kept_ids, labels, logits.device)
         dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
         chosen = select_backend(backend, logits.device, dtypes)
-    shard, flat_labels = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels, plan,
-                                      validate, ref_logits is not None, return_entropy, temperature, mask, kept_ids)
-    kept = _kept_set(kept_ids, labels, shard, logits.shape[-1], plan.ignore_index, validate)
+    shard, flat_labels, kept = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels,
+                                            plan, validate, ref_logits is not None, return_entropy, temperature, mask,
+                                            kept_ids)
     logits_rows = _as_rows(logits)
     args = PassArgs(logits_rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
                     plan.ignore_index, shard)
@@ -391,7 +379,7 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
 
 def _agree_shard(process_group, device, local_vocab, function, labels, plan, validate, has_ref, return_entropy,
                  temperature, mask, kept_ids, **transform):
-    """The penalty's (VocabShard, kernel labels) (sharding.vocab_shard) from its plan."""
+    """The penalty's (VocabShard, kernel labels, kept set) (sharding.vocab_shard) from its plan."""
     return sharding.vocab_shard(process_group, device, local_vocab, validate, function, labels,
                                  estimator=(*plan.estimator, plan.layout), has_ref=has_ref,
                                  return_entropy=bool(return_entropy), ignore_index=plan.ignore_index,

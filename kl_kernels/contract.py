@@ -27,6 +27,9 @@ class VocabShard(NamedTuple):
     owner: object = None  # [N] int64 tensor: the rank whose shard holds each label (sharded only)
     offset: object = None  # [] int64 tensor: the global id of this rank's column 0 (sharded only)
     total: object = None  # [] int64 tensor: the whole vocabulary's size (sharded only)
+    # a value check of this rank's that failed after the ranks' header exchange (validate=True): raised
+    # once the merge, which every rank joins, has made every row NaN (sharding.merge)
+    error: object = None
 
 
 def whole(vocab: int) -> VocabShard:

@@ -26,7 +26,7 @@ import torch
 from . import replay, sharding
 from . import rows as rows_module
 from . import validation as check
-from .api import _agree_shard, _device, _kept_set, _penalty_outputs, _plan_penalty, _temperature, first_order_only
+from .api import _agree_shard, _device, _penalty_outputs, _plan_penalty, _temperature, first_order_only
 from .contract import PassArgs, RowGrads, RowStats, compute_dtype
 from .dispatch import select_backend
 
@@ -401,11 +401,10 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
         if kept_ids is not None:
             replay.check_kept_ids(kept_ids, labels, hidden.device)
         chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
-    shard, flat_labels = sharding.vocab_shard(process_group, hidden.device, vocab, validate, "linear_token_logprobs",
-                                              labels, return_entropy=bool(return_entropy), ignore_index=ignore_index,
-                                              temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                                              kept_ids=kept_ids)
-    kept = _kept_set(kept_ids, labels, shard, vocab, ignore_index, validate)
+    shard, flat_labels, kept = sharding.vocab_shard(
+        process_group, hidden.device, vocab, validate, "linear_token_logprobs", labels,
+        return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature,
+        logit_scale=logit_scale, softcap=softcap, kept_ids=kept_ids)
     rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, False, hidden.device)
     args = PassArgs(None, flat_labels, None, temp, ignore_index, shard)
     logp, _, entropy, _ = LinearKLFunction.apply(
@@ -450,10 +449,9 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
         if ref_hidden is not None:
             dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
         chosen = select_backend(backend, hidden.device, tuple(dtypes))
-    shard, flat_labels = _agree_shard(process_group, hidden.device, weight.shape[0], "linear_kl_penalty", labels,
-                                      plan, validate, ref_hidden is not None, return_entropy, temperature, mask,
-                                      kept_ids, logit_scale=logit_scale, softcap=softcap)
-    kept = _kept_set(kept_ids, labels, shard, weight.shape[0], plan.ignore_index, validate)
+    shard, flat_labels, kept = _agree_shard(process_group, hidden.device, weight.shape[0], "linear_kl_penalty",
+                                            labels, plan, validate, ref_hidden is not None, return_entropy,
+                                            temperature, mask, kept_ids, logit_scale=logit_scale, softcap=softcap)
     element_bytes = max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size())
     rows = _rows_per_tile(labels.numel(), weight.shape[0], element_bytes, tile_bytes, ref_hidden is not None,
                           hidden.device)

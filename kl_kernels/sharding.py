@@ -30,6 +30,7 @@ import zlib
 
 import torch
 
+from . import replay
 from . import validation as check
 from .contract import VocabShard, whole
 
@@ -82,12 +83,31 @@ def header(function: str, labels: torch.Tensor, validate: bool, *, estimator=Non
     return {name: values[name] for name in HEADER}
 
 
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# splitmix64's finaliser constants (as int64): each bit of the input reaches every bit of the output
+_MIX = (_signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB))
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A mixing hash of int64 values (splitmix64's finaliser, wrapping int64 arithmetic; >> is arithmetic
+    in torch, the same on every device)."""
+    x = (x ^ (x >> 30)) * _MIX[0]
+    x = (x ^ (x >> 27)) * _MIX[1]
+    return x ^ (x >> 31)
+
+
 def fingerprint(values: torch.Tensor) -> int:
-    """A position-weighted float64 sum's bits: differs when the values differ (a swap shows); the same
-    bits for the same values on every rank. A host sync: validate=True only."""
-    flat = values.reshape(-1).double()
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-    return _bits(float((flat * weights).sum()) + 0.5 * float(flat.sum()))
+    """A sum over the values of a mixing hash of (position, value bits): differs when the values differ,
+    and, unlike a weighted sum, no few changed or swapped values can cancel out (issue 35: {0, 5, 7} and
+    {1, 9, 3} on two ranks had one position-weighted sum); the same bits for the same values on every
+    rank. A host sync: validate=True only."""
+    flat = values.reshape(-1)
+    bits = flat.to(torch.int64) if not flat.is_floating_point() else flat.double().view(torch.int64)
+    positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
+    return int(_mix(bits ^ _mix(positions)).sum())
 
 
 def agree(group, device, local_vocab: int, header: dict, validate: bool, error: Exception | None = None):
@@ -126,24 +146,43 @@ def bad_label(ignore_index: int) -> int:
 
 
 def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, labels: torch.Tensor,
-                **options) -> tuple[VocabShard, torch.Tensor]:
-    """(the kernels' VocabShard, the [N] int64 labels they read). Without a group: whole(local_vocab)
-    and the labels. With one, after every rank agreed on the call's header (header()): the labels made
-    local on the device (no host sync): a label this rank owns is its column here, one another rank owns
-    is local_vocab (no column here), one outside the whole vocabulary a negative id (a NaN row); the
-    shard is [0, local_vocab + 1) with each label's owner rank for the merge. With validate=True the
-    labels are checked against the whole vocabulary (the same labels on every rank, so all raise alike)."""
+                **options) -> tuple[VocabShard, torch.Tensor, replay.KeptSet | None]:
+    """(the kernels' VocabShard, the [N] int64 labels they read, the replay.KeptSet of options["kept_ids"]
+    or None). Without a group: whole(local_vocab), the labels, the kept set. With one, after every rank
+    agreed on the call's header (header()): the labels made local on the device (no host sync): a label
+    this rank owns is its column here, one another rank owns is local_vocab (no column here), one outside
+    the whole vocabulary a negative id (a NaN row); the shard is [0, local_vocab + 1) with each label's
+    owner rank for the merge; the kept set is this rank's part of each (its ids, as its columns).
+
+    With validate=True the labels and kept ids are checked against the whole vocabulary. Sharded, that
+    happens after the header exchange, and a peer that does not validate would already be on its way to
+    the merge's collective: a failed check is kept in the shard (VocabShard.error) and raised after the
+    merge, which makes every row NaN on every rank (the same labels everywhere: every rank that
+    validates raises it)."""
     flat = labels.reshape(-1).to(torch.int64).contiguous()
-    ignore_index = options["ignore_index"]
+    ignore_index, kept_ids = options["ignore_index"], options.get("kept_ids")
     if group is None:
         if validate:
             check.label_values(labels, local_vocab, ignore_index)
-        return whole(local_vocab), flat
+        kept = None if kept_ids is None else replay.kept_set(kept_ids, labels, local_vocab, ignore_index, validate)
+        return whole(local_vocab), flat, kept
     sizes, rank = agree(group, device, local_vocab, header(function, labels, validate, **options), validate)
     ends = sizes.cumsum(0)
-    if validate:
-        check.label_values(labels, int(ends[-1]), ignore_index)
     start = ends[rank] - local_vocab
+    error = None
+    if validate:
+        try:
+            check.label_values(labels, int(ends[-1]), ignore_index)
+        except ValueError as failed:
+            error = failed
+    kept = None
+    if kept_ids is not None:
+        try:
+            kept = replay.kept_set(kept_ids, labels, ends[-1], ignore_index, validate and error is None, start,
+                                   local_vocab)
+        except ValueError as failed:
+            error = failed
+            kept = replay.kept_set(kept_ids, labels, ends[-1], ignore_index, False, start, local_vocab)
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= ends[-1]))
     column = flat - start
@@ -151,7 +190,7 @@ def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, 
     local = torch.where(owned, column, torch.where(bad, bad_label(ignore_index), local_vocab))
     local = torch.where(valid, local, ignore_index)
     owner = torch.bucketize(flat, ends, right=True).clamp_(max=ends.numel() - 1)
-    return VocabShard(0, local_vocab + 1, group, owner, start, ends[-1]), local
+    return VocabShard(0, local_vocab + 1, group, owner, start, ends[-1], error), local, kept
 
 
 @contextlib.contextmanager
@@ -184,6 +223,8 @@ def merge(args, stats):
     """A shard's per-row statistics (contract.RowStats of the kernel on args.logits) -> those of the
     whole vocabulary (module docstring), the same bits on every rank."""
     shard, labels = args.shard, args.labels
+    if shard.error is not None:  # this rank's failed check: every rank's rows NaN, then it raises (vocab_shard)
+        stats = stats._replace(lse=torch.full_like(stats.lse, float("nan")))
     names = [name for name, value in stats._asdict().items() if value is not None]
     # [W, k, N], in float64: the saved lse is float64 (contract.RowStats), the rest travels with it
     gathered = _all_gather(shard.group, torch.stack([getattr(stats, n).double() for n in names]))
@@ -218,4 +259,7 @@ def merge(args, stats):
         if not name.endswith("lse"):
             value = torch.where(bad, float("nan"), value)
         return torch.where(valid, value, 0.0).to(stats.lse.dtype if name.endswith("lse") else dtype)
-    return stats._replace(**{name: finished(name, value) for name, value in out.items()})
+    merged = stats._replace(**{name: finished(name, value) for name, value in out.items()})
+    if shard.error is not None:
+        raise shard.error
+    return merged

@@ -85,8 +85,11 @@ def test_the_arrows_point_one_way():
         assert not any(t.startswith("kl_kernels.tools") for t in _reaches(module)), f"{module} reaches the tools"
     assert GRAPH["kl_kernels.contract"] == set(), "contract.py is a leaf (torch only)"
     for module in (m for m in MODULES if m.startswith("kl_kernels.backends")):
-        forbidden = {"kl_kernels.dispatch", "kl_kernels.api", "kl_kernels.linear", "kl_kernels"}
-        assert not _reaches(module) & forbidden, f"{module} imports the registry or the public side"
+        forbidden = {"kl_kernels.dispatch", "kl_kernels.api", "kl_kernels.linear", "kl_kernels.rows", "kl_kernels"}
+        assert not _reaches(module) & forbidden, f"{module} imports the registry, the row pass or the public side"
+    # the row pass serves both public sides (logits and hidden states) from below them
+    assert not _reaches("kl_kernels.rows") & {"kl_kernels.api", "kl_kernels.linear", "kl_kernels.dispatch"}
+    assert "kl_kernels.rows" in GRAPH["kl_kernels.api"] and "kl_kernels.rows" in GRAPH["kl_kernels.linear"]
 
 
 @pytest.mark.parametrize("group", [0, 1])

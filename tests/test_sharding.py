@@ -8,6 +8,7 @@ sharded call and the single-process call, and compares. Failures come back as th
 """
 from __future__ import annotations
 
+import datetime
 import faulthandler
 import os
 import sys
@@ -43,7 +44,9 @@ def _entry(rank, world_size, port, worker):
     # leaves with os._exit, skipping the interpreter's teardown of gloo's threads
     faulthandler.enable()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # a collective left waiting fails the test in two minutes instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=2))
     worker(rank, world_size, dist.group.WORLD)
     dist.barrier()
     dist.destroy_process_group()
@@ -381,6 +384,11 @@ def _compare_kept(rank, world_size, group):
     with pytest.raises(ValueError, match="same kept_ids"):
         kl_kernels.token_logprobs(shard, labels, kept_ids=kept if rank else kept.flip(-1).contiguous(),
                                   process_group=group)
+    # kept_ids whose position-weighted sums were equal (issue 35 finding 6) differ between the ranks: raise
+    pairs = torch.tensor([[[0, 5, 7], [1, 9, 3]]]) if rank == 0 else torch.tensor([[[0, 6, 6], [1, 8, 4]]])
+    with pytest.raises(ValueError, match="same kept_ids"):
+        kl_kernels.token_logprobs(torch.randn(1, 2, end - start), torch.tensor([[0, 1]]), kept_ids=pairs,
+                                  process_group=group)
     with pytest.raises(ValueError, match="same kept_ids width"):
         kl_kernels.token_logprobs(shard, labels, kept_ids=kept if rank else None, process_group=group)
 
@@ -392,6 +400,66 @@ def test_kept_ids_equal_single_process(world_size):
 
 def test_changing_layouts_and_mixed_validate():
     _run(2, _changing_layouts_and_mixed_validate)
+
+
+def _mixed_validate_with_a_bad_id(rank, world_size, group):
+    """Issue 35 finding 7: the same labels (or kept ids) with one id outside the whole vocabulary, rank 0
+    validate=True, rank 1 validate=False: rank 0 raises, rank 1 gets NaN rows instead of waiting in the
+    merge's collective for a rank that left; the next call pairs its collectives up as usual."""
+    vocab = sum(SHARDS[world_size])
+    start, end = _span(rank, world_size)
+    torch.manual_seed(4)
+    logits = torch.randn(2, 5, vocab)
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(vocab, 8)
+    labels = torch.randint(0, vocab, (2, 5))
+    bad_labels = labels.clone()
+    bad_labels[1, 2] = vocab + 3
+    kept = torch.stack([labels, (labels + 1) % vocab, torch.full_like(labels, -1)], -1)
+    bad_kept = kept.clone()
+    bad_kept[0, 1, 2] = vocab
+    validate = rank == 0
+    calls = [lambda y, k: kl_kernels.token_logprobs(logits[..., start:end], y, kept_ids=k, process_group=group,
+                                                    validate=validate),
+             lambda y, k: kl_kernels.kl_penalty(logits[..., start:end], y, ref_logprobs=-torch.ones(2, 5),
+                                                kept_ids=k, process_group=group, validate=validate).kl,
+             lambda y, k: kl_kernels.linear_token_logprobs(hidden, weight[start:end], y, kept_ids=k,
+                                                           process_group=group, validate=validate)]
+    for call in calls:
+        for y, k, match in ((bad_labels, None, "labels must lie"), (labels, bad_kept, "kept_ids must be token ids")):
+            if validate:
+                with pytest.raises(ValueError, match=match):
+                    call(y, k)
+            else:
+                assert torch.isnan(call(y, k)).all()
+        want = kl_kernels.token_logprobs(logits, labels, kept_ids=kept)
+        if call is calls[0]:
+            torch.testing.assert_close(call(labels, kept), want, rtol=2e-6, atol=2e-6)
+        else:
+            assert torch.isfinite(call(labels, kept)).all()
+
+
+def test_mixed_validate_with_a_bad_id_never_leaves_a_rank_waiting():
+    _run(2, _mixed_validate_with_a_bad_id)
+
+
+def test_the_kept_ids_fingerprint_has_no_linear_collisions():
+    """Issue 35 finding 6: a position-weighted sum gave these two rank's kept_ids one fingerprint."""
+    from kl_kernels.sharding import fingerprint
+
+    assert fingerprint(torch.tensor([[0, 5, 7], [1, 9, 3]])) != fingerprint(torch.tensor([[0, 6, 6], [1, 8, 4]]))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 1000, (64, 8), generator=g)
+    seen = {fingerprint(base)}
+    for _ in range(200):  # two or three changed entries whose weighted sums cancel never collide
+        other = base.clone().view(-1)
+        i, j = torch.randperm(other.numel(), generator=g)[:2].tolist()
+        other[i], other[j] = other[j].item(), other[i].item()
+        if torch.equal(other.view(64, 8), base):
+            continue
+        seen.add(fingerprint(other.view(64, 8)))
+    assert len(seen) > 190
+    assert fingerprint(base) == fingerprint(base.clone())
+    assert fingerprint(torch.tensor([0.5, -0.0])) != fingerprint(torch.tensor([0.5, 0.0]))
 
 
 def test_options_are_compared_across_ranks():
