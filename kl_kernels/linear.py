@@ -53,6 +53,16 @@ PARTIAL_BYTES = 32 << 20
 # kernel (tile shape, split-K) from all three sizes, so on a GPU every matmul has exactly 256 rows.
 CPU_ROW_QUANTUM = 16
 GPU_MATMUL_ROWS = 256
+# The other two sizes matter too (issue 35): with 16 rows, MKL gave a row other bits at another
+# position in fp64 whenever the inner or the output size was not a multiple of 4 (H = 17, 65, 4097;
+# V = 31, 2265), and in fp32 for small ones (H = 17 with V = 5); a row-strided left operand against a
+# transposed right one (the forward's W^T) did it at multiples of 4 too. In random shapes of
+# M x K x N with M a multiple of 16, K and N multiples of 4 and a contiguous left operand, every row had
+# its bits at every position and every M in fp32, with 1 and 2 threads; in fp64, with 2 threads, only
+# at one M (512 rows moved a row's bits against 16). So on a CPU a matmul whose K or N is not a whole
+# multiple of 4 is split (_split_matmul), and fp64 matmuls run 16 rows at a time (fp64 is the
+# verification dtype: the weight is read once per 16 rows there).
+CPU_SIZE_QUANTUM = 4
 
 
 def _quantum(device: torch.device) -> int:
@@ -77,15 +87,54 @@ def _rows_per_tile(n_tokens: int, vocab: int, element_bytes: int, tile_bytes: in
 
 
 def _matmul(a, b, out, bias=None):
-    """out = a @ b (+ bias) with a's row count a whole number of the device's quanta: one matmul on a
-    CPU, matmuls of exactly GPU_MATMUL_ROWS rows on a GPU. The ops F.linear runs (addmm with a bias,
-    mm without), so the same bits as F.linear on the same rows."""
-    step = a.shape[0] if a.device.type == "cpu" else GPU_MATMUL_ROWS
+    """out = a @ b (+ bias) with a (contiguous) of a row count that is a whole number of the device's
+    quanta: on a CPU one matmul (the ops F.linear runs: addmm with a bias, mm without; 16 rows at a time
+    in fp64) when b's sizes are whole multiples of CPU_SIZE_QUANTUM, else _split_matmul; on a GPU
+    matmuls of exactly GPU_MATMUL_ROWS rows."""
+    if a.device.type == "cpu":
+        step = CPU_ROW_QUANTUM if a.dtype == torch.float64 else a.shape[0]
+        if b.shape[0] % CPU_SIZE_QUANTUM or b.shape[1] % CPU_SIZE_QUANTUM:
+            for r in range(0, a.shape[0], step):
+                _split_matmul(a[r:r + step], b, out[r:r + step], bias)
+            return out
+    else:
+        step = GPU_MATMUL_ROWS
     for r in range(0, a.shape[0], step):
         if bias is None:
             torch.mm(a[r:r + step], b, out=out[r:r + step])
         else:
             torch.addmm(bias, a[r:r + step], b, out=out[r:r + step])
+    return out
+
+
+def _zero_padded(t, dim: int):
+    """t with its size along dim zero-padded to CPU_SIZE_QUANTUM (t holds 1-3 of them): a small copy."""
+    shape = list(t.shape)
+    shape[dim] = CPU_SIZE_QUANTUM
+    padded = t.new_zeros(shape)
+    padded.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return padded
+
+
+def _split_matmul(a, b, out, bias):
+    """out = a @ b (+ bias) on a CPU from matmuls whose sizes are all whole multiples of CPU_SIZE_QUANTUM:
+    the inner size K split into its whole multiple and the 1-3 left over (zero-padded to 4; their
+    product added after), the output columns likewise. Each output row's bits depend on its own row only."""
+    k, n = b.shape
+    k_whole, n_whole = k - k % CPU_SIZE_QUANTUM, n - n % CPU_SIZE_QUANTUM
+    for n0, n1 in ((0, n_whole), (n_whole, n)):
+        if n1 == n0:
+            continue
+        columns = b[:, n0:n1] if n0 == 0 else _zero_padded(b[:, n0:n1], 1)
+        # the left operand's whole part contiguous: row-strided, against a transposed right operand, its
+        # rows' bits moved with their position
+        part = torch.mm(a[:, :k_whole].contiguous(), columns[:k_whole]) if k_whole else None
+        if k_whole < k:
+            tail = torch.mm(_zero_padded(a[:, k_whole:], 1), _zero_padded(columns[k_whole:], 0))
+            part = tail if part is None else part.add_(tail)
+        if bias is not None:
+            part = part[:, :n1 - n0].add_(bias[n0:n1])
+        out[:, n0:n1] = part[:, :n1 - n0]
     return out
 
 

@@ -208,3 +208,36 @@ def test_the_reported_batch_sizes(backend_name, dtype, linear):
                     assert same_bits(got, want[index]), (size, count)
     finally:
         torch.set_num_threads(threads)
+
+
+# issue 35 finding 5: shapes whose matmuls moved a row's bits with its position (fp64 H = 17, 65, 4097;
+# fp32 H = 17 with V = 5 or 9; V = 31) and a few more odd ones
+ODD_SHAPES = [(torch.float64, 17, 300), (torch.float32, 17, 5), (torch.float64, 4097, 5), (torch.float64, 65, 31),
+              (torch.float32, 17, 9), (torch.float64, 16, 2265), (torch.float32, 3, 3), (torch.bfloat16, 33, 7),
+              (torch.float32, 130, 1027), (torch.float64, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype,hidden_size,vocab", ODD_SHAPES, ids=[f"{str(d)[6:]}-H{h}-V{v}" for d, h, v in ODD_SHAPES])
+def test_odd_matmul_shapes(dtype, hidden_size, vocab):
+    """The hidden-state head from odd sizes: a token alone (one thread) and at random places in batches of
+    up to 40 tokens (two threads, tiles of 16 rows or one tile), the same bits: values and gradient rows."""
+    pool = Pool(40, vocab, dtype, True, hidden_size=hidden_size)
+    threads = torch.get_num_threads()
+    rng = random.Random(f"{dtype}-{hidden_size}-{vocab}")
+    alone = {}
+    try:
+        torch.set_num_threads(1)
+        for token in range(pool.labels.numel()):
+            inputs, _, _ = _layout(pool, [token], packed=True, rng=random.Random(0))
+            alone[token] = _run("kl_penalty", "cpu", pool, inputs, kl_kernels.linear.TILE_BYTES)
+        torch.set_num_threads(2)
+        for trial in range(3):
+            picked = rng.sample(range(40), rng.randint(2, 40))
+            inputs, positions, _ = _layout(pool, picked, rng.random() < 0.5, rng)
+            outputs, _, grad = _run("kl_penalty", "cpu", pool, inputs, rng.choice([1, kl_kernels.linear.TILE_BYTES]))
+            for token, at in positions.items():
+                for name, value in outputs.items():
+                    assert same_bits(value[at], alone[token][0][name][0]), (name, token, trial)
+                assert same_bits(grad[at], alone[token][2][0]), ("gradient row", token, trial)
+    finally:
+        torch.set_num_threads(threads)
