@@ -35,19 +35,23 @@ def _load_extension(dispatch_key):
     except ImportError as error:  # the C++ extension was not built or does not load
         if isinstance(error, ModuleNotFoundError) and error.name != "kl_kernels._C":
             raise  # a module of ours or torch's is missing: a bug to see, not an unbuilt extension
+        if isinstance(error, ModuleNotFoundError):
+            return None, ("the C++ extension (kl_kernels/_C*.so) is not installed: this copy was installed with "
+                          "KL_KERNELS_NO_EXTENSION=1 or its build was skipped; `pip install --no-build-isolation .` "
+                          "with a C++ compiler builds it. Every feature runs on the pure-PyTorch `reference` "
+                          "backend meanwhile")
         reason = f"the C++ extension kl_kernels._C is not available ({error})"
-        if not isinstance(error, ModuleNotFoundError):
-            # built but not loadable (typically another torch than the one it was compiled against):
-            # say so loudly, since automatic dispatch would otherwise run the 7-20x slower reference
-            try:
-                from ._build_info import TORCH as built_for
-            except ImportError:
-                built_for = None
-            reason += (f"; it was built for torch {built_for}, this is torch {torch.__version__}: reinstall "
-                       "kl_kernels against this torch (pip install --no-build-isolation)" if built_for else "")
-            if dispatch_key == "CPU":  # once, not once per dispatch key
-                warnings.warn(f"kl_kernels: {reason}; falling back to the pure-PyTorch reference backend",
-                              RuntimeWarning, stacklevel=2)
+        # built but not loadable (typically another torch than the one it was compiled against):
+        # say so loudly, since automatic dispatch would otherwise run the 7-20x slower reference
+        try:
+            from ._build_info import TORCH as built_for
+        except ImportError:
+            built_for = None
+        reason += (f"; it was built for torch {built_for}, this is torch {torch.__version__}: reinstall "
+                   "kl_kernels against this torch (pip install --no-build-isolation)" if built_for else "")
+        if dispatch_key == "CPU":  # once, not once per dispatch key
+            warnings.warn(f"kl_kernels: {reason}; falling back to the pure-PyTorch reference backend",
+                          RuntimeWarning, stacklevel=2)
         return None, reason
     reason = module.unavailable_reason(dispatch_key)
     return (None if reason else module), reason

@@ -30,7 +30,7 @@ def _members(kept, vocab=V):
 
 def _truth(logits, ref_logits, labels, kept, temperature):
     """float64 logp, ref_logp, entropy, exact KL over each row's set (rows of all -1: the whole vocabulary)."""
-    members = _members(kept)
+    members = _members(kept, logits.shape[-1])
     t = temperature.double().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
 
     def log_softmax(z):
@@ -39,7 +39,17 @@ def _truth(logits, ref_logits, labels, kept, temperature):
     log_p, log_q = log_softmax(logits), log_softmax(ref_logits)
     p = torch.where(members, log_p.exp(), 0.0)
     pick = lambda lp: lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # noqa: E731
-    return pick(log_p), pick(log_q), -(p * log_p).sum(-1), (p * (log_p - log_q)).sum(-1)
+    # a banned token (p = 0) adds nothing: selected before the product, so no 0 * -inf reaches a gradient
+    live = p > 0
+    safe_p = torch.where(live, log_p, 0.0)
+    entropy = -torch.where(live, p * safe_p, 0.0).sum(-1)
+    banned = (live & (log_q == float("-inf"))).any(-1)
+    kl = torch.where(live, p * (safe_p - torch.where(live & (log_q > float("-inf")), log_q, 0.0)), 0.0).sum(-1)
+    kl = torch.where(banned, float("inf"), kl)
+    # a set whose logits are all -inf has no softmax: a NaN row, as a row of all -inf logits
+    undefined_p, undefined_q = ((torch.isnan(lp) & members).any(-1) for lp in (log_p, log_q))
+    return (pick(log_p), pick(log_q), torch.where(undefined_p, float("nan"), entropy),
+            torch.where(undefined_p | undefined_q, float("nan"), kl))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -338,3 +348,74 @@ def test_a_wide_row_alone_and_in_a_batch(backend_name):
                 assert _same_bits(got[0], want[row]), row
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kept_set_fuzz(backend, seed):
+    """Seeded random kept-set cases (issue 35; KL_KERNELS_FUZZ_CASES, default 10 per seed): widths from 1
+    to the vocabulary, repeats, -1 anywhere, rows without a set, ignored rows, banned (-inf) logits inside
+    the sets (the label's too), a reference banning kept tokens, tensor temperatures, every estimator;
+    values and the gradient against float64 over the sets, and every row alone with the same bits."""
+    import os
+    import random
+
+    from kl_kernels.estimators import ESTIMATOR_NAMES
+
+    rng = random.Random(seed)
+    interpreted = backend == "triton" and not torch.cuda.is_available()
+    for case in range(int(os.environ.get("KL_KERNELS_FUZZ_CASES", "10"))):
+        torch.manual_seed(1000 * seed + case)
+        n, vocab = rng.randint(1, 9 if interpreted else 24), rng.choice([7, 64, 301] if interpreted else [7, 301, 2049])
+        width = rng.choice([1, 2, 5, vocab // 2 + 1, vocab])
+        dtype = rng.choice([torch.float32, torch.bfloat16])
+        estimator = rng.choice(ESTIMATOR_NAMES)
+        logits = (torch.randn(n, vocab) * rng.choice([0.5, 3.0])).to(dtype)
+        ref_logits = (logits.float() + 0.5 * torch.randn(n, vocab)).to(dtype)
+        labels = torch.randint(0, vocab, (n,))
+        kept = torch.randint(-1, vocab, (n, width))
+        kept[:, rng.randrange(width)] = labels
+        kept[torch.rand(n) < 0.25] = -1  # rows without a set
+        labels[torch.rand(n) < 0.15] = -100
+        banned = torch.rand(n, vocab) < 0.05
+        banned[torch.rand(n) < 0.5] = False
+        logits = logits.masked_fill(banned, float("-inf"))
+        ref_logits = ref_logits.masked_fill(torch.rand(n, vocab) < 0.03, float("-inf"))
+        temperature = torch.rand(n) + 0.5
+        grads = torch.randn(3, n)
+
+        def run(index):
+            x = logits[index].clone().requires_grad_()
+            out = kl_kernels.kl_penalty(x, labels[index], ref_logits=ref_logits[index], estimator=estimator,
+                                        temperature=temperature[index], kept_ids=kept[index], return_entropy=True,
+                                        backend=backend)
+            parts = (out.logprobs, out.kl, out.entropy)
+            sum(torch.where(torch.isfinite(t), g[index] * t, 0.0).sum() for g, t in zip(grads, parts)).backward()
+            return out, x.grad
+
+        out, grad = run(torch.arange(n))
+        x64 = logits.double().requires_grad_()
+        ignored = labels == -100
+        truth = _truth(x64, ref_logits, labels.clamp(min=0), torch.where(ignored[:, None], -1, kept), temperature)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for name, got, want in zip(("logprobs", "ref_logprobs", "entropy"), (out.logprobs, out.ref_logprobs,
+                                                                               out.entropy), truth[:3]):
+            want = torch.where(ignored, 0.0, want.detach())
+            torch.testing.assert_close(got.double(), want, equal_nan=True, **tol, msg=lambda m: f"{case} {name}: {m}")
+        if estimator == "full":
+            want = torch.where(ignored, 0.0, truth[3].detach())
+            torch.testing.assert_close(out.kl.double(), want, equal_nan=True, **tol, msg=lambda m: f"{case} kl: {m}")
+        elif estimator in ("k1", "kl"):
+            finite = torch.isfinite(truth[0]) & torch.isfinite(truth[1]) & ~ignored
+            torch.testing.assert_close(out.kl.double()[finite], (truth[0] - truth[1]).detach()[finite], **tol)
+        if estimator in ("k1", "kl", "full"):  # the gradient where every output is finite
+            live = ~ignored & torch.isfinite(truth[0]) & torch.isfinite(truth[1]) & torch.isfinite(truth[2])
+            live &= torch.isfinite(truth[3]) if estimator == "full" else live
+            kl_truth = truth[3] if estimator == "full" else truth[0] - truth[1]
+            parts = (truth[0], kl_truth, truth[2])
+            sum(torch.where(live, g * t, 0.0).sum() for g, t in zip(grads.double(), parts)).backward()
+            torch.testing.assert_close(grad.double()[live], x64.grad[live], **tol, msg=lambda m: f"{case} grad: {m}")
+        for row in rng.sample(range(n), min(n, 3)):
+            alone, alone_grad = run(torch.tensor([row]))
+            for name in ("logprobs", "ref_logprobs", "kl", "entropy"):
+                assert _same_bits(getattr(alone, name)[0], getattr(out, name)[row]), (case, row, name)
+            assert _same_bits(alone_grad[0], grad[row]), (case, row)

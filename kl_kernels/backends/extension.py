@@ -8,11 +8,14 @@ AVX2 build on an AVX-512 machine.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import torch
 
-from .. import _C  # noqa: F401  (loading the extension registers the schemas, and the CUDA kernels)
+# loading the extension registers the schemas, and the CUDA kernels; a missing one raises
+# ModuleNotFoundError naming kl_kernels._C (dispatch.py says so as the backends' reason)
+importlib.import_module("kl_kernels._C")
 from .adapter import op_backend, penalty_op_backend, register_fakes
 
 register_fakes()
