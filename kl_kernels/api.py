@@ -1,44 +1,26 @@
-"""Public entry points of the fused pass: token_logprobs and kl_penalty (docs/contract.md sections 1-2).
+"""Public entry points of the fused pass from logits: token_logprobs and kl_penalty (docs/contract.md
+sections 1-2), each its prologue (plan.py), one autograd Function over the row pass (rows.py) and, for
+a penalty off the one-pass ops, the epilogue (penalty.py).
 
-Each validates its inputs before any work, picks a backend (dispatch.py) and runs that backend's
-fused pass over the logits through one autograd Function (below). kl_penalty on a kernel backend
-(cpu, triton, cuda) is one op each way: the kernels compute the estimator, masks, penalty and
-per-sequence sums too (contract.OnePass). Otherwise (the reference backend, a tensor-parallel call
-whose row statistics are merged across ranks first, the hidden-state functions) the row pass is
-followed by _penalty_outputs: the same estimator in PyTorch ops (estimators.py, the truth).
+kl_penalty on a kernel backend (cpu, triton, cuda) is one op each way (two with kept_ids): the kernels
+compute the estimator, masks, penalty and per-sequence sums too (contract.OnePass). Otherwise (the
+reference backend, a tensor-parallel call whose row statistics are merged across ranks first) the row
+pass is followed by penalty.outputs: the same estimator in PyTorch ops (estimators.py, the truth).
 """
 from __future__ import annotations
 
-import numbers
-from typing import NamedTuple
-
 import torch
 
-from . import replay, rows, sharding
+from . import replay, rows
 from . import validation as check
-from .contract import (PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGrads, RowStats, compute_dtype)
-from .dispatch import select_backend
-from .estimators import estimate, parse_estimator
+from .contract import PassArgs, PenaltyArgs, PenaltyGrads, PenaltyStats, RowGrads, RowStats
+from .penalty import KLPenaltyOutput
+from .penalty import outputs as penalty_outputs
+from .plan import device_of
+from .plan import make as make_plan
+from .rows import first_order_only
 
-
-class KLPenaltyOutput(NamedTuple):
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    kl: torch.Tensor
-    penalty: torch.Tensor
-    kl_sum: torch.Tensor
-    kl_mean: torch.Tensor
-    entropy: torch.Tensor | None
-
-
-def first_order_only() -> None:
-    """Called first in every kernel-backed backward. The kernels compute first derivatives only:
-    with create_graph=True autograd would record them as constants, and a double backward (a
-    gradient penalty, a Hessian-vector product) would be silently wrong, so it is an error."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("kl_kernels computes first-order gradients only: backward with create_graph=True "
-                           "(double backward) is not supported by any backend; for second-order terms compute "
-                           "the log-probs with torch.log_softmax instead")
+__all__ = ["KLPenaltyOutput", "kl_penalty", "token_logprobs"]
 
 
 def _save(ctx, args: PassArgs, kept: rows.KeptRows | None, keep_ref: bool, *tensors) -> None:
@@ -139,37 +121,6 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.flatten(0, -3)
 
 
-def _temperature(temperature, labels_shape, device, dtype, validate, per_sequence=None):
-    """A float, or a contiguous [N] tensor of per-token temperatures in the compute dtype.
-
-    per_sequence: (number of sequences B, callable giving each token's sequence index) for the
-    packed layout, where a 1-D tensor of length B != N holds one temperature per sequence.
-    """
-    if isinstance(temperature, torch.Tensor):
-        if not (temperature.is_floating_point() or temperature.dtype in check.INTEGER_DTYPES):
-            raise ValueError(f"temperature must be a float or a real (floating or integer) tensor, "
-                             f"got dtype {temperature.dtype}")
-        check.same_device(device, temperature=temperature)
-        n_tokens = 1
-        for size in labels_shape:
-            n_tokens *= size
-        if validate:
-            check.temperature_values(temperature)
-        if per_sequence is not None and temperature.dim() == 1 and temperature.numel() == per_sequence[0] != n_tokens:
-            return temperature.to(dtype)[per_sequence[1]()].contiguous()
-        try:
-            broadcast = torch.broadcast_shapes(temperature.shape, labels_shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != tuple(labels_shape):
-            raise ValueError(f"temperature must be a float or a tensor broadcastable to the labels' shape "
-                             f"{tuple(labels_shape)}, got shape {tuple(temperature.shape)}")
-        return temperature.to(dtype).expand(labels_shape).reshape(-1).contiguous()
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
-    return check.temperature_float(temperature)
-
-
 def _check_logits_labels(logits, labels, inplace_backward=False):
     check.floating(logits, "logits")
     if inplace_backward:
@@ -181,152 +132,24 @@ def _check_logits_labels(logits, labels, inplace_backward=False):
         raise ValueError(f"logits must have a non-empty vocabulary dim, got shape {tuple(logits.shape)}")
 
 
-def _device(tensor) -> torch.device:
-    return tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")
-
-
 def token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False,
                    validate=True, inplace_backward=False, process_group=None, backend=None, kept_ids=None):
     """Label log-probs z_y/T - lse(z/T) in float32 (float64 for float64 logits), optionally entropy.
     process_group: logits hold this rank's shard of the vocabulary (docs/contract.md section 10).
     kept_ids: [..., K] the sampler's kept token ids per position, -1 padding: each row's softmax over
     its kept set (section 12)."""
-    with sharding.checks(process_group, _device(logits), validate):
+    def check_inputs():
         _check_logits_labels(logits, labels, inplace_backward)
-        validate = validate and check.has_values(logits)
-        ignore_index = check.ignore_index(ignore_index)
-        dtype = compute_dtype(logits.dtype)
-        temp = _temperature(temperature, labels.shape, logits.device, dtype, validate)
-        if kept_ids is not None:
-            replay.check_kept_ids(kept_ids, labels, logits.device)
-        chosen = select_backend(backend, logits.device, (logits.dtype,))
-    shard, flat_labels, kept = sharding.vocab_shard(
-        process_group, logits.device, logits.shape[-1], validate, "token_logprobs", labels,
-        return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature, kept_ids=kept_ids)
+        return (logits.dtype,), logits, logits.shape[-1]
+
+    plan = make_plan("token_logprobs", process_group=process_group, device=device_of(logits), labels=labels,
+                     validate=validate, check_inputs=check_inputs, temperature=temperature, ignore_index=ignore_index,
+                     return_entropy=return_entropy, kept_ids=kept_ids, backend=backend)
     logits_rows = _as_rows(logits)
-    args = PassArgs(logits_rows, flat_labels, None, temp, ignore_index, shard)
-    logp, _, entropy, _ = FusedKLFunction.apply(chosen.impl, logits_rows, args, bool(return_entropy), False,
-                                                bool(inplace_backward), kept)
+    logp, _, entropy, _ = FusedKLFunction.apply(plan.backend.impl, logits_rows, plan.args, bool(return_entropy),
+                                                False, bool(inplace_backward), plan.kept)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
-
-
-def _sequence_sums(values, layout, offsets):
-    """Per-sequence sums, each added one value at a time in token order in float64 (segment_reduce)
-    and rounded once: a sequence's sum depends on its own tokens only, padded or packed, whatever
-    else the batch holds (a padded row's masked positions add exact zeros), as in the kernels' sums.
-    (A float32 sum over a 262k-token sequence drifted 7e-5 relative.)"""
-    if layout == "padded":
-        batch, steps = values.shape
-        offsets = torch.arange(batch + 1, device=values.device) * steps
-        values = values.reshape(-1)
-    return torch.segment_reduce(values.double(), "sum", offsets=offsets, initial=0).to(values.dtype)
-
-
-class _PenaltyPlan(NamedTuple):
-    """What kl_penalty and linear_kl_penalty decide before the fused pass, from checked arguments."""
-    layout: str  # "padded" ([B, T] labels) or "packed" ([N] labels)
-    cu_seqlens: torch.Tensor | None  # packed: as given (None: one sequence); see _offsets
-    estimator: object  # estimators.Estimator
-    temperature: object  # float, or [N] tensor in the compute dtype
-    ignore_index: int
-    dtype: torch.dtype  # compute dtype of the outputs
-
-
-def _plan_penalty(labels, device, dtype, *, source, ref_logprobs, mask, cu_seqlens, kl_coef, estimator,
-                  temperature, log_ratio_clamp, kl_clamp, ignore_index, validate, has_ref_model):
-    """The checks and choices shared by the logits and hidden-state forms of the penalty.
-
-    source: (name, shape) of the policy input for messages ("logits" or "hidden"); has_ref_model:
-    whether the reference comes as logits / hidden states (else ref_logprobs)."""
-    name, shape = source
-    if labels.dim() == 2:
-        layout = "padded"
-        if cu_seqlens is not None:
-            raise ValueError(f"cu_seqlens is for the packed layout ({name} [N, ...]); got padded {name} "
-                             f"of shape {tuple(shape)}")
-    elif labels.dim() == 1:
-        layout = "packed"
-    else:
-        last = "V" if name == "logits" else "H"
-        raise ValueError(f"{name} must be [B, T, {last}] (padded) or [N, {last}] (packed), got shape {tuple(shape)}")
-    if has_ref_model == (ref_logprobs is not None):
-        ref_name = "ref_logits" if name == "logits" else "ref_hidden"
-        raise ValueError(f"exactly one of {ref_name} or ref_logprobs must be given, got "
-                         + ("both" if has_ref_model else "neither"))
-    if ref_logprobs is not None:
-        check.tensor(ref_logprobs, "ref_logprobs")
-        if not ref_logprobs.is_floating_point():
-            raise TypeError(f"ref_logprobs must be a floating tensor, got dtype {ref_logprobs.dtype}")
-        check.shape(ref_logprobs, labels.shape, "ref_logprobs", "the labels' shape")
-    if mask is not None:
-        check.real_mask(mask, "mask")
-        check.shape(mask, labels.shape, "mask", "the labels' shape")
-    n_tokens = labels.numel()
-    if cu_seqlens is not None:
-        check.integer(cu_seqlens, "cu_seqlens")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"cu_seqlens must be 1-D [B+1], got shape {tuple(cu_seqlens.shape)}")
-    check.same_device(device, ref_logprobs=ref_logprobs, mask=mask, cu_seqlens=cu_seqlens)
-    est = parse_estimator(estimator, log_ratio_clamp, kl_clamp)
-    if est.name == "full" and not has_ref_model:
-        raise ValueError(f"estimator 'full' needs {'ref_logits' if name == 'logits' else 'ref_hidden'} "
-                         "(the exact KL sums over the vocabulary); got ref_logprobs")
-    check.nonnegative_coef(kl_coef, "kl_coef", validate)
-    ignore_index = check.ignore_index(ignore_index)
-
-    per_sequence = None
-    if layout == "packed" and cu_seqlens is not None:
-        n_seqs = cu_seqlens.numel() - 1
-        if validate:
-            check.cu_seqlens_values(cu_seqlens, n_tokens)
-
-        def sequence_of_token():
-            offsets = _offsets(cu_seqlens, n_tokens, device)
-            positions = torch.arange(n_tokens, device=device)
-            return torch.searchsorted(offsets[1:], positions, right=True).clamp_(max=max(n_seqs - 1, 0))
-        per_sequence = (n_seqs, sequence_of_token)
-    temp = _temperature(temperature, labels.shape, device, dtype, validate, per_sequence)
-    return _PenaltyPlan(layout, cu_seqlens if layout == "packed" else None, est, temp, ignore_index, dtype)
-
-
-def _offsets(cu_seqlens, n_tokens, device):
-    """Packed sequence boundaries [S+1]: cu_seqlens made monotone and clamped into [0, N] even
-    without validate (no kernel may read out of bounds; the one-pass kernels do the same)."""
-    if cu_seqlens is None:
-        return torch.tensor([0, n_tokens], dtype=torch.int64, device=device)
-    return cu_seqlens.to(torch.int64).clamp(0, n_tokens).cummax(0).values
-
-
-def _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy, full_kl, ref_logprobs, mask, kl_coef):
-    """The O(N) end of the pass, shared by every backend and both forms: the estimator on selected
-    inputs, the mask, the penalty and the per-sequence sums."""
-    dtype, device = plan.dtype, logp.device
-    labelled = flat_labels != plan.ignore_index
-    if ref_logprobs is not None:
-        given = ref_logprobs.detach().reshape(-1).to(dtype)
-        ref_logp = torch.where(labelled, given, torch.zeros((), dtype=dtype, device=device))
-    valid = labelled if mask is None else labelled & (mask.reshape(-1) != 0)
-    # select before compute, never multiply: masked and ignored positions feed the estimator safe
-    # inputs (log-ratio 0), so neither their NaN nor an overflowing exp reaches a value or a gradient
-    zero = torch.zeros((), dtype=dtype, device=device)
-    safe = lambda t: None if t is None else torch.where(valid, t, zero)  # noqa: E731
-    kl = torch.where(valid, estimate(plan.estimator, safe(logp), safe(ref_logp), safe(full_kl)), zero)
-    shape = labels.shape
-    if plan.layout == "padded":
-        kl_seq, valid_seq = kl.view(shape), valid.view(shape).to(dtype)
-    else:
-        kl_seq, valid_seq = kl, valid.to(dtype)
-    offsets = None if plan.layout == "padded" else _offsets(plan.cu_seqlens, flat_labels.numel(), device)
-    kl_sum = _sequence_sums(kl_seq, plan.layout, offsets)
-    counts = _sequence_sums(valid_seq, plan.layout, offsets)
-    # a sequence with no valid token has kl_sum exactly 0 (selected), so 0 / 1 = 0: no select needed
-    kl_mean = kl_sum / counts.clamp(min=1)
-    coef = kl_coef.to(device=device, dtype=dtype) if isinstance(kl_coef, torch.Tensor) else float(kl_coef)
-    penalty = -coef * kl
-    return KLPenaltyOutput(
-        logp.view(shape), ref_logp.view(shape), kl.view(shape), penalty.view(shape), kl_sum, kl_mean,
-        None if entropy is None else entropy.view(shape))
 
 
 def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None, cu_seqlens=None,
@@ -336,52 +159,40 @@ def kl_penalty(logits, labels, *, ref_logits=None, ref_logprobs=None, mask=None,
     """The fused KL penalty pass; see docs/contract.md section 2 for every field of the result
     (section 10 for process_group: logits and ref_logits hold this rank's shard of the vocabulary;
     section 12 for kept_ids, the sampler's kept sets: policy and reference renormalised over them)."""
-    with sharding.checks(process_group, _device(logits), validate):
+    def check_inputs():
         _check_logits_labels(logits, labels, inplace_backward)
-        validate = validate and check.has_values(logits)
         if logits.dim() not in (2, 3):
             raise ValueError(f"logits must be [B, T, V] (padded) or [N, V] (packed), got shape {tuple(logits.shape)}")
-        if ref_logits is not None:
-            check.floating(ref_logits, "ref_logits")
-            check.shape(ref_logits, logits.shape, "ref_logits", "the logits' shape")
-            check.same_device(logits.device, ref_logits=ref_logits)
-        plan = _plan_penalty(
-            labels, logits.device, compute_dtype(logits.dtype), source=("logits", logits.shape), ref_logprobs=ref_logprobs,
-            mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
-            log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
-            has_ref_model=ref_logits is not None)
-        if kept_ids is not None:
-            replay.check_kept_ids(kept_ids, labels, logits.device)
-        dtypes = (logits.dtype,) if ref_logits is None else (logits.dtype, ref_logits.dtype)
-        chosen = select_backend(backend, logits.device, dtypes)
-    shard, flat_labels, kept = _agree_shard(process_group, logits.device, logits.shape[-1], "kl_penalty", labels,
-                                            plan, validate, ref_logits is not None, return_entropy, temperature, mask,
-                                            kept_ids)
-    logits_rows = _as_rows(logits)
-    args = PassArgs(logits_rows, flat_labels, None if ref_logits is None else _as_rows(ref_logits), plan.temperature,
-                    plan.ignore_index, shard)
-    if shard.group is None and chosen.one_pass(logits.device):
-        # the whole penalty in the backend's ops: one forward op, one backward op
-        coef = kl_coef.to(device=logits.device, dtype=plan.dtype) if isinstance(kl_coef, torch.Tensor) else None
-        penalty = PenaltyArgs(plan.estimator, None if ref_logprobs is None else ref_logprobs.detach().reshape(-1),
-                              None if mask is None else mask.reshape(-1), plan.layout == "padded", plan.cu_seqlens,
-                              float(kl_coef) if coef is None else coef)
-        outputs = FusedPenaltyFunction.apply(chosen.impl, logits_rows, coef, args, penalty, bool(return_entropy),
-                                             bool(inplace_backward), kept)
+        if ref_logits is None:
+            return (logits.dtype,), logits, logits.shape[-1]
+        check.floating(ref_logits, "ref_logits")
+        check.shape(ref_logits, logits.shape, "ref_logits", "the logits' shape")
+        check.same_device(logits.device, ref_logits=ref_logits)
+        return (logits.dtype, ref_logits.dtype), logits, logits.shape[-1]
+
+    plan = make_plan(
+        "kl_penalty", process_group=process_group, device=device_of(logits), labels=labels, validate=validate,
+        check_inputs=check_inputs, temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy, kept_ids=kept_ids, backend=backend,
+        penalty=dict(source=("logits", getattr(logits, "shape", ())), ref_logprobs=ref_logprobs, mask=mask,
+                     cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, log_ratio_clamp=log_ratio_clamp,
+                     kl_clamp=kl_clamp, has_ref_model=ref_logits is not None))
+    args = plan.args._replace(ref_logits=None if ref_logits is None else _as_rows(ref_logits))
+    logits_rows, layout = _as_rows(logits), plan.penalty
+    if args.shard.group is None and plan.backend.one_pass(logits.device):
+        # the whole penalty in the backend's ops: one forward op, one backward op (one more each way over
+        # the kept columns with kept_ids)
+        coef = kl_coef.to(device=logits.device, dtype=layout.dtype) if isinstance(kl_coef, torch.Tensor) else None
+        penalty_args = PenaltyArgs(layout.estimator, None if ref_logprobs is None else ref_logprobs.detach().reshape(-1),
+                                   None if mask is None else mask.reshape(-1), layout.layout == "padded",
+                                   layout.cu_seqlens, float(kl_coef) if coef is None else coef)
+        outputs = FusedPenaltyFunction.apply(plan.backend.impl, logits_rows, coef, args, penalty_args,
+                                             bool(return_entropy), bool(inplace_backward), plan.kept)
         shape = labels.shape
         return KLPenaltyOutput(*(t.view(shape) for t in outputs[:4]), *outputs[4:6],
                                outputs[6].view(shape) if return_entropy else None)
     logp, ref_logp, entropy, full_kl = FusedKLFunction.apply(
-        chosen.impl, logits_rows, args, bool(return_entropy), plan.estimator.name == "full", bool(inplace_backward), kept)
-    return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
-                            ref_logprobs, mask, kl_coef)
-
-
-def _agree_shard(process_group, device, local_vocab, function, labels, plan, validate, has_ref, return_entropy,
-                 temperature, mask, kept_ids, **transform):
-    """The penalty's (VocabShard, kernel labels, kept set) (sharding.vocab_shard) from its plan."""
-    return sharding.vocab_shard(process_group, device, local_vocab, validate, function, labels,
-                                 estimator=(*plan.estimator, plan.layout), has_ref=has_ref,
-                                 return_entropy=bool(return_entropy), ignore_index=plan.ignore_index,
-                                 temperature=temperature, mask=mask, cu_seqlens=plan.cu_seqlens, kept_ids=kept_ids,
-                                 **transform)
+        plan.backend.impl, logits_rows, args, bool(return_entropy), layout.estimator.name == "full",
+        bool(inplace_backward), plan.kept)
+    return penalty_outputs(layout, labels, args.labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
+                           ref_logprobs, mask, kl_coef)

@@ -13,7 +13,7 @@ consumes a row has a row count the BLAS treats alike for every row (_matmul), an
 not fed (ignored, or a non-finite hidden state) is a zero row there, never its NaN.
 
 linear_kl_penalty adds the reference model's tiles (frozen) and finishes with kl_penalty's O(N)
-epilogue (api._penalty_outputs): same estimators, masks, sums and outputs. integrations.trl and
+epilogue (penalty.outputs): same estimators, masks, sums and outputs. integrations.trl and
 integrations.verl serve the trainers' hidden-state heads (TRL's ChunkedLogProbFunction, verl's
 linear_cross_entropy) with linear_token_logprobs.
 """
@@ -26,7 +26,10 @@ import torch
 from . import replay, sharding
 from . import rows as rows_module
 from . import validation as check
-from .api import _agree_shard, _device, _penalty_outputs, _plan_penalty, _temperature, first_order_only
+from .penalty import outputs as penalty_outputs
+from .plan import device_of
+from .plan import make as make_plan
+from .rows import first_order_only
 from .contract import PassArgs, RowGrads, RowStats, compute_dtype
 from .dispatch import select_backend
 
@@ -440,27 +443,36 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     hidden [..., H] (leading dims as labels), weight [V, H], bias [V]; returns float32 [...] log-probs
     (and entropy with return_entropy). Gradients reach hidden, weight and bias in their dtypes.
     tile_bytes bounds the logits tiles (about rows x V x 4 bytes each, one more with a reference)."""
-    with sharding.checks(process_group, _device(hidden), validate):
-        logit_scale, softcap = _check_common(labels, logit_scale, softcap, tile_bytes)
+    transform = {}
+
+    def check_inputs():
+        transform.update(zip(("logit_scale", "softcap"), _check_common(labels, logit_scale, softcap, tile_bytes)))
         _check_linear(hidden, weight, bias, labels)
-        validate = validate and check.has_values(hidden)
-        ignore_index = check.ignore_index(ignore_index)
-        vocab = weight.shape[0]
-        temp = _temperature(temperature, labels.shape, hidden.device, compute_dtype(hidden.dtype), validate)
-        if kept_ids is not None:
-            replay.check_kept_ids(kept_ids, labels, hidden.device)
-        chosen = select_backend(backend, hidden.device, (_tile_dtype(hidden.dtype, logit_scale, softcap),))
-    shard, flat_labels, kept = sharding.vocab_shard(
-        process_group, hidden.device, vocab, validate, "linear_token_logprobs", labels,
-        return_entropy=bool(return_entropy), ignore_index=ignore_index, temperature=temperature,
-        logit_scale=logit_scale, softcap=softcap, kept_ids=kept_ids)
-    rows = _rows_per_tile(labels.numel(), vocab, hidden.element_size(), tile_bytes, False, hidden.device)
-    args = PassArgs(None, flat_labels, None, temp, ignore_index, shard)
+        return (_tile_dtype(hidden.dtype, **transform),), hidden, weight.shape[0]
+
+    plan = make_plan("linear_token_logprobs", process_group=process_group, device=device_of(hidden), labels=labels,
+                     validate=validate, check_inputs=check_inputs, temperature=temperature, ignore_index=ignore_index,
+                     return_entropy=return_entropy, kept_ids=kept_ids, backend=backend, transform=transform)
+    rows = _rows_per_tile(labels.numel(), weight.shape[0], hidden.element_size(), tile_bytes, False, hidden.device)
     logp, _, entropy, _ = LinearKLFunction.apply(
-        chosen.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None, args, logit_scale, softcap,
-        bool(return_entropy), False, rows, kept)
+        plan.backend.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None, plan.args,
+        transform["logit_scale"], transform["softcap"], bool(return_entropy), False, rows, plan.kept)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def _check_reference_model(ref_hidden, ref_weight, ref_bias, weight, labels):
+    if ref_hidden is None and ref_weight is None and ref_bias is None:
+        return
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("ref_hidden and ref_weight come together (the reference model's hidden states and "
+                         f"lm_head.weight), got only {'ref_hidden' if ref_weight is None else 'ref_weight'}"
+                         + (" and ref_bias" if ref_bias is not None else ""))
+    check.tensor(ref_weight, "ref_weight")
+    if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must be [V, H_ref] with weight's vocabulary size V = {weight.shape[0]}, "
+                         f"got shape {tuple(ref_weight.shape)}")
+    _check_linear(ref_hidden, ref_weight, ref_bias, labels, "ref_")
 
 
 def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
@@ -473,42 +485,30 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
 
     hidden [B, T, H] (padded) or [N, H] (packed, with cu_seqlens); ref_hidden has hidden's leading
     dims and its own hidden size; the reference model is frozen (no gradient reaches it)."""
-    with sharding.checks(process_group, _device(hidden), validate):
-        logit_scale, softcap = _check_common(labels, logit_scale, softcap, tile_bytes)
+    transform = {}
+
+    def check_inputs():
+        transform.update(zip(("logit_scale", "softcap"), _check_common(labels, logit_scale, softcap, tile_bytes)))
         _check_linear(hidden, weight, bias, labels)
-        if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
-            if ref_hidden is None or ref_weight is None:
-                raise ValueError("ref_hidden and ref_weight come together (the reference model's hidden states and "
-                                 f"lm_head.weight), got only {'ref_hidden' if ref_weight is None else 'ref_weight'}"
-                                 + (" and ref_bias" if ref_bias is not None else ""))
-            check.tensor(ref_weight, "ref_weight")
-            if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
-                raise ValueError(f"ref_weight must be [V, H_ref] with weight's vocabulary size V = {weight.shape[0]}, "
-                                 f"got shape {tuple(ref_weight.shape)}")
-            _check_linear(ref_hidden, ref_weight, ref_bias, labels, "ref_")
-        validate = validate and check.has_values(hidden)
-        plan = _plan_penalty(
-            labels, hidden.device, compute_dtype(hidden.dtype), source=("hidden", hidden.shape), ref_logprobs=ref_logprobs,
-            mask=mask, cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, temperature=temperature,
-            log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp, ignore_index=ignore_index, validate=validate,
-            has_ref_model=ref_hidden is not None)
-        if kept_ids is not None:
-            replay.check_kept_ids(kept_ids, labels, hidden.device)
-        dtypes = [_tile_dtype(hidden.dtype, logit_scale, softcap)]
-        if ref_hidden is not None:
-            dtypes.append(_tile_dtype(ref_hidden.dtype, logit_scale, softcap))
-        chosen = select_backend(backend, hidden.device, tuple(dtypes))
-    shard, flat_labels, kept = _agree_shard(process_group, hidden.device, weight.shape[0], "linear_kl_penalty",
-                                            labels, plan, validate, ref_hidden is not None, return_entropy,
-                                            temperature, mask, kept_ids, logit_scale=logit_scale, softcap=softcap)
+        _check_reference_model(ref_hidden, ref_weight, ref_bias, weight, labels)
+        dtypes = [_tile_dtype(t.dtype, **transform) for t in (hidden, ref_hidden) if t is not None]
+        return tuple(dtypes), hidden, weight.shape[0]
+
+    plan = make_plan(
+        "linear_kl_penalty", process_group=process_group, device=device_of(hidden), labels=labels, validate=validate,
+        check_inputs=check_inputs, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+        kept_ids=kept_ids, backend=backend, transform=transform,
+        penalty=dict(source=("hidden", getattr(hidden, "shape", ())), ref_logprobs=ref_logprobs, mask=mask,
+                     cu_seqlens=cu_seqlens, kl_coef=kl_coef, estimator=estimator, log_ratio_clamp=log_ratio_clamp,
+                     kl_clamp=kl_clamp, has_ref_model=ref_hidden is not None))
     element_bytes = max(hidden.element_size(), 0 if ref_hidden is None else ref_hidden.element_size())
     rows = _rows_per_tile(labels.numel(), weight.shape[0], element_bytes, tile_bytes, ref_hidden is not None,
                           hidden.device)
     flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     detached = lambda t: None if t is None else t.detach()  # noqa: E731
     logp, ref_logp, entropy, full_kl = LinearKLFunction.apply(
-        chosen.impl, flat(hidden), weight, bias, flat(detached(ref_hidden)), detached(ref_weight), detached(ref_bias),
-        PassArgs(None, flat_labels, None, plan.temperature, plan.ignore_index, shard), logit_scale, softcap,
-        bool(return_entropy), plan.estimator.name == "full", rows, kept)
-    return _penalty_outputs(plan, labels, flat_labels, logp, ref_logp, entropy if return_entropy else None, full_kl,
-                            ref_logprobs, mask, kl_coef)
+        plan.backend.impl, flat(hidden), weight, bias, flat(detached(ref_hidden)), detached(ref_weight),
+        detached(ref_bias), plan.args, transform["logit_scale"], transform["softcap"], bool(return_entropy),
+        plan.penalty.estimator.name == "full", rows, plan.kept)
+    return penalty_outputs(plan.penalty, labels, plan.args.labels, logp, ref_logp,
+                           entropy if return_entropy else None, full_kl, ref_logprobs, mask, kl_coef)

@@ -28,6 +28,16 @@ KEPT_IGNORE = -2
 KEPT_BAD = bad_label(KEPT_IGNORE)
 
 
+def first_order_only() -> None:
+    """Called first in every kernel-backed backward. The kernels compute first derivatives only:
+    with create_graph=True autograd would record them as constants, and a double backward (a
+    gradient penalty, a Hessian-vector product) would be silently wrong, so it is an error."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("kl_kernels computes first-order gradients only: backward with create_graph=True "
+                           "(double backward) is not supported by any backend; for second-order terms compute "
+                           "the log-probs with torch.log_softmax instead")
+
+
 class KeptRows(NamedTuple):
     """A call's kept rows as the kernels take them."""
     set: replay.KeptSet

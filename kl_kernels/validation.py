@@ -123,3 +123,34 @@ def inplace_target(logits: torch.Tensor) -> None:
                              f"{tuple(logits.stride())} for shape {tuple(logits.shape)}, e.g. an expand); "
                              "pass inplace_backward=False for a fresh gradient")
         span += stride * (size - 1)
+
+
+def temperature(temperature, labels_shape, device, dtype, validate, per_sequence=None):
+    """A float, or a contiguous [N] tensor of per-token temperatures in the compute dtype.
+
+    per_sequence: (number of sequences B, callable giving each token's sequence index) for the
+    packed layout, where a 1-D tensor of length B != N holds one temperature per sequence.
+    """
+    if isinstance(temperature, torch.Tensor):
+        if not (temperature.is_floating_point() or temperature.dtype in INTEGER_DTYPES):
+            raise ValueError(f"temperature must be a float or a real (floating or integer) tensor, "
+                             f"got dtype {temperature.dtype}")
+        same_device(device, temperature=temperature)
+        n_tokens = 1
+        for size in labels_shape:
+            n_tokens *= size
+        if validate:
+            temperature_values(temperature)
+        if per_sequence is not None and temperature.dim() == 1 and temperature.numel() == per_sequence[0] != n_tokens:
+            return temperature.to(dtype)[per_sequence[1]()].contiguous()
+        try:
+            broadcast = torch.broadcast_shapes(temperature.shape, labels_shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != tuple(labels_shape):
+            raise ValueError(f"temperature must be a float or a tensor broadcastable to the labels' shape "
+                             f"{tuple(labels_shape)}, got shape {tuple(temperature.shape)}")
+        return temperature.to(dtype).expand(labels_shape).reshape(-1).contiguous()
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+    return temperature_float(temperature)
