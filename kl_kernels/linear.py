@@ -206,50 +206,17 @@ class LinearKLFunction(torch.autograd.Function):
         """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard); kept:
         a replay.KeptSet (sampling replay), whose K logits per row are gathered from each tile."""
         n_tokens, has_ref, vocab = hidden.shape[0], ref_hidden is not None, weight.shape[0]
-        dtype = compute_dtype(hidden.dtype)
-        new = lambda needed, kind=dtype: hidden.new_empty((n_tokens if needed else 0,), dtype=kind)  # noqa: E731
-        logp, ref_logp, entropy, full_kl, lse, ref_lse = (  # the saved lse in float64, as every backend's
-            new(True), new(has_ref), new(need_entropy), new(need_full), new(True, torch.float64),
-            new(has_ref, torch.float64))
         tile_rows = min(rows, n_tokens)
         policy = _Projection(hidden, weight, bias, tile_rows, vocab, logit_scale, softcap)
         reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, logit_scale, softcap) \
             if has_ref else None
-        labelled = args.labels != args.ignore_index
-        poisoned = torch.empty_like(labelled)
-        bad = sharding.bad_label(args.ignore_index)
-        kept_z = ref_kept_z = None
-        if kept is not None:  # the kept columns' logits, gathered from each tile as it passes
-            kept_z = hidden.new_empty(kept.columns.shape, dtype=compute_dtype(hidden.dtype))
-            ref_kept_z = torch.empty_like(kept_z) if has_ref else None
-        for n0 in range(0, n_tokens, rows):
-            n1 = min(n0 + rows, n_tokens)
-            finite = policy.finite_rows(n0, n1)
-            if has_ref:
-                finite &= reference.finite_rows(n0, n1)
-            feed = labelled[n0:n1] & finite
-            poisoned[n0:n1] = labelled[n0:n1] & ~finite
-            z = policy.tile(n0, n1, feed)[0]
-            ref_z = reference.tile(n0, n1, feed)[0] if has_ref else None
-            labels = torch.where(poisoned[n0:n1], bad, args.labels[n0:n1])
-            if kept is not None:  # the kernel skips the kept rows (as ignored): they take their set's numbers
-                labels = replay.kernel_labels(labels, replay.rows_of(kept, n0, n1), args.ignore_index)
-            tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, n0, n1, labels), need_entropy, need_full)
-            if kept is not None:
-                kept_z[n0:n1] = z[:n1 - n0].gather(1, kept.columns[n0:n1])
-                if has_ref:
-                    ref_kept_z[n0:n1] = ref_z[:n1 - n0].gather(1, kept.columns[n0:n1])
-            for out, value in zip((logp, ref_logp, entropy, full_kl, lse, ref_lse), tile):
-                if value is not None and out.numel():
-                    out[n0:n1] = value
-            del z, ref_z  # the budget holds one tile of each at a time
-        stats = RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
-                         full_kl if need_full else None, lse, ref_lse if has_ref else None)
+        stats, poisoned, kept_z, ref_kept_z = _forward_tiles(impl, args, policy, reference, kept, rows, need_entropy,
+                                                             need_full)
         # the kept rows' numbers over their sets (a poisoned row's bad label: NaN), then the ranks' merge
-        labelled_args = args._replace(labels=torch.where(poisoned, bad, args.labels))
         kept_rows = None if kept is None else rows_module.from_values(kept, kept_z, ref_kept_z)
-        stats = rows_module.finish(impl, labelled_args, stats, kept_rows, need_entropy, need_full)
-        logp, ref_logp, entropy, full_kl, lse, ref_lse = (new(False) if t is None else t for t in stats)
+        stats = rows_module.finish(impl, _poisoned_args(args, poisoned), stats, kept_rows, need_entropy, need_full)
+        empty = hidden.new_empty((0,), dtype=compute_dtype(hidden.dtype))
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = (empty if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
         ctx.impl, ctx.logit_scale, ctx.softcap, ctx.rows = impl, logit_scale, softcap, rows
         tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
@@ -268,110 +235,181 @@ class LinearKLFunction(torch.autograd.Function):
         first_order_only()
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, poisoned, lse, ref_lse, entropy, full_kl,
          tensor_temperature, *kept, kept_z, ref_kept_z) = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[1:4]
         if grad_logp is None and grad_entropy is None and grad_full is None:
             return (None,) * 14
         temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
-        feed = (labels != ctx.args.ignore_index) & ~poisoned
+        args = ctx.args._replace(labels=labels, temperature=temperature)
+        use_ref = grad_full is not None and ref_hidden is not None
+        all_stats = RowStats(None, None, entropy if entropy.numel() else None, full_kl if full_kl.numel() else None,
+                             lse, ref_lse if use_ref else None)
+        all_grads = RowGrads(grad_logp, grad_entropy, grad_full)
+        feed = (labels != args.ignore_index) & ~poisoned
         # the kernels see a poisoned row as ignored (an exact 0 gradient row; its NaN is set below), and a
         # kept row too: its gradient on its set is computed once here, each chunk adding its columns' share
         ignored, on_kept = poisoned, None
         kept = replay.KeptSet(*kept) if kept[0] is not None else None
         if kept is not None:
-            on_kept = rows_module.kept_gradient(
-                ctx.impl, ctx.args._replace(labels=torch.where(poisoned, sharding.bad_label(ctx.args.ignore_index),
-                                                               labels), temperature=temperature),
-                rows_module.from_values(kept, kept_z, ref_kept_z), RowStats(None, None, entropy, full_kl, lse, ref_lse),
-                RowGrads(grad_logp, grad_entropy, grad_full))
+            on_kept = rows_module.kept_gradient(ctx.impl, _poisoned_args(args, poisoned),
+                                                rows_module.from_values(kept, kept_z, ref_kept_z), all_stats, all_grads)
             ignored = poisoned | kept.rows
-        args = ctx.args._replace(labels=torch.where(ignored, ctx.args.ignore_index, labels), temperature=temperature)
-        n_tokens, (vocab, hidden_size) = hidden.shape[0], weight.shape
-        # Vocabulary chunks outer, token tiles inner, when the weight needs a gradient: each chunk's
-        # weight gradient is summed over the tiles in a chunk-sized float32 buffer and written once in
-        # the weight's dtype, so no [V, H] float32 sum is ever held (524 MB at V = 32000, H = 4096).
-        # A chunk is a slice of the vocabulary to the row kernels (a VocabShard at its offset): p comes
-        # from the saved whole-vocabulary lse, the label term only in the chunk that holds the label.
-        # Without a weight gradient: one chunk, the whole vocabulary.
-        chunk = min(vocab, max(1, PARTIAL_BYTES // (4 * hidden_size))) if need_weight else vocab
-        single = chunk == vocab
-        wide = compute_dtype(weight.dtype)  # the sums' dtype: float32, float64 for float64
-        summed_in_place = weight.dtype == wide
+        args = args._replace(labels=torch.where(ignored, args.ignore_index, labels))
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        sums = _GradientSums(hidden, weight, bias, ctx.needs_input_grad[1:4], min(ctx.rows, n_tokens))
         tile_rows = min(ctx.rows, n_tokens)
-        padded_rows = _padded(tile_rows, hidden.device)
-        # the hidden gradient: written tile by tile (one chunk), else summed over chunks; each tile's
-        # rows come from a padded matmul (batch invariance) into this buffer
-        grad_hidden = hidden_rows = None
-        if need_hidden:
-            grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if single else
-                           torch.zeros(hidden.shape, dtype=wide, device=hidden.device))
-            hidden_rows = torch.empty((padded_rows, hidden_size), dtype=weight.dtype, device=hidden.device)
-        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
-        # a float32 (float64) weight's gradient is its own sum; a lower dtype's chunk sums in this buffer
-        chunk_sum = torch.empty((chunk, hidden_size), dtype=wide, device=weight.device) \
-            if need_weight and not summed_in_place else None
-        grad_bias = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_bias else None
-        use_ref = grad_full is not None and ref_hidden is not None
-        policy = _Projection(hidden, weight, bias, tile_rows, chunk, ctx.logit_scale, ctx.softcap)
-        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, chunk, ctx.logit_scale, ctx.softcap) \
-            if use_ref else None
-        for v0 in range(0, vocab, chunk):  # fixed orders, chunks then tiles: deterministic
-            v1 = min(v0 + chunk, vocab)
-            w = weight[v0:v1]
+        policy = _Projection(hidden, weight, bias, tile_rows, sums.chunk, ctx.logit_scale, ctx.softcap)
+        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, sums.chunk, ctx.logit_scale,
+                                ctx.softcap) if use_ref else None
+        for v0 in range(0, vocab, sums.chunk):  # fixed orders, chunks then tiles: deterministic
+            v1 = min(v0 + sums.chunk, vocab)
             chunk_args = args._replace(shard=args.shard._replace(start=args.shard.start + v0))
-            if need_weight:
-                weight_sum = grad_weight[v0:v1] if summed_in_place else chunk_sum[:v1 - v0]
-                weight_sum.zero_()
+            sums.start_chunk(v0, v1)
             for n0 in range(0, n_tokens, ctx.rows):
                 n1 = min(n0 + ctx.rows, n_tokens)
-                rows = n1 - n0
                 z, tanh, inputs = policy.tile(n0, n1, feed[n0:n1], v0, v1)
                 ref_z = reference.tile(n0, n1, feed[n0:n1], v0, v1)[0] if use_ref else None
-                stats = RowStats(None, None, entropy[n0:n1] if entropy.numel() else None,
-                                 full_kl[n0:n1] if full_kl.numel() else None, lse[n0:n1],
-                                 ref_lse[n0:n1] if use_ref else None)
-                grads = RowGrads(*(_rows(g, n0, n1) for g in (grad_logp, grad_entropy, grad_full)))
+                stats = RowStats(*(None if t is None else t[n0:n1] for t in all_stats))
+                grads = RowGrads(*(_rows(g, n0, n1) for g in all_grads))
                 # in place: z's rows now hold dlogits; the padding's are made 0
-                ctx.impl.fused_kl_bwd(_tile_args(chunk_args, z[:rows], None if ref_z is None else ref_z[:rows],
-                                                 n0, n1), stats, grads, True)
-                dz = z
-                dz[rows:].zero_()
+                ctx.impl.fused_kl_bwd(_tile_args(chunk_args, z, ref_z, n0, n1), stats, grads, True)
+                z[n1 - n0:].zero_()
                 if kept is not None:  # this chunk's kept columns, over the kernel's zeros (replay.put)
                     columns = kept.columns[n0:n1] - v0
                     here = (columns >= 0) & (columns < v1 - v0)
-                    replay.put(dz[:rows], torch.where(here, columns, 0), here, on_kept[n0:n1])
-                if tanh is not None:
-                    dz = dz * (1.0 - tanh * tanh)  # dead and poisoned rows were fed zeros: tanh is finite
-                if ctx.logit_scale != 1.0:
-                    dz = dz * ctx.logit_scale
-                dz = dz.to(weight.dtype)
-                if grad_hidden is not None:
-                    # the matmul in the weight's dtype (as F.linear's backward), summed in float32 over chunks
-                    _matmul(dz, w, hidden_rows[:dz.shape[0]])
-                    if single:
-                        grad_hidden[n0:n1] = hidden_rows[:rows]
-                    else:
-                        grad_hidden[n0:n1] += hidden_rows[:rows]
-                if need_weight:
-                    # the padded input rows: dead and poisoned rows are zeros there (0 * NaN would be NaN)
-                    if summed_in_place:
-                        weight_sum.addmm_(dz.t(), inputs)
-                    else:
-                        weight_sum += dz.t() @ inputs
-                if grad_bias is not None:
-                    grad_bias[v0:v1] += dz.to(wide).sum(0)
-                del z, tanh, ref_z, dz, inputs  # before the next tile is made
-            if need_weight and not summed_in_place:
-                grad_weight[v0:v1] = weight_sum
+                    replay.put(z[:n1 - n0], torch.where(here, columns, 0), here, on_kept[n0:n1])
+                sums.add(_through_transform(z, tanh, ctx.logit_scale).to(weight.dtype), inputs, n0, n1, v0, v1)
+                del z, tanh, ref_z, inputs  # before the next tile is made
+            sums.end_chunk(v0, v1)
         # a poisoned row from which a gradient flows: NaN in its hidden gradient, and in the sums over rows
-        flows = torch.stack([g != 0 for g in (grad_logp, grad_entropy, grad_full) if g is not None]).any(0)
-        nan_rows = poisoned & flows
-        if grad_hidden is not None:
-            grad_hidden.masked_fill_(nan_rows[:, None], float("nan"))
+        flows = torch.stack([g != 0 for g in all_grads if g is not None]).any(0)
+        return (None, *sums.result(poisoned & flows)) + (None,) * 10
+
+
+def _forward_tiles(impl, args, policy, reference, kept, rows, need_entropy, need_full):
+    """The backend's forward on each tile of rows: (the RowStats of all rows, which rows are poisoned, the
+    kept columns' logits gathered from the tiles and the reference's, or None)."""
+    hidden = policy.hidden
+    n_tokens, has_ref = hidden.shape[0], reference is not None
+    dtype = compute_dtype(hidden.dtype)
+    new = lambda needed, kind=dtype: hidden.new_empty((n_tokens if needed else 0,), dtype=kind)  # noqa: E731
+    outputs = (new(True), new(has_ref), new(need_entropy), new(need_full), new(True, torch.float64),  # the saved
+               new(has_ref, torch.float64))  # lse in float64, as every backend's
+    labelled = args.labels != args.ignore_index
+    poisoned = torch.empty_like(labelled)
+    kept_z = ref_kept_z = None
+    if kept is not None:  # the kept columns' logits, gathered from each tile as it passes
+        kept_z = hidden.new_empty(kept.columns.shape, dtype=dtype)
+        ref_kept_z = torch.empty_like(kept_z) if has_ref else None
+    for n0 in range(0, n_tokens, rows):
+        n1 = min(n0 + rows, n_tokens)
+        finite = policy.finite_rows(n0, n1)
+        if has_ref:
+            finite &= reference.finite_rows(n0, n1)
+        feed = labelled[n0:n1] & finite
+        poisoned[n0:n1] = labelled[n0:n1] & ~finite
+        z = policy.tile(n0, n1, feed)[0]
+        ref_z = reference.tile(n0, n1, feed)[0] if has_ref else None
+        labels = _poisoned_args(args, poisoned[n0:n1], n0, n1).labels
+        if kept is not None:  # the kernel skips the kept rows (as ignored): they take their set's numbers
+            labels = replay.kernel_labels(labels, replay.rows_of(kept, n0, n1), args.ignore_index)
+            kept_z[n0:n1] = z[:n1 - n0].gather(1, kept.columns[n0:n1])
+            if has_ref:
+                ref_kept_z[n0:n1] = ref_z[:n1 - n0].gather(1, kept.columns[n0:n1])
+        tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, n0, n1, labels), need_entropy, need_full)
+        for out, value in zip(outputs, tile):
+            if value is not None and out.numel():
+                out[n0:n1] = value
+        del z, ref_z  # the budget holds one tile of each at a time
+    logp, ref_logp, entropy, full_kl, lse, ref_lse = outputs
+    stats = RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
+                     full_kl if need_full else None, lse, ref_lse if has_ref else None)
+    return stats, poisoned, kept_z, ref_kept_z
+
+
+def _poisoned_args(args, poisoned, n0=0, n1=None):
+    """args with the labels of rows [n0, n1) that are poisoned made bad ones (NaN rows in the kernels)."""
+    labels = args.labels[n0:n1]
+    return args._replace(labels=torch.where(poisoned, sharding.bad_label(args.ignore_index), labels))
+
+
+def _through_transform(dz, tanh, logit_scale):
+    """dlogits through the logit transform g: softcap's 1 - tanh^2, then logit_scale."""
+    if tanh is not None:
+        dz = dz * (1.0 - tanh * tanh)  # dead and poisoned rows were fed zeros: tanh is finite
+    if logit_scale != 1.0:
+        dz = dz * logit_scale
+    return dz
+
+
+class _GradientSums:
+    """The backward's gradients of hidden, weight and bias, summed tile by tile over vocabulary chunks.
+
+    Vocabulary chunks outer, token tiles inner, when the weight needs a gradient: each chunk's weight
+    gradient is summed over the tiles in a chunk-sized float32 buffer and written once in the weight's
+    dtype, so no [V, H] float32 sum is ever held (524 MB at V = 32000, H = 4096). A chunk is a slice of
+    the vocabulary to the row kernels (a VocabShard at its offset): p comes from the saved
+    whole-vocabulary lse, the label term only in the chunk that holds the label. Without a weight
+    gradient: one chunk, the whole vocabulary."""
+
+    def __init__(self, hidden, weight, bias, needs, tile_rows):
+        need_hidden, need_weight, need_bias = needs
+        (vocab, hidden_size), self.weight, self.hidden, self.bias = weight.shape, weight, hidden, bias
+        self.chunk = min(vocab, max(1, PARTIAL_BYTES // (4 * hidden_size))) if need_weight else vocab
+        self.single = self.chunk == vocab
+        self.wide = compute_dtype(weight.dtype)  # the sums' dtype: float32, float64 for float64
+        self.summed_in_place = weight.dtype == self.wide
+        # the hidden gradient: written tile by tile (one chunk), else summed over chunks; each tile's rows
+        # come from a padded matmul (batch invariance) into hidden_rows
+        self.grad_hidden = self.hidden_rows = None
+        if need_hidden:
+            self.grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if self.single
+                                else torch.zeros(hidden.shape, dtype=self.wide, device=hidden.device))
+            self.hidden_rows = torch.empty((_padded(tile_rows, hidden.device), hidden_size), dtype=weight.dtype,
+                                           device=hidden.device)
+        self.grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
+        # a float32 (float64) weight's gradient is its own sum; a lower dtype's chunk sums in this buffer
+        self.chunk_sum = torch.empty((self.chunk, hidden_size), dtype=self.wide, device=weight.device) \
+            if need_weight and not self.summed_in_place else None
+        self.grad_bias = torch.zeros(bias.shape, dtype=self.wide, device=bias.device) if need_bias else None
+        self.weight_sum = None
+
+    def start_chunk(self, v0, v1):
+        if self.grad_weight is not None:
+            self.weight_sum = self.grad_weight[v0:v1] if self.summed_in_place else self.chunk_sum[:v1 - v0]
+            self.weight_sum.zero_()
+
+    def add(self, dz, inputs, n0, n1, v0, v1):
+        """One tile's dlogits dz [padded rows, v1 - v0] (in the weight's dtype) and its padded input rows."""
+        rows = n1 - n0
+        if self.grad_hidden is not None:
+            # the matmul in the weight's dtype (as F.linear's backward), summed in float32 over chunks
+            _matmul(dz, self.weight[v0:v1], self.hidden_rows[:dz.shape[0]])
+            if self.single:
+                self.grad_hidden[n0:n1] = self.hidden_rows[:rows]
+            else:
+                self.grad_hidden[n0:n1] += self.hidden_rows[:rows]
+        if self.weight_sum is not None:
+            # the padded input rows: dead and poisoned rows are zeros there (0 * NaN would be NaN)
+            if self.summed_in_place:
+                self.weight_sum.addmm_(dz.t(), inputs)
+            else:
+                self.weight_sum += dz.t() @ inputs
+        if self.grad_bias is not None:
+            self.grad_bias[v0:v1] += dz.to(self.wide).sum(0)
+
+    def end_chunk(self, v0, v1):
+        if self.grad_weight is not None and not self.summed_in_place:
+            self.grad_weight[v0:v1] = self.weight_sum
+
+    def result(self, nan_rows):
+        """(hidden, weight, bias gradients) in their dtypes, NaN where nan_rows (a poisoned row a gradient
+        flows from) reach: its hidden gradient row, and the sums over rows as a whole."""
+        if self.grad_hidden is not None:
+            self.grad_hidden.masked_fill_(nan_rows[:, None], float("nan"))
         any_nan = nan_rows.any()
-        for grad in (grad_weight, grad_bias):
+        for grad in (self.grad_weight, self.grad_bias):
             if grad is not None:
                 grad.masked_fill_(any_nan, float("nan"))
-        return (None, _cast(grad_hidden, hidden), grad_weight, _cast(grad_bias, bias)) + (None,) * 10
+        return _cast(self.grad_hidden, self.hidden), self.grad_weight, _cast(self.grad_bias, self.bias)
 
 
 def _tile_args(args, z, ref_z, n0, n1, labels=None):
