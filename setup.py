@@ -1,6 +1,7 @@
 """Builds kl_kernels and its C++ extensions from csrc/ with torch's cpp_extension: kl_kernels._C
 (the schemas, and the CUDA kernels) and kl_kernels._cpu_<isa> (the CPU kernels, one library per
-instruction set; see cpu_variants).
+instruction set; see cpu_variants); for the tools, kl_kernels.tools._memory (kl-bench's CPU
+allocation counter) and kl_kernels.tools._testing_<isa> (test-only ops).
 
 _C has the CUDA kernels (csrc/cuda) when torch is a CUDA
 build and a CUDA toolkit is found (CUDA_HOME, else nvcc on PATH): decided from torch.version.cuda
@@ -49,9 +50,9 @@ if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
     # -fopenmp: at::parallel_for is inlined from the headers and is serial without it
     flags = ["-O3", "-fopenmp"]
     include = [os.path.abspath("csrc")]
-    # kl_kernels._C: every schema (csrc/registration.cpp), the CUDA kernels and kl-bench's CPU allocation
-    # counter (csrc/memory_tracking.cpp); no instruction-set-specific code
-    sources = ["csrc/registration.cpp", "csrc/memory_tracking.cpp"]
+    # kl_kernels._C: every schema (csrc/registration.cpp) and the CUDA kernels; no instruction-set-specific
+    # code, and nothing but the library's ops (the tools' code is built apart, below)
+    sources = ["csrc/registration.cpp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and \
         os.environ.get("KL_KERNELS_NO_CUDA", "0") != "1"
     if with_cuda:
@@ -67,6 +68,13 @@ if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
         ext_modules.append(CppExtension(f"kl_kernels._cpu_{suffix}", sorted(glob.glob("csrc/cpu/*.cpp")),
                                         include_dirs=include, extra_compile_args={"cxx": flags + isa_flags},
                                         extra_link_args=["-fopenmp"]))
+    # the tools' own: kl-bench's CPU allocation counter, and the test-only ops (per instruction set: the
+    # kernels' 2^y as each CPU build compiles it)
+    ext_modules.append(CppExtension("kl_kernels.tools._memory", ["csrc/tools/memory_tracking.cpp"],
+                                    extra_compile_args={"cxx": ["-O2"]}))
+    for suffix, isa_flags in cpu_variants():
+        ext_modules.append(CppExtension(f"kl_kernels.tools._testing_{suffix}", ["csrc/tools/testing.cpp"],
+                                        include_dirs=include, extra_compile_args={"cxx": ["-O2"] + isa_flags}))
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
     # the binary loads only with the torch it was compiled against: say so in the metadata
     install_requires = [f"torch=={torch.__version__.split('+')[0]}"]

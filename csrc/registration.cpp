@@ -12,47 +12,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <exception>
 
-#include "memory_tracking.h"
-
-// The extension is loaded with `import kl_kernels._C`, which runs the static registrations below.
-// The module's own functions are kl-bench's CPU allocation counter (memory_tracking.cpp):
-//   track_cpu_memory(bool), reset_cpu_memory_peak(), cpu_memory_stats() -> (live bytes, peak bytes)
-namespace {
-
-PyObject* track_cpu_memory(PyObject*, PyObject* enable) {
-  const int on = PyObject_IsTrue(enable);
-  if (on < 0) return nullptr;
-  try {
-    kl_kernels::track_cpu_memory(on != 0);
-  } catch (const std::exception& error) {
-    PyErr_SetString(PyExc_RuntimeError, error.what());
-    return nullptr;
-  }
-  Py_RETURN_NONE;
-}
-
-PyObject* reset_cpu_memory_peak(PyObject*, PyObject*) {
-  kl_kernels::reset_cpu_memory_peak();
-  Py_RETURN_NONE;
-}
-
-PyObject* cpu_memory_stats(PyObject*, PyObject*) {
-  const auto [live, peak] = kl_kernels::cpu_memory_stats();
-  return Py_BuildValue("(LL)", static_cast<long long>(live), static_cast<long long>(peak));
-}
-
-PyMethodDef methods[] = {
-    {"track_cpu_memory", track_cpu_memory, METH_O, "count CPU allocations (True) or stop (False)"},
-    {"reset_cpu_memory_peak", reset_cpu_memory_peak, METH_NOARGS, "peak = live bytes"},
-    {"cpu_memory_stats", cpu_memory_stats, METH_NOARGS, "(live bytes, peak bytes) counted while tracking"},
-    {nullptr, nullptr, 0, nullptr}};
-
-}  // namespace
-
+// The extension is loaded with `import kl_kernels._C`, which runs the static registrations below; the
+// module itself has no functions (kl-bench's allocation counter is kl_kernels.tools._memory).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }
 
@@ -99,8 +63,6 @@ TORCH_LIBRARY(kl_kernels, m) {
   m.def(KL_PENALTY_BWD_SCHEMA("kl_penalty_bwd", "Tensor logits") " -> Tensor");
   m.def(KL_PENALTY_BWD_SCHEMA("kl_penalty_bwd_", "Tensor(a!) logits") " -> ()");
 #undef KL_PENALTY_BWD_SCHEMA
-  // the CPU kernels' 2^y (the softmax terms, y = log2 of each term), elementwise: for tests only
-  m.def("softmax_exp2(Tensor x) -> Tensor");
   // sampling replay (kl_kernels/replay.py): [N, K] int64 kept ids -> [N, K] bool, True where the entry
   // counts (an id in [0, columns) not seen earlier in its row); CPU only (elsewhere a stable sort)
   m.def("kept_counts(Tensor ids, int columns) -> Tensor");

@@ -142,7 +142,7 @@ def test_cli_tensor_parallel_mode(tmp_path):
 
 @pytest.mark.parametrize("provider", ["eager", "cpu"])
 def test_cpu_peak_memory_is_reproducible_and_counts_the_gradient(provider):
-    """The CPU peak comes from kl_kernels._C's allocation counter: the same row twice gives the same
+    """The CPU peak comes from the tools' allocation counter (kl_kernels.tools._memory): the same row twice gives the same
     bytes, and never fewer than the op must allocate (the bf16 logits gradient)."""
     fn = providers.make_provider(provider, "k1")
     device = torch.device("cpu")

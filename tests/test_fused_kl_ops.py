@@ -271,6 +271,33 @@ def test_triton_penalty_ops_opcheck(packed, given_ref):
                          on_device("triton"), torch.float32, packed, given_ref)
 
 
+def _testing_ops():
+    """The test-only ops (csrc/tools/testing.cpp), from the build of the CPU kernels' instruction set."""
+    import importlib.util
+
+    from kl_kernels.backends.extension import CPU_ISA
+
+    spec = importlib.util.find_spec(f"kl_kernels.tools._testing_{CPU_ISA}")
+    assert spec is not None and spec.origin, f"kl_kernels.tools._testing_{CPU_ISA} was not built"
+    torch.ops.load_library(spec.origin)
+    return torch.ops.kl_kernels_testing
+
+
+@needs_cpu
+def test_the_shipped_extension_registers_the_library_ops_only():
+    """kl_kernels._C and the CPU kernels register the library's ops; kl-bench's allocation counter and
+    the test-only ops live in the tools' own libraries (issue 34)."""
+    from kl_kernels import _C
+
+    assert not any(hasattr(_C, name) for name in ("track_cpu_memory", "cpu_memory_stats"))
+    # the C++ schemas (the Triton backend registers its own ops, kl_kernels::triton_*, from Python)
+    schemas = {s.name for s in torch._C._jit_get_all_schemas()
+               if s.name.startswith("kl_kernels::") and not s.name.startswith("kl_kernels::triton_")}
+    assert schemas == {f"kl_kernels::{op}" for op in (
+        "fused_kl_fwd", "fused_kl_bwd", "fused_kl_bwd_", "kl_penalty_fwd", "kl_penalty_bwd", "kl_penalty_bwd_",
+        "kept_counts", "empty_cpu_cache")}, schemas
+
+
 @needs_cpu
 def test_cpu_kernels_exp2_is_within_two_ulp():
     """The CPU kernels' 2^y (csrc/cpu/fused_kl.cpp softmax_exp2: every softmax term is a power of two
@@ -280,11 +307,12 @@ def test_cpu_kernels_exp2_is_within_two_ulp():
     the AVX2 build runs the same polynomial but flushes results below 2^-126 to 0 (no vscalefps).
     ATEN_CPU_CAPABILITY=avx2 runs this test on the AVX2 build."""
     from kl_kernels.backends.extension import CPU_ISA
+    ops = _testing_ops()
     negative = torch.arange(0x80000000, 0xC3170001, 997, dtype=torch.int64)  # -0.0 ... -151.0
     positive = torch.arange(0, 0x3F800001, 997, dtype=torch.int64)  # 0.0 ... 1.0
     bits = torch.cat([negative, positive, torch.tensor([0xC3170000, 0x3F800000, 0x80000000, 0xBF000000])])
     y = bits.to(torch.int32).view(torch.float32)  # wraps to the same 32 bits
-    got = torch.ops.kl_kernels.softmax_exp2(y).double()
+    got = ops.softmax_exp2(y).double()
     want = torch.exp2(y.double())
     spacing = (torch.nextafter(want.float(), torch.tensor(float("inf"))) - want.float()).double()
     normal = want >= torch.finfo(torch.float32).tiny
@@ -292,7 +320,7 @@ def test_cpu_kernels_exp2_is_within_two_ulp():
     assert ulps.max() <= 2.0, (ulps.max().item(), y[normal][ulps.argmax()].item())
     below = 2.0 ** -126 if CPU_ISA == "avx2" else 2 * 2.0 ** -149  # a flushed term, or 2 denormal spacings
     assert ((got - want).abs()[~normal] <= below).all()
-    specials = torch.ops.kl_kernels.softmax_exp2(
+    specials = ops.softmax_exp2(
         torch.tensor([float("-inf"), float("nan"), -0.0, 0.0, -200.0, -150.6, 128.0]))
     assert specials[0] == 0 and torch.isnan(specials[1]) and specials[2] == 1 and specials[3] == 1
     assert specials[4] == 0 and specials[5] == 0 and specials[6] == float("inf")

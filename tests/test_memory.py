@@ -92,7 +92,7 @@ def test_the_cpu_gradient_cache():
     freed one serves the next backward as large or smaller, and empty_cpu_cache gives it back."""
     import torch
 
-    from kl_kernels import _C
+    from kl_kernels.tools import _memory as counter
 
     def gradient(rows, scale):
         logits = torch.randn(rows, 300, dtype=torch.float64)
@@ -103,7 +103,7 @@ def test_the_cpu_gradient_cache():
         return x.grad, want
 
     torch.ops.kl_kernels.empty_cpu_cache()
-    _C.track_cpu_memory(True)
+    counter.track_cpu_memory(True)
     try:
         first, first_want = gradient(64, 1.0)
         second, second_want = gradient(64, 2.0)  # the first is alive: a block of its own
@@ -116,8 +116,8 @@ def test_the_cpu_gradient_cache():
         torch.testing.assert_close(third, third_want)
         torch.testing.assert_close(first, first_want)  # untouched by the later backward calls
         del first, third
-        live = _C.cpu_memory_stats()[0]
+        live = counter.cpu_memory_stats()[0]
         torch.ops.kl_kernels.empty_cpu_cache()
-        assert _C.cpu_memory_stats()[0] <= live - 32 * 300 * 8  # the cached block went back to the allocator
+        assert counter.cpu_memory_stats()[0] <= live - 32 * 300 * 8  # the cached block went back to the allocator
     finally:
-        _C.track_cpu_memory(False)
+        counter.track_cpu_memory(False)

@@ -1,4 +1,5 @@
-"""kl-bench's peak memory: the CUDA allocator's peak, or on the CPU kl_kernels._C's allocation counter."""
+"""kl-bench's peak memory: the CUDA allocator's peak, or on the CPU the tools' own allocation counter
+(kl_kernels.tools._memory, csrc/tools/memory_tracking.cpp)."""
 from __future__ import annotations
 
 import ctypes
@@ -10,17 +11,17 @@ from .providers import CaseCache
 from .timing import make_inputs, make_step
 
 def _cpu_counter():
-    """kl_kernels._C's CPU allocation counter (csrc/memory_tracking.cpp), or None without the extension."""
+    """The CPU allocation counter (csrc/tools/memory_tracking.cpp), or None when it was not built."""
     try:
-        from .. import _C
+        from . import _memory
     except ImportError:
         return None
-    return _C if hasattr(_C, "track_cpu_memory") else None
+    return _memory
 
 
 class PeakMemory:
     """Peak extra memory of a region: the CUDA allocator's peak; on the CPU the peak of the bytes
-    allocated through ATen's CPU allocator while the region runs (kl_kernels._C counts them: exact
+    allocated through ATen's CPU allocator while the region runs (tools._memory counts them: exact
     and the same run to run), else, without the extension, the process's resident high-water mark
     (reset through /proc/self/clear_refs, Linux only; it depends on what malloc kept)."""
 

@@ -4,17 +4,18 @@
 // While tracking, every ATen CPU allocation is counted at its requested size until its storage is
 // freed; the peak of those live bytes is exact and the same from run to run. Allocations made
 // outside ATen's allocator (oneDNN scratch space, Python objects) are not seen.
+#include <Python.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <exception>
 #include <cstdint>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
 
-#include "memory_tracking.h"
 
 namespace kl_kernels {
 namespace {
@@ -97,3 +98,42 @@ std::pair<int64_t, int64_t> cpu_memory_stats() { return {live_bytes.load(), peak
 void reset_cpu_memory_peak() { peak_bytes = live_bytes.load(); }
 
 }  // namespace kl_kernels
+
+// kl_kernels.tools._memory's functions (this file is the whole extension, kl-bench's alone):
+//   track_cpu_memory(bool), reset_cpu_memory_peak(), cpu_memory_stats() -> (live bytes, peak bytes)
+namespace {
+
+PyObject* py_track_cpu_memory(PyObject*, PyObject* enable) {
+  const int on = PyObject_IsTrue(enable);
+  if (on < 0) return nullptr;
+  try {
+    kl_kernels::track_cpu_memory(on != 0);
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* py_reset_cpu_memory_peak(PyObject*, PyObject*) {
+  kl_kernels::reset_cpu_memory_peak();
+  Py_RETURN_NONE;
+}
+
+PyObject* py_cpu_memory_stats(PyObject*, PyObject*) {
+  const auto [live, peak] = kl_kernels::cpu_memory_stats();
+  return Py_BuildValue("(LL)", static_cast<long long>(live), static_cast<long long>(peak));
+}
+
+PyMethodDef methods[] = {
+    {"track_cpu_memory", py_track_cpu_memory, METH_O, "count CPU allocations (True) or stop (False)"},
+    {"reset_cpu_memory_peak", py_reset_cpu_memory_peak, METH_NOARGS, "peak = live bytes"},
+    {"cpu_memory_stats", py_cpu_memory_stats, METH_NOARGS, "(live bytes, peak bytes) counted while tracking"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__memory(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_memory", nullptr, -1, methods};
+  return PyModule_Create(&module);
+}
