@@ -94,3 +94,34 @@ def _count_launches(layout, estimator, ref, backend, on_gpu):
     if on_gpu:
         assert len(_gpu_kernels(forward)) <= GPU_KERNEL_CEILINGS[0], _gpu_kernels(forward)
         assert len(_gpu_kernels(backward)) <= GPU_KERNEL_CEILINGS[1], _gpu_kernels(backward)
+
+
+@pytest.mark.parametrize("backend", [b for b in ONE_PASS_OPS if b in BACKENDS_UNDER_TEST])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_a_loss_of_sums_is_one_op_backward(layout, backend):
+    """Issue 34: a loss that sums outputs (`out.kl_sum.sum()` and the like) hands the backward expanded
+    upstream gradients (stride 0); the kernels read them by their strides, so nothing is copied before
+    the one backward op (each copy was a launch on a GPU). The gradient equals the one from contiguous
+    upstream gradients of the same values."""
+    on_gpu = backend in GPU_BACKENDS and torch.cuda.is_available()
+    with torch.device("cuda" if on_gpu else "cpu"):
+        shape, extra = ((2, 8), {}) if layout == "padded" else \
+            ((16,), dict(cu_seqlens=torch.tensor([0, 7, 16], dtype=torch.int32)))
+        logits = torch.randn(*shape, 100, requires_grad=True)
+        kwargs = dict(ref_logprobs=-torch.rand(shape), mask=torch.rand(shape) > 0.2, estimator="k3",
+                      return_entropy=True, validate=False, backend=backend, **extra)
+        labels = torch.randint(0, 100, shape)
+        out = kl_kernels.kl_penalty(logits, labels, **kwargs)
+        loss = out.kl_sum.sum() + 0.5 * out.kl_mean.sum() + out.logprobs.sum() + out.penalty.sum() + out.entropy.sum()
+        with profile(activities=[ProfilerActivity.CPU]) as backward:
+            loss.backward()
+        ops = [name for name in _launches(backward) if name.startswith("kl_kernels::")]
+        assert ops == [ONE_PASS_OPS[backend][1]], _launches(backward)
+        assert not any(name in ("aten::contiguous", "aten::clone", "aten::copy_") for name in _launches(backward))
+        expanded = logits.grad.clone()
+        logits.grad = None
+        out = kl_kernels.kl_penalty(logits, labels, **kwargs)
+        dense = [torch.ones_like(t) for t in (out.kl_sum, out.logprobs, out.penalty, out.entropy)]
+        torch.autograd.backward([out.kl_sum, out.kl_mean, out.logprobs, out.penalty, out.entropy],
+                                [dense[0], 0.5 * torch.ones_like(out.kl_mean), *dense[1:]])
+        assert torch.equal(logits.grad, expanded)

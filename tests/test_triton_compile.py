@@ -43,6 +43,8 @@ SCRIPT = textwrap.dedent("""
     bwd.update(**{f"{n}_ptr": "*fp32" for n in ("grad_kl", "grad_penalty", "grad_kl_sum", "grad_kl_mean", "counts")},
                sequence_ptr="*i32", logp_ptr="*fp32", ref_logp_ptr="*fp32", mask_ptr="*i1", kl_coef="fp32",
                kl_coef_ptr="*fp32")
+    # the upstream gradients' strides (0 for an expanded one)
+    bwd.update({f"stride_grad_{n}": "i64" for n in ("logp", "entropy", "full", "kl", "penalty", "kl_sum", "kl_mean")})
     bwd_constants = dict(INV_TEMPERATURE=0.7, HAS_TEMPERATURE_TENSOR=flags, HAS_GRAD_LOGP=not entropy_only,
                          HAS_GRAD_ENTROPY=flags or entropy_only, HAS_GRAD_FULL=flags, BLOCK_V=4096,
                          HAS_GRAD_KL=penalty, HAS_GRAD_PENALTY=penalty, HAS_GRAD_KL_SUM=penalty,

@@ -52,6 +52,18 @@ void check_rowwise(const std::optional<Tensor>& t, int64_t N, const char* arg, a
                arg, "must be a contiguous [", N, "] ", dtype, " CUDA tensor, got ", t->sizes(), " ", t->scalar_type());
 }
 
+// an upstream gradient: any stride (autograd expands the gradient of a sum), one value per row or sequence
+void check_upstream(const std::optional<Tensor>& t, int64_t n, const char* arg) {
+  if (!t.has_value()) return;
+  KL_CHECK_ARG(t->is_cuda() && t->dim() == 1 && t->numel() == n && t->scalar_type() == at::kFloat, arg,
+               "must be a [", n, "] float32 CUDA tensor (any stride), got ", t->sizes(), " ", t->scalar_type());
+}
+
+cuda::Upstream upstream(const std::optional<Tensor>& t) {
+  return t.has_value() ? cuda::Upstream{.data = t->data_ptr<float>(), .stride = t->stride(0)}
+                       : cuda::Upstream{.data = nullptr, .stride = 0};
+}
+
 template <typename T>
 cuda::Rows<T> rows(const Tensor& t) {
   return {.data = reinterpret_cast<T*>(t.data_ptr()), .T_len = t.size(1), .stride_b = t.stride(0),
@@ -147,7 +159,7 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
   const int64_t N = logits.size(0) * logits.size(1), V = logits.size(2);
   for (const auto& [t, name] : {std::pair{&grad_logp, "grad_logp"}, {&grad_entropy, "grad_entropy"},
                                 {&grad_full, "grad_full"}}) {
-    check_rowwise(*t, N, name, at::kFloat);
+    check_upstream(*t, N, name);
   }
   check_rowwise(lse, N, "lse", at::kDouble);
   KL_CHECK_ARG(!grad_entropy.has_value() || entropy.has_value(), "entropy", "is needed for grad_entropy");
@@ -165,8 +177,8 @@ void fused_kl_bwd_into(const std::optional<Tensor>& grad_logp, const std::option
                     .inv_temperature = static_cast<float>(1.0 / scalar_temperature),
                     .N = N, .V = V, .ignore_index = ignore_index,
                     .shard = shard,
-                    .grad_logp = ptr<float>(grad_logp), .grad_entropy = ptr<float>(grad_entropy),
-                    .grad_full = ptr<float>(grad_full),
+                    .grad_logp = upstream(grad_logp), .grad_entropy = upstream(grad_entropy),
+                    .grad_full = upstream(grad_full),
                     .lse = lse.data_ptr<double>(), .ref_lse = use_ref ? ptr<double>(ref_lse) : nullptr,
                     .entropy = grad_entropy.has_value() ? ptr<float>(entropy) : nullptr,
                     .full_kl = use_ref ? ptr<float>(full_kl) : nullptr,
@@ -285,10 +297,10 @@ void kl_penalty_bwd_into(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_B
   check_rows(logits, "logits");
   const int64_t N = logits.size(0) * logits.size(1), S = counts.numel();
   for (const auto& [t, name] : {std::pair{&grad_kl, "grad_kl"}, {&grad_penalty, "grad_penalty"}}) {
-    check_rowwise(*t, N, name, at::kFloat);
+    check_upstream(*t, N, name);
   }
   for (const auto& [t, name] : {std::pair{&grad_kl_sum, "grad_kl_sum"}, {&grad_kl_mean, "grad_kl_mean"}}) {
-    check_rowwise(*t, S, name, at::kFloat);
+    check_upstream(*t, S, name);
   }
   check_rowwise(logp, N, "logp", at::kFloat);
   check_rowwise(ref_logp, N, "ref_logp", at::kFloat);
@@ -296,8 +308,8 @@ void kl_penalty_bwd_into(KL_PENALTY_BWD_ARGS, const Tensor& logits, KL_PENALTY_B
   check_rowwise(sequence, N, "sequence", at::kInt);
   const bool on = grad_kl || grad_penalty || grad_kl_sum || grad_kl_mean;
   cuda::PenaltyBwd chain{.on = on,
-                         .grad_kl = ptr<float>(grad_kl), .grad_penalty = ptr<float>(grad_penalty),
-                         .grad_kl_sum = ptr<float>(grad_kl_sum), .grad_kl_mean = ptr<float>(grad_kl_mean),
+                         .grad_kl = upstream(grad_kl), .grad_penalty = upstream(grad_penalty),
+                         .grad_kl_sum = upstream(grad_kl_sum), .grad_kl_mean = upstream(grad_kl_mean),
                          .counts = counts.data_ptr<float>(), .logp = logp.data_ptr<float>(),
                          .ref_logp = ref_logp.data_ptr<float>(),
                          .sequence = sequence.data_ptr<int32_t>(),

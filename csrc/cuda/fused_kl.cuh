@@ -42,6 +42,15 @@ struct Rows {
   }
 };
 
+// An upstream gradient [N] (or [S]) as autograd hands it over: any stride, 0 included (the gradient of a
+// sum arrives expanded), so the backward takes it without a copy (a launch each). Null when nothing flows.
+struct Upstream {
+  const float* data;
+  int64_t stride;
+  __device__ __forceinline__ float operator[](int64_t i) const { return data[i * stride]; }
+  __host__ __device__ __forceinline__ explicit operator bool() const { return data != nullptr; }
+};
+
 // kWidth consecutive values, loaded or stored in one go (16 bytes for the policy dtype).
 template <typename T, int kWidth>
 struct alignas(sizeof(T) * kWidth) Pack {
@@ -327,7 +336,7 @@ inline void launch_sequence_sums(const SumParams& p, cudaStream_t stream) {
 // penalty [N] and kl_sum, kl_mean [S] reach the row's logp (or, for `full`, its exact KL)
 struct PenaltyBwd {
   bool on;
-  const float *grad_kl, *grad_penalty, *grad_kl_sum, *grad_kl_mean;  // each null when nothing flows
+  Upstream grad_kl, grad_penalty, grad_kl_sum, grad_kl_mean;  // each null when nothing flows
   const float *counts, *logp, *ref_logp;
   const int32_t* sequence;
   AnyMask mask;
@@ -342,7 +351,7 @@ struct BwdParams {
   float inv_temperature;
   int64_t N, V, ignore_index;
   VocabShard shard;
-  const float *grad_logp, *grad_entropy, *grad_full;  // [N] each, or null
+  Upstream grad_logp, grad_entropy, grad_full;  // [N] each, or null
   const double *lse, *ref_lse;                         // saved by the forward (null when unused)
   const float *entropy, *full_kl;
   PenaltyBwd penalty;
@@ -368,7 +377,7 @@ __global__ void fused_kl_bwd_kernel(Rows<scalar_t> grad, Rows<const scalar_t> lo
                                     BwdParams p) {
   const int64_t n = blockIdx.x;
   const bool chain_full = p.penalty.on && p.penalty.spec.kind == kFull;
-  const bool use_ref = p.grad_full != nullptr || chain_full;
+  const bool use_ref = static_cast<bool>(p.grad_full) || chain_full;
   RowGrad<float> r{p.grad_logp ? p.grad_logp[n] : 0.0f, p.grad_entropy ? p.grad_entropy[n] : 0.0f,
                    p.grad_full ? p.grad_full[n] : 0.0f, p.grad_entropy ? p.entropy[n] : 0.0f,
                    use_ref ? p.full_kl[n] : 0.0f, lse_parts<float>(p.lse[n]),

@@ -18,6 +18,13 @@ def _rows(t, dtype):
     return None if t is None else t.to(dtype).contiguous()
 
 
+def _upstream(t, dtype):
+    """An upstream gradient as every compiled op takes it: in the compute dtype, with its strides as
+    autograd hands it over (the gradient of `out.kl_sum.sum()` arrives expanded, stride 0): the kernels
+    index it by its stride, so no copy (a launch each on a GPU) precedes the backward op."""
+    return None if t is None else t.to(dtype)
+
+
 def _mask(t):
     """A mask as every compiled op takes it: contiguous, its dtype kept (every kernel reads nonzero of
     any real dtype; a conversion would be one more launch per call)."""
@@ -42,7 +49,8 @@ def op_inputs(args: PassArgs, penalty: PenaltyArgs | None = None) -> dict:
     contiguous in the compute dtype, the mask contiguous, cu_seqlens contiguous int32/int64."""
     dtype = compute_dtype(args.logits.dtype)
     rows = lambda t: _rows(t, dtype)  # noqa: E731
-    inputs = dict(temperature=_tensor_or_float(args.temperature, rows), rows=rows)
+    inputs = dict(temperature=_tensor_or_float(args.temperature, rows), rows=rows,
+                  upstream=lambda t: _upstream(t, dtype))
     if penalty is not None:
         inputs.update(ref_logprobs=rows(penalty.ref_logprobs), mask=_mask(penalty.mask),
                       cu_seqlens=_boundaries(penalty.cu_seqlens),
@@ -69,7 +77,7 @@ def op_backend(fwd_op, bwd_op, bwd_inplace_op):
 
     def fused_kl_bwd(args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
         inputs = op_inputs(args)
-        op_args = (*map(inputs["rows"], grads), *common(args, inputs), stats.lse, stats.ref_lse, stats.entropy,
+        op_args = (*map(inputs["upstream"], grads), *common(args, inputs), stats.lse, stats.ref_lse, stats.entropy,
                    stats.full_kl)
         if inplace:
             bwd_inplace_op(*op_args)
@@ -100,7 +108,7 @@ def penalty_op_backend(fwd_op, bwd_op, bwd_inplace_op):
     def kl_penalty_bwd(args: PassArgs, penalty: PenaltyArgs, stats: PenaltyStats, grads: PenaltyGrads,
                        inplace: bool) -> torch.Tensor:
         inputs = op_inputs(args, penalty)
-        op_args = (*map(inputs["rows"], grads), args.logits, args.labels, args.ref_logits, inputs["mask"],
+        op_args = (*map(inputs["upstream"], grads), args.logits, args.labels, args.ref_logits, inputs["mask"],
                    *common(args, penalty, inputs), stats.logp, stats.ref_logp, stats.counts, stats.sequence,
                    stats.lse, stats.ref_lse, stats.entropy, stats.full_kl)
         if inplace:

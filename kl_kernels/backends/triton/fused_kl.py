@@ -333,6 +333,8 @@ def _fused_kl_bwd_kernel(
     labels_ptr,  # [N] int64
     temperature_ptr,  # [N] fp32 (only with HAS_TEMPERATURE_TENSOR)
     grad_logp_ptr, grad_entropy_ptr, grad_full_ptr,  # [N] fp32 upstream gradients (each optional)
+    # their strides, as autograd hands them over (0: the gradient of a sum, expanded): read without a copy
+    stride_grad_logp, stride_grad_entropy, stride_grad_full,
     lse_ptr, ref_lse_ptr, entropy_ptr, full_kl_ptr,  # [N] fp32 saved by the forward
     T, V, ignore_index, vocab_start, vocab_size,
     stride_grad_b, stride_grad_t, stride_logits_b, stride_logits_t, stride_ref_b, stride_ref_t,
@@ -340,6 +342,7 @@ def _fused_kl_bwd_kernel(
     # the forward's counts [S], sequence ids [N] int32, logp and ref_logp [N]; mask; kl_coef
     grad_kl_ptr, grad_penalty_ptr, grad_kl_sum_ptr, grad_kl_mean_ptr, counts_ptr, sequence_ptr, logp_ptr,
     ref_logp_ptr, mask_ptr, kl_coef, kl_coef_ptr,
+    stride_grad_kl, stride_grad_penalty, stride_grad_kl_sum, stride_grad_kl_mean,
     INV_TEMPERATURE: tl.constexpr, HAS_TEMPERATURE_TENSOR: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr, HAS_GRAD_FULL: tl.constexpr, BLOCK_V: tl.constexpr,
     PENALTY: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_GRAD_PENALTY: tl.constexpr, HAS_GRAD_KL_SUM: tl.constexpr,
@@ -363,31 +366,31 @@ def _fused_kl_bwd_kernel(
     kl = 0.0
     ref_lse = tl.zeros((), tl.float64)
     if HAS_GRAD_LOGP:
-        g_logp = tl.load(grad_logp_ptr + row)
+        g_logp = tl.load(grad_logp_ptr + row * stride_grad_logp)
     if HAS_GRAD_ENTROPY:
-        g_entropy = tl.load(grad_entropy_ptr + row)
+        g_entropy = tl.load(grad_entropy_ptr + row * stride_grad_entropy)
         entropy = tl.load(entropy_ptr + row)
     if HAS_GRAD_FULL:
         kl = tl.load(full_kl_ptr + row)
         ref_lse = tl.load(ref_lse_ptr + row)
         if not PENALTY:
-            g_full = tl.load(grad_full_ptr + row)
+            g_full = tl.load(grad_full_ptr + row * stride_grad_full)
     if PENALTY:
         seq = tl.load(sequence_ptr + row)
         in_seq = seq >= 0  # -1: outside every sequence (packed, validate=False): no sum term
         seq = tl.where(in_seq, seq, 0).to(tl.int64)
         upstream = tl.zeros((), tl.float32)
         if HAS_GRAD_KL:
-            upstream += tl.load(grad_kl_ptr + row)
+            upstream += tl.load(grad_kl_ptr + row * stride_grad_kl)
         if HAS_GRAD_PENALTY:
             if HAS_COEF_TENSOR:
                 kl_coef = tl.load(kl_coef_ptr).to(tl.float32)
-            upstream -= kl_coef * tl.load(grad_penalty_ptr + row)
+            upstream -= kl_coef * tl.load(grad_penalty_ptr + row * stride_grad_penalty)
         if HAS_GRAD_KL_SUM:
-            upstream += tl.where(in_seq, tl.load(grad_kl_sum_ptr + seq), 0.0)
+            upstream += tl.where(in_seq, tl.load(grad_kl_sum_ptr + seq * stride_grad_kl_sum), 0.0)
         if HAS_GRAD_KL_MEAN:
-            upstream += tl.where(in_seq, tl.load(grad_kl_mean_ptr + seq) / tl.maximum(tl.load(counts_ptr + seq), 1.0),
-                                 0.0)
+            mean = tl.load(grad_kl_mean_ptr + seq * stride_grad_kl_mean) / tl.maximum(tl.load(counts_ptr + seq), 1.0)
+            upstream += tl.where(in_seq, mean, 0.0)
         use = label != ignore_index
         if HAS_MASK:
             use = use & (tl.load(mask_ptr + row) != 0)
@@ -454,6 +457,11 @@ def _fwd_op(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[tor
     return logp, ref_logp, entropy, full_kl, lse, ref_lse
 
 
+def _stride(upstream):
+    # an upstream gradient's stride (0 when absent: its loads are compiled out)
+    return 0 if upstream is None else upstream.stride(0)
+
+
 def _or(tensor, stand_in):
     # an absent optional pointer: any tensor stands in, its kernel branch is compiled out
     return stand_in if tensor is None else tensor
@@ -474,13 +482,15 @@ def _launch_bwd(grad, grad_logp, grad_entropy, grad_full, logits, labels, ref_lo
     chain = dict(penalty or dict(PENALTY=False, HAS_GRAD_KL=False, HAS_GRAD_PENALTY=False, HAS_GRAD_KL_SUM=False,
                                  HAS_GRAD_KL_MEAN=False, HAS_MASK=False, HAS_COEF_TENSOR=False,
                                  **_estimator_constants(0, False, None, None)))
+    chain_strides = [_stride(chain.get(name)) for name in _PENALTY_BWD_POINTERS[:4]]
     pointers = [_or(chain.pop(name, None), lse) for name in _PENALTY_BWD_POINTERS]
     wrap_triton(_fused_kl_bwd_kernel)[(B * T,)](
         grad, logits, ref, labels, _or(temperature, lse), _or(grad_logp, lse), _or(grad_entropy, lse),
-        _or(grad_full, lse), lse, _or(ref_lse, lse), _or(entropy, lse), _or(full_kl, lse),
+        _or(grad_full, lse), _stride(grad_logp), _stride(grad_entropy), _stride(grad_full),
+        lse, _or(ref_lse, lse), _or(entropy, lse), _or(full_kl, lse),
         T, V, ignore_index, vocab_start, vocab_size, grad.stride(0), grad.stride(1), logits.stride(0), logits.stride(1),
         ref.stride(0), ref.stride(1), *pointers, chain.pop("kl_coef", 0.0), _or(chain.pop("kl_coef_tensor", None), lse),
-        INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None,
+        *chain_strides, INV_TEMPERATURE=1.0 / scalar_temperature, HAS_TEMPERATURE_TENSOR=temperature is not None,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         HAS_GRAD_FULL=use_ref, BLOCK_V=block_v, num_warps=num_warps, **chain)
 
