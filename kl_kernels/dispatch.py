@@ -149,8 +149,20 @@ def native_backends(device_type: str, kernels_only: bool = True) -> list[str]:
 
 
 def available_backends() -> list[BackendInfo]:
-    """One BackendInfo per backend; reason says why one is unavailable (None when available)."""
-    return [BackendInfo(b.name, b.unavailable_reason is None, b.unavailable_reason) for b in BACKENDS.values()]
+    """One BackendInfo per backend; reason says why one is unavailable (None when available): it does
+    not load, or it serves no device this machine has (triton and cuda without a GPU: a backend named
+    there would raise for every tensor)."""
+    infos = []
+    for b in BACKENDS.values():
+        reason = b.unavailable_reason
+        if reason is None and b.devices and not any(_present(device) for device in b.devices):
+            reason = f"no {'/'.join(b.devices)} device here: it runs on {'/'.join(b.devices)} tensors{b.device_note}"
+        infos.append(BackendInfo(b.name, reason is None, reason))
+    return infos
+
+
+def _present(device_type: str) -> bool:
+    return device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_available())
 
 
 def select_backend(backend: str | None, device: torch.device, dtypes) -> Backend:

@@ -433,6 +433,9 @@ def _check_linear(hidden, weight, bias, labels, arg_prefix=""):
     check.floating(weight, f"{arg_prefix}weight")
     if weight.dim() != 2:
         raise ValueError(f"{arg_prefix}weight must be [V, H] (lm_head.weight), got shape {tuple(weight.shape)}")
+    if hidden.dim() > 0 and hidden.shape[-1] != weight.shape[1] and hidden.shape[-1] == weight.shape[0]:
+        raise ValueError(f"{arg_prefix}weight must be [V, H] (lm_head.weight) with H = {arg_prefix}hidden.shape[-1] = "
+                         f"{hidden.shape[-1]}, got shape {tuple(weight.shape)}: transposed?")
     if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{arg_prefix}hidden must be [..., H] with H = {arg_prefix}weight.shape[1] = "
                          f"{weight.shape[1]}, got shape {tuple(hidden.shape)}")

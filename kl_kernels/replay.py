@@ -49,8 +49,10 @@ def kept_set(kept_ids, labels, vocab, ignore_index: int, validate: bool, offset=
     n_rows, width = labels.numel(), kept_ids.shape[-1]
     ids = kept_ids.reshape(n_rows, width).to(torch.int64)
     if validate and ids.numel():
-        if bool(((ids < -1) | (ids >= vocab)).any()):
-            raise ValueError(f"kept_ids must be token ids in [0, {int(vocab)}) or -1 (padding)")
+        bad = (ids < -1) | (ids >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"kept_ids must be token ids in [0, {int(vocab)}) or -1 (padding), found "
+                             f"{int(ids[bad][0])} (row {int(bad.any(-1).nonzero()[0])})")
     present = (ids >= 0) & (ids < vocab)  # validate=False: an id out of range does not count
     rows = present.any(-1)
     flat = labels.reshape(-1).to(torch.int64)

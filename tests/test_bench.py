@@ -183,3 +183,45 @@ def test_kept_provider_matches_the_eager_truth_over_the_kept_sets():
                                      dtype=torch.float64, kept_ids=kept)
     got = bench_linear.make_provider("cpu+kept7", "k3")(*inputs)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--compare", "missing.json"], "--compare missing.json"),
+    (["--from", "missing.json"], "--from missing.json"),
+    (["--json", "/nonexistent/folder/x.json"], "--json"),
+    (["--csv", "/nonexistent/folder/x.csv"], "--csv"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "xla"], "--device"),
+    (["--device", "nonsense"], "--device"),
+    (["--providers", "foo"], "--providers foo"),
+    (["--providers", "logits+cpu"], "--providers logits+cpu"),
+    (["--linear", "--providers", "liger"], "--providers liger"),
+    (["--repeats", "0"], "--repeats"),
+    (["--tokens", "0"], "--tokens"),
+    (["--vocab", "0"], "--vocab"),
+    (["--hidden", "512"], "--hidden applies to --linear"),
+    (["--linear", "--hidden", "0"], "--hidden"),
+    (["--threshold", "-1"], "--threshold"),
+    (["--estimator", "k4"], "--estimator"),
+    (["--tp", "2", "--linear"], "--tp"),
+])
+def test_arguments_are_checked_before_any_work(argv, words, capsys, monkeypatch):
+    """Issue 38: every argument is checked first, with one line naming it (argparse's exit 2), before any
+    measuring: a bandwidth reading or a case's inputs would mean the run had started."""
+    from kl_kernels.tools import bench
+
+    def started(*args, **kwargs):
+        raise AssertionError("the run started before the arguments were checked")
+
+    monkeypatch.setattr(bench, "read_bandwidth", started)
+    monkeypatch.setattr(bench, "environment", started)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_every_estimator_of_the_library_is_accepted():
+    from kl_kernels.estimators import ESTIMATOR_NAMES
+    from kl_kernels.tools import bench
+
+    assert set(bench.ESTIMATORS) == set(ESTIMATOR_NAMES) and "k3+" in bench.ESTIMATORS

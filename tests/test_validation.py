@@ -144,3 +144,21 @@ def test_meta_tensors_trace_shapes_with_validate():
     packed_out = kl_kernels.kl_penalty(logits[0], labels[0], ref_logprobs=torch.empty(5, device="meta"),
                                        cu_seqlens=torch.empty(3, dtype=torch.long, device="meta"))
     assert packed_out.kl_sum.shape == (2,)
+
+
+def test_first_hour_messages():
+    """Issue 38: a transposed weight's error names the weight; the kept_ids range error shows the bad
+    value; triton is listed as unavailable where it can serve no tensor (no GPU, no interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match=r"weight must be \[V, H\].*transposed"):
+        kl_kernels.linear_token_logprobs(torch.randn(3, 8), torch.randn(8, 50), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="found 77"):
+        kl_kernels.token_logprobs(torch.randn(2, 50), torch.tensor([1, 2]), kept_ids=torch.tensor([[1, 77], [2, -1]]))
+    if not torch.cuda.is_available():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        done = subprocess.run([sys.executable, "-c", "import kl_kernels; print({b.name: b for b in "
+                               "kl_kernels.available_backends()}['triton'])"], capture_output=True, text=True, env=env)
+        assert "available=False" in done.stdout and "no cuda device" in done.stdout, done.stdout + done.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import types
 
@@ -24,6 +25,7 @@ from .memory import PeakMemory, fix_malloc_for_peaks, peak_extra_bytes
 from .providers import FORWARD_ONLY, SAMPLED_ONLY, default_providers
 from .report import compare, environment, markdown, plot, plot_title, summary
 from .timing import measure, read_bandwidth
+from ..estimators import ESTIMATOR_NAMES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,13 +33,95 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
-ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl", "full")
+# every name the library takes (aliases and the straight-through "+" forms included)
+ESTIMATORS = ESTIMATOR_NAMES
 
 
 # the suite from logits, as bench_linear is the suite from hidden states: what main's loop asks of a suite
 LOGITS = types.SimpleNamespace(make_provider=logits_providers.make_provider, case_inputs=timing.case_inputs,
                                prepare_case=timing.prepare_case, finish_row=timing.finish_row, WARMUP=timing.WARMUP,
                                peak_extra_bytes=memory.peak_extra_bytes)
+
+
+def check_arguments(parser, args) -> None:
+    """Every argument checked before any work (issue 38): parser.error's one line naming it, exit 2."""
+    for name in ("tokens", "repeats", "tp"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    for name in ("vocab", "hidden"):
+        for value in getattr(args, name) or ():
+            if value < 1:
+                parser.error(f"--{name} sizes must be >= 1, got {value}")
+    if args.threshold < 0:
+        parser.error(f"--threshold must be >= 0, got {args.threshold}")
+    if args.hidden is not None and not args.linear:
+        parser.error("--hidden applies to --linear (from hidden states) only")
+    if args.tp is not None and (args.linear or args.providers):
+        parser.error("--tp runs its own providers from logits: it takes neither --linear nor --providers")
+    for name in ("compare", "from_json"):
+        path = getattr(args, name)
+        if path is not None:
+            try:
+                with open(path) as f:
+                    json.load(f)["rows"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                option = "--from" if name == "from_json" else "--compare"
+                parser.error(f"{option} {path}: not a readable kl-bench --json file ({error})")
+    for name in ("json", "csv", "plot"):
+        path = getattr(args, name)
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if path is not None and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            parser.error(f"--{name} {path}: the folder {folder} does not exist or is not writable")
+    if args.plot:
+        try:  # before the run, not after minutes of it
+            import matplotlib  # noqa: F401
+        except ImportError as error:
+            parser.error(f"--plot needs matplotlib (pip install matplotlib, or the package's bench extra): {error}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
+    if args.providers and not args.from_json:
+        for provider in args.providers:
+            reason = provider_problem(provider, args.linear, device, [DTYPES[d] for d in args.dtype])
+            if reason:
+                parser.error(f"--providers {provider}: {reason}")
+
+
+def provider_problem(name, linear, device, dtypes):
+    """Why kl-bench cannot run provider `name` here, or None."""
+    from ..dispatch import select_backend
+    from .providers import KEPT, PEERS
+
+    if name in ("eager", "compile") or name in PEERS and PEERS[name] == "always":
+        return None
+    if name in PEERS:
+        if linear:
+            return "a peer from logits; --linear has eager, compile, trl, logits+<backend> and the backends"
+        try:
+            __import__(PEERS[name])
+        except ImportError as error:
+            return f"not installed ({error})"
+        return None
+    backend = name
+    if KEPT.match(name):
+        backend = KEPT.match(name)["backend"]
+    elif name.startswith("logits+"):
+        if not linear:
+            return "logits+<backend> is a provider of --linear"
+        backend = name.split("+", 1)[1]
+    try:
+        for dtype in dtypes:
+            select_backend(backend, device, (dtype,))
+    except (RuntimeError, ValueError) as error:
+        known = "eager, compile, trl" + (", logits+<backend>" if linear else ", liger, flash_attn")
+        return f"{error} (providers: {known}, a kl_kernels backend, <backend>+kept<K>)"
+    return None
 
 
 def main(argv=None):
@@ -65,7 +149,7 @@ def main(argv=None):
     parser.add_argument("--linear", action="store_true",
                         help="from hidden states: F.linear + penalty (eager, compile), TRL's chunked head, "
                              "logits+<backend>, and linear_kl_penalty per backend (kl_kernels/tools/bench_linear.py)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[1024], help="hidden sizes H for --linear")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden sizes H for --linear (default: 1024)")
     parser.add_argument("--from", dest="from_json", metavar="FILE",
                         help="no measuring: the rows of a previous --json file, for --plot / --markdown")
     parser.add_argument("--markdown", action="store_true", help="also print the rows as the README's table")
@@ -73,11 +157,7 @@ def main(argv=None):
                         help="a tensor-parallel vocabulary: W gloo processes on this CPU, each with 1/W of the "
                              "vocabulary (kl_kernels/tools/bench_sharding.py); prints the bytes exchanged per token")
     args = parser.parse_args(argv)
-    if args.plot:
-        try:  # before the run, not after minutes of it
-            import matplotlib  # noqa: F401
-        except ImportError as error:
-            parser.error(f"--plot needs matplotlib (pip install matplotlib, or the package's bench extra): {error}")
+    check_arguments(parser, args)
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
@@ -103,7 +183,7 @@ def main(argv=None):
     if args.linear:
         from . import bench_linear as suite
         providers = args.providers or suite.default_providers(device)
-        hidden_sizes = args.hidden
+        hidden_sizes = args.hidden or [1024]
         print(f"{'provider':<12} {'dtype':<9} {'hidden':>6} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>17} "
               f"{'peak MB':>8} {'err vs f64':>10} {'speed-up':>8}")
     else:

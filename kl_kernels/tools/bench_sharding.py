@@ -114,8 +114,9 @@ def run(world, tokens, vocabs, dtypes, modes, estimator, repeats, json_path=None
         print(f"{row['world_size']:>5} {row['dtype']:<9} {row['vocab']:>7} {row['mode']:<8} {row['sharded_ms']:>10.1f} "
               f"{row['single_process_ms']:>12.1f} {row['received_bytes_per_token']:>12.1f} "
               f"{row['shard_logits_bytes_per_token']:>20} {row['max_abs_diff_vs_single']:>9.1e}")
-    print(f"# each rank receives {rows[0]['received_bytes_per_token']:.0f}-"
-          f"{max(r['received_bytes_per_token'] for r in rows):.0f} bytes per token in the forward (per-row "
+    received = sorted({round(r["received_bytes_per_token"]) for r in rows})
+    span = f"{received[0]}" if len(received) == 1 else f"{received[0]}-{received[-1]}"
+    print(f"# each rank receives {span} bytes per token in the forward (per-row "
           "statistics and the header), independent of the vocabulary; gathering the vocabulary instead "
           "would move the shard's logits. The backward exchanges nothing.")
     if json_path:

@@ -263,7 +263,7 @@ def main(argv=None):
                         help="3 values of k_kl (0, 0.1, 10), one seed, 50 steps: about 40 s on one core")
     parser.add_argument("--out", default="kl-lab-results", help="folder for steps.csv, the plots and report.md")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="reference model's training steps")
-    parser.add_argument("--backend", default=None, help="kl_kernels backend (default: automatic, cpu when built)")
+    parser.add_argument("--backend", default=None, help="kl_kernels backend (automatic when not given: cpu when built)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (matplotlib not needed)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; the model's ops are too small to share, and on a busy machine "
