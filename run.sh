@@ -43,6 +43,8 @@ install_trainers() {
   echo "torch==2.13.0" > "$constraints"
   pip install $quiet -c "$constraints" -r tests/trainers/requirements.txt
   DS_BUILD_OPS=0 pip install $quiet --no-deps --no-build-isolation -r tests/trainers/requirements-nodeps.txt
+  echo "run.sh: downloading the engines' wheels into $venv/engines (tests/engines/requirements.txt)" >&2
+  pip download $quiet --no-deps -d "$venv/engines" -r tests/engines/requirements.txt
 }
 
 sources=(pyproject.toml setup.py run.sh $(find csrc -type f | sort))
@@ -51,7 +53,8 @@ case "${1:-}" in
   bench) shift; exec kl-bench "$@" ;;
   test)
     shift
-    install_once trainers tests/trainers/requirements.txt tests/trainers/requirements-nodeps.txt -- install_trainers
+    install_once trainers tests/trainers/requirements.txt tests/trainers/requirements-nodeps.txt \
+      tests/engines/requirements.txt -- install_trainers
     exec python -m pytest "$@" ;;
   *) echo "usage: ./run.sh bench|test [options]" >&2; exit 2 ;;
 esac

@@ -9,11 +9,13 @@ from .diagnostics import Diagnosis, diagnose
 from .dispatch import BackendInfo, available_backends
 from .estimators import kl_from_logprobs
 from .linear import linear_kl_penalty, linear_token_logprobs
-from .replay import kept_ids_from_sampler
+from .replay import (kept_ids_from_bitmask, kept_ids_from_csr, kept_ids_from_lists, kept_ids_from_mask,
+                     kept_ids_from_sampler)
 
 __all__ = [
     "AdaptiveKLController", "BackendInfo", "Diagnosis", "FixedKLController", "KLPenaltyOutput",
-    "aggregate", "available_backends", "diagnose", "kept_ids_from_sampler", "kl_from_logprobs", "kl_penalty", "kl_rewards",
+    "aggregate", "available_backends", "diagnose", "kept_ids_from_bitmask", "kept_ids_from_csr",
+    "kept_ids_from_lists", "kept_ids_from_mask", "kept_ids_from_sampler", "kl_from_logprobs", "kl_penalty", "kl_rewards",
     "linear_kl_penalty",
     "linear_token_logprobs",
     "token_logprobs",

@@ -159,6 +159,81 @@ def kept_ids_from_sampler(logits, *, temperature=1.0, top_k=None, top_p=None, mi
     return ids.reshape(*logits.shape[:-1], width)
 
 
+def kept_ids_from_csr(ids, offsets=None, *, counts=None, width=None):
+    """kept_ids [rows, K] (-1 padding, each row's ids in their given order) from a CSR layout: the flat
+    ids of all rows and either `offsets` [rows + 1] (row r is ids[offsets[r]:offsets[r+1]]; vLLM's
+    SamplingMaskLists(flat, offsets)) or `counts` [rows]. K is the widest row (a host sync), or
+    `width` when given (a wider row is a ValueError). O(total ids): no [rows, V] step. A row of no ids
+    (a prompt position) is all -1: its whole vocabulary."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"ids must be a 1-D integer tensor (the flat kept ids), got {ids.dtype} {tuple(ids.shape)}")
+    if (offsets is None) == (counts is None):
+        raise ValueError("give exactly one of offsets ([rows + 1]) or counts ([rows])")
+    if offsets is not None:
+        offsets = torch.as_tensor(offsets, device=ids.device).to(torch.int64)
+        if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel() \
+                or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"offsets must be [rows + 1], non-decreasing from 0 to len(ids) = {ids.numel()}, "
+                             f"got {offsets.tolist() if offsets.numel() <= 8 else tuple(offsets.shape)}")
+        counts = offsets[1:] - offsets[:-1]
+    else:
+        counts = torch.as_tensor(counts, device=ids.device).to(torch.int64)
+        if counts.dim() != 1 or bool((counts < 0).any()) or int(counts.sum()) != ids.numel():
+            raise ValueError(f"counts must be [rows], >= 0, summing to len(ids) = {ids.numel()}")
+    widest = int(counts.max()) if counts.numel() else 0
+    if width is not None and widest > width:
+        raise ValueError(f"width {width} is narrower than the widest row ({widest} ids)")
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(ids.numel(), device=ids.device) - starts[rows]
+    kept = torch.full((counts.numel(), max(widest if width is None else width, 1)), -1, dtype=torch.int64,
+                      device=ids.device)
+    kept[rows, position] = ids.to(torch.int64)
+    return kept
+
+
+def kept_ids_from_lists(token_ids, *, device=None):
+    """kept_ids [rows, K] from one id list per position: vLLM's `CompletionOutput.sampling_mask.token_ids`
+    (ascending ids per generated token), or any list of lists (an empty list: all -1, the whole vocabulary).
+    O(total ids)."""
+    counts = [len(row) for row in token_ids]
+    flat = torch.tensor([token for row in token_ids for token in row], dtype=torch.int64)
+    return kept_ids_from_csr(flat, counts=torch.tensor(counts, dtype=torch.int64)).to(device)
+
+
+def kept_ids_from_mask(mask, *, width=None):
+    """kept_ids [rows, K] (ascending ids) from a bool [rows, V] mask, True = kept. A row with no True is
+    all -1 (its whole vocabulary): a mask that keeps nothing has no sampled token either."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a bool [rows, V] tensor, got {getattr(mask, 'dtype', type(mask))} "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
+    rows, ids = mask.nonzero(as_tuple=True)  # row-major: each row's ids ascending
+    return kept_ids_from_csr(ids, counts=torch.bincount(rows, minlength=mask.shape[0]), width=width)
+
+
+def kept_ids_from_bitmask(packed, vocab_size: int, *, width=None, block_rows: int = 256):
+    """kept_ids [rows, K] (ascending ids) from a packed uint8 [rows, ceil(V/8)] bitmask in the bit order vLLM
+    writes (SamplingMaskTensors.packed_mask: bit j of byte b is token 8b + j, numpy's bitorder="little").
+    Unpacked `block_rows` rows at a time: memory O(block x V), never [rows, V]."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be a uint8 [rows, ceil(V / 8)] tensor, got "
+                         f"{getattr(packed, 'dtype', type(packed))} {tuple(getattr(packed, 'shape', ()))}")
+    if packed.shape[1] != (vocab_size + 7) // 8:
+        raise ValueError(f"packed must have ceil(vocab_size / 8) = {(vocab_size + 7) // 8} bytes per row, got "
+                         f"{packed.shape[1]}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    rows, ids = [], []
+    for r0 in range(0, packed.shape[0], block_rows):
+        bits = (packed[r0:r0 + block_rows, :, None] >> shifts) & 1
+        row, token = bits.reshape(bits.shape[0], -1)[:, :vocab_size].nonzero(as_tuple=True)
+        rows.append(row + r0)
+        ids.append(token)
+    rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64, device=packed.device)
+    ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64, device=packed.device)
+    return kept_ids_from_csr(ids, counts=torch.bincount(rows, minlength=packed.shape[0]), width=width)
+
+
 def put(target, columns, take, values):
     """target[..., columns[..., j]] = values[..., j] wherever take[..., j], in place, where target holds
     exact zeros at those places (the kept rows the kernel zeroed), so writing is adding. A plain write
