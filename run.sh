@@ -32,8 +32,11 @@ install_once() {
 install_package() {
   # CPU torch from its pinned wheel first: an unpinned torch (or pip's build isolation) pulls a
   # multi-GB CUDA build
+  echo "run.sh: [1/3] torch 2.13.0 (CPU build)" >&2
   pip install $quiet torch==2.13.0
+  echo "run.sh: [2/3] build tools (ninja, pybind11, setuptools, wheel)" >&2
   pip install $quiet ninja pybind11 setuptools wheel
+  echo "run.sh: [3/3] kl_kernels: compiling the C++ kernels (about 3 minutes on 2 cores)" >&2
   pip install $quiet --no-build-isolation -e '.[test,bench]'
 }
 
@@ -41,9 +44,11 @@ install_trainers() {
   # the trainers' releases tests/trainers runs against; torch stays the pinned CPU build
   local constraints="$venv/.kl_kernels-constraints.txt"
   echo "torch==2.13.0" > "$constraints"
+  echo "run.sh: [1/3] the trainers' dependencies (tests/trainers/requirements.txt; a few minutes)" >&2
   pip install $quiet -c "$constraints" -r tests/trainers/requirements.txt
+  echo "run.sh: [2/3] verl, OpenRLHF, deepspeed without their CUDA dependencies (deepspeed builds from source)" >&2
   DS_BUILD_OPS=0 pip install $quiet --no-deps --no-build-isolation -r tests/trainers/requirements-nodeps.txt
-  echo "run.sh: downloading the engines' wheels into $venv/engines (tests/engines/requirements.txt)" >&2
+  echo "run.sh: [3/3] the engines' wheels, downloaded into $venv/engines (tests/engines/requirements.txt)" >&2
   pip download $quiet --no-deps -d "$venv/engines" -r tests/engines/requirements.txt
 }
 

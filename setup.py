@@ -14,6 +14,7 @@ extension; the package then runs on the pure-PyTorch `reference` backend.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -42,8 +43,37 @@ def cpu_variants():
             ("avx2", "-mavx2 -mfma -mf16c -DCPU_CAPABILITY_AVX2 -DCPU_CAPABILITY=AVX2".split())]
 
 
+def installed_torch():
+    """The torch to compile against: the one installed where pip runs. pip's build isolation would fetch
+    another (a multi-GB CUDA build, whose version the metadata would then pin over the user's torch):
+    pyproject.toml does not ask for torch, so an isolated build stops here, at once, saying what to type."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit("kl_kernels: pip's build isolation hides your torch, which the C++ extension compiles against: "
+                 "run `pip install --no-build-isolation .` (with torch installed first; KL_KERNELS_NO_EXTENSION=1 "
+                 "installs the pure-PyTorch package)")
+    return torch
+
+
+def cuda_toolkit(torch, cuda_home):
+    """(whether to build the CUDA kernels, why not): a CUDA build of torch and a toolkit whose runtime
+    library is there to link (an `nvcc` alone, or a CPU torch, is not enough)."""
+    if os.environ.get("KL_KERNELS_NO_CUDA", "0") == "1":
+        return False, "KL_KERNELS_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build"
+    if cuda_home is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    runtime = [os.path.join(cuda_home, lib, name) for lib in ("lib64", "lib", os.path.join("targets", "x86_64-linux",
+               "lib")) for name in ("libcudart.so", "libcudart_static.a")]
+    if not any(os.path.exists(path) for path in runtime):
+        return False, f"the CUDA toolkit at {cuda_home} has no libcudart to link"
+    return True, None
+
+
 if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
-    import torch
+    torch = installed_torch()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     build_info["TORCH"] = torch.__version__
@@ -53,8 +83,10 @@ if os.environ.get("KL_KERNELS_NO_EXTENSION", "0") != "1":
     # kl_kernels._C: every schema (csrc/registration.cpp) and the CUDA kernels; no instruction-set-specific
     # code, and nothing but the library's ops (the tools' code is built apart, below)
     sources = ["csrc/registration.cpp"]
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and \
-        os.environ.get("KL_KERNELS_NO_CUDA", "0") != "1"
+    with_cuda, no_cuda = cuda_toolkit(torch, CUDA_HOME)
+    print(f"kl_kernels: building the CPU kernels{' and the CUDA kernels' if with_cuda else ''} against torch "
+          f"{torch.__version__}{'' if with_cuda else f' (no CUDA kernels: {no_cuda})'}; this takes a few minutes",
+          file=sys.stderr)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext_modules.append(CUDAExtension("kl_kernels._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),

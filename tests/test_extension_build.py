@@ -100,3 +100,42 @@ def test_an_extension_that_cannot_load_is_said_loudly():
               "undefined symbol" in kl_kernels.available_backends()[1].reason)
     """)
     assert warning == "True" and reason == "True"
+
+
+def test_an_isolated_build_stops_at_once_naming_the_command(tmp_path):
+    """Issue 38: pip's build isolation has no torch (pyproject.toml does not ask for one, so pip never
+    fetches another torch to compile against and pin over the user's); setup.py then stops at once with
+    one line naming the command that builds against the installed torch."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('no torch in an isolated build')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60)
+    assert done.returncode != 0
+    assert "pip install --no-build-isolation ." in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        requires = next(line for line in f if line.startswith("requires"))
+    assert "torch" not in requires
+
+
+def test_the_cuda_build_needs_a_cuda_torch_and_a_runtime_to_link(tmp_path, monkeypatch):
+    import importlib.util as util
+    import types
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("KL_KERNELS_NO_EXTENSION", "1")  # import setup.py's functions without building
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kl_kernels").mkdir()
+    spec = util.spec_from_file_location("kl_setup", os.path.join(root, "setup.py"))
+    setup_module = util.module_from_spec(spec)
+    monkeypatch.setattr("setuptools.setup", lambda **kwargs: None)
+    spec.loader.exec_module(setup_module)
+    cpu_torch = types.SimpleNamespace(version=types.SimpleNamespace(cuda=None), __version__="2.13.0+cpu")
+    cuda_torch = types.SimpleNamespace(version=types.SimpleNamespace(cuda="13.0"), __version__="2.14.1")
+    assert setup_module.cuda_toolkit(cpu_torch, "/usr/local/cuda") == (False, "torch 2.13.0+cpu is a CPU build")
+    assert not setup_module.cuda_toolkit(cuda_torch, None)[0]
+    assert "libcudart" in setup_module.cuda_toolkit(cuda_torch, str(tmp_path))[1]  # an nvcc alone is not a toolkit
+    (tmp_path / "lib64").mkdir()
+    (tmp_path / "lib64" / "libcudart.so").write_text("")
+    assert setup_module.cuda_toolkit(cuda_torch, str(tmp_path)) == (True, None)
