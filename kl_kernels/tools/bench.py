@@ -21,6 +21,7 @@ import types
 import torch
 
 from . import memory, providers as logits_providers, timing
+from .cli import HelpFormatter
 from .memory import PeakMemory, fix_malloc_for_peaks, peak_extra_bytes
 from .providers import FORWARD_ONLY, SAMPLED_ONLY, default_providers
 from .report import compare, environment, markdown, plot, plot_title, summary
@@ -31,6 +32,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+
+# a run with no other argument finishes in about a minute on 2 cores; from hidden states the matmuls
+# dominate, so its case is narrower (H 256) and its rows fewer, with N past one logits tile (512 rows)
+# so that the head's memory (its point) shows
+DEFAULTS = dict(tokens=2048, vocab=[32000], repeats=5)
+LINEAR_DEFAULTS = dict(tokens=2048, vocab=[32000], repeats=3, hidden=[256])
 
 
 # every name the library takes (aliases and the straight-through "+" forms included)
@@ -126,9 +133,10 @@ def provider_problem(name, linear, device, dtypes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kl-bench", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens N per step (sequences of 512)")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32000], help="vocabulary sizes V")
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens N per step (sequences of 512) (default: 2048)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=None, help="vocabulary sizes V (default: 32000)")
     parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["float32"], help="logits dtypes")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="k1", help="the KL estimator")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwd+bwd"],
@@ -137,7 +145,8 @@ def main(argv=None):
                         help="default: eager, trl, compile, every kl_kernels backend native to the device (reference "
                              "only when named), and on a GPU liger and flash_attn when installed; <backend>+kept<K> "
                              "(e.g. cpu+kept20): that backend with kept_ids of K ids per position (sampling replay)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row, after warm-up")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed steps per row, after warm-up (default: 5; {LINEAR_DEFAULTS['repeats']} with --linear)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--json", metavar="FILE", help="also write the rows (with the environment) as JSON")
     parser.add_argument("--csv", metavar="FILE", help="also write the rows as CSV, the environment in each row")
@@ -149,7 +158,8 @@ def main(argv=None):
     parser.add_argument("--linear", action="store_true",
                         help="from hidden states: F.linear + penalty (eager, compile), TRL's chunked head, "
                              "logits+<backend>, and linear_kl_penalty per backend (kl_kernels/tools/bench_linear.py)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden sizes H for --linear (default: 1024)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None,
+                        help=f"hidden sizes H for --linear (default: {LINEAR_DEFAULTS['hidden'][0]})")
     parser.add_argument("--from", dest="from_json", metavar="FILE",
                         help="no measuring: the rows of a previous --json file, for --plot / --markdown")
     parser.add_argument("--markdown", action="store_true", help="also print the rows as the README's table")
@@ -158,6 +168,9 @@ def main(argv=None):
                              "vocabulary (kl_kernels/tools/bench_sharding.py); prints the bytes exchanged per token")
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+    for name, value in (LINEAR_DEFAULTS if args.linear else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
@@ -183,7 +196,7 @@ def main(argv=None):
     if args.linear:
         from . import bench_linear as suite
         providers = args.providers or suite.default_providers(device)
-        hidden_sizes = args.hidden or [1024]
+        hidden_sizes = args.hidden
         print(f"{'provider':<12} {'dtype':<9} {'hidden':>6} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>17} "
               f"{'peak MB':>8} {'err vs f64':>10} {'speed-up':>8}")
     else:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import kl_kernels
+from kl_kernels.tools.cli import HelpFormatter
 
 MAX_LEN = 24  # generated tokens per response at most (EOS ends one earlier)
 CONTENT = 30  # content tokens 0..29; 30 = EOS; 31 = BOS (input only)
@@ -258,7 +259,7 @@ FIELDS = ("group", "variant", "adaptive", "seed", "width", "reward_scale", "kl_c
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="kl-lab", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="3 values of k_kl (0, 0.1, 10), one seed, 50 steps: about 40 s on one core")
     parser.add_argument("--out", default="kl-lab-results", help="folder for steps.csv, the plots and report.md")

@@ -98,6 +98,9 @@ def summary(rows):
             if name.split("+")[-1] not in ours:
                 continue
             where = f"{dtype}{'' if hidden is None else f' H={hidden}'} V={vocab} {mode}"
+            if hidden is not None:  # from hidden states the point is memory: it leads
+                lines.append(f"  {name}, {where}: {_memory_first(row, providers)}")
+                continue
             parts = []
             for peer in ("eager", "compile"):
                 if peer in providers:
@@ -113,6 +116,20 @@ def summary(rows):
                 parts.append(f"{row['pct_bandwidth']:.0f}% of the measured bandwidth")
             lines.append(f"  {name}, {where}: " + ("; ".join(parts) or "no eager/compile row to compare with"))
     return "# summary (peak memory: extra bytes over the inputs)\n" + "\n".join(lines) if lines else ""
+
+
+def _memory_first(row, providers):
+    """A hidden-state row's summary: peak memory and error against eager and compile, then the speed with
+    the run's spread (p20-p80), so a noisy machine's timing is read as such."""
+    peers = [providers[peer] for peer in ("eager", "compile") if peer in providers]
+    memory = "; ".join(f"{peer['peak_extra_mb'] / max(row['peak_extra_mb'], 1e-9):.1f}x less than {peer['provider']} "
+                       f"({peer['peak_extra_mb']:.0f} MB)" for peer in peers)
+    error = ", ".join(f"{peer['provider']} {peer['max_abs_error']:.1e}" for peer in peers)
+    speed = "; ".join(f"{peer['median_ms'] / row['median_ms']:.2f}x the speed of {peer['provider']} "
+                      f"({peer['p20_ms']:.0f}-{peer['p80_ms']:.0f} ms)" for peer in peers)
+    return (f"peak memory {row['peak_extra_mb']:.0f} MB{f' ({memory})' if memory else ''}; max error vs float64 "
+            f"{row['max_abs_error']:.1e}{f' ({error})' if error else ''}; time {row['p20_ms']:.0f}-{row['p80_ms']:.0f} "
+            f"ms p20-p80{f': {speed}' if speed else ''}")
 
 
 def plot(rows, path, title):
