@@ -85,24 +85,24 @@ def report(rows, quick=False):
     if low:
         hacked = all(loss[k] > HACKED and gain[k] > 0 for k in low)
         claims.append(("k_kl below 0.01: no brake, reward hacking, language degrades", hacked,
-                       "; ".join(f"k={k:g}: proxy +{gain[k]:.3f}, quality -{loss[k]:.3f}" for k in low)))
+                       "; ".join(f"k={k:g}: proxy {gain[k]:+.3f}, quality {-loss[k]:+.3f}" for k in low)))
     loose = [k for k in ks if 0.01 <= k < 0.05]
     sweet = [k for k in ks if 0.05 <= k <= 0.2]
     if loose and sweet:
         ok = all(gain[k] > gain[s] for k in loose for s in sweet) and any(loss[k] > HACKED for k in loose)
         claims.append(("0.01-0.1, loose: more exploration than the sweet spot, risk of losing control", ok,
-                       "; ".join(f"k={k:g}: proxy +{gain[k]:.3f}, quality -{loss[k]:.3f}" for k in loose)))
+                       "; ".join(f"k={k:g}: proxy {gain[k]:+.3f}, quality {-loss[k]:+.3f}" for k in loose)))
     top_gain = max(gain.values())
     if sweet and low:
         ok = all(gain[k] > 0.1 * top_gain and loss[k] <= KEPT for k in sweet)
         claims.append(("0.05-0.2, the sweet spot: improves the reward, keeps language ability", ok,
-                       "; ".join(f"k={k:g}: proxy +{gain[k]:.3f} ({gain[k] / top_gain:.0%} of the largest gain), "
-                                 f"quality -{loss[k]:.3f}" for k in sweet)))
+                       "; ".join(f"k={k:g}: proxy {gain[k]:+.3f} ({gain[k] / top_gain:.0%} of the largest gain), "
+                                 f"quality {-loss[k]:+.3f}" for k in sweet)))
     frozen = [k for k in ks if k > 1 - 1e-9]
     if frozen:  # no reward gained, the policy barely moved (KL below the guide's healthy ceiling)
         ok = all(gain[k] < 0.1 * top_gain and kl[k] < 0.05 for k in frozen)
         claims.append(("1-10: almost frozen, PPO is wasted", ok,
-                       "; ".join(f"k={k:g}: proxy +{gain[k]:.3f}, KL/token {kl[k]:.4f}" for k in frozen)))
+                       "; ".join(f"k={k:g}: proxy {gain[k]:+.3f}, KL/token {kl[k]:.4f}" for k in frozen)))
     for k in sweet:
         ok = 0.01 <= kl[k] <= 0.05 and 1 <= ppo[k]["kl_seq"] <= 6
         claims.append((f"healthy KL at the sweet spot (k={k:g}): 0.01-0.05 per token, 1-6 per sequence", ok,
