@@ -43,6 +43,7 @@ def test_device_code_compiles_with_plain_nvcc(tmp_path, arch):
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
+@pytest.mark.slow  # half a minute of nvcc on torch's headers; the device code compiles by default
 def test_torch_glue_compiles_against_this_torch(tmp_path):
     """csrc/cuda/*.cu (argument checks, outputs, launches) compiled, not linked, against the installed
     torch's headers: the glue's C++ is checked without a CUDA build of torch. A CPU wheel lacks one

@@ -328,9 +328,9 @@ def test_cpu_kernels_exp2_is_within_two_ulp():
 
 def test_every_compiled_backend_takes_its_inputs_through_one_adapter():
     """Issue 27: the [N] inputs reach every compiled op (C++ CPU, CUDA, Triton) in one dtype and layout,
-    made by backends/adapter.py before any op runs: temperature, upstream gradients and given reference
-    log-probs contiguous in the compute dtype, the mask contiguous (any real dtype), cu_seqlens
-    contiguous int32/int64.
+    made by backends/adapter.py before any op runs: temperature and given reference log-probs contiguous
+    in the compute dtype, upstream gradients in the compute dtype with their strides, the mask contiguous
+    (any real dtype), cu_seqlens contiguous int32/int64.
     The CUDA glue accepts only these (a bf16 ref_logprobs, an int16 cu_seqlens or a strided mask was a
     TORCH_CHECK failure there), so the CPU tests run exactly what the CUDA glue receives."""
     from kl_kernels.backends import adapter
@@ -367,8 +367,11 @@ def test_every_compiled_backend_takes_its_inputs_through_one_adapter():
     ref_logprobs, op_mask, cu_seqlens, op_temperature, kl_coef = forward[3], forward[4], forward[5], forward[6], \
         forward[13]
     for tensor, dtype in ((ref_logprobs, torch.float32), (op_mask, torch.int8), (cu_seqlens, torch.int64),
-                          (op_temperature, torch.float32), (kl_coef, torch.float32), (backward[0], torch.float32),
-                          (backward[3], torch.float32), (backward[9], torch.int8)):
+                          (op_temperature, torch.float32), (kl_coef, torch.float32), (backward[9], torch.int8)):
         assert tensor.dtype == dtype and tensor.is_contiguous(), (tensor.dtype, dtype)
+    # upstream gradients (issue 34): in the compute dtype, with the strides autograd gave them (no copy: the
+    # kernels index them by stride, so a loss of sums is one op backward)
+    assert backward[0].dtype == torch.float32 and backward[0].stride() == (2,)
+    assert backward[3].dtype == torch.float32 and backward[3].is_contiguous()  # converted from float64
     assert op_mask.tolist() == [1, 0, 2, 0, 7, 7] and cu_seqlens.tolist() == [0, 4, 6]
     torch.testing.assert_close(op_temperature, temperature.float())

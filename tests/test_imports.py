@@ -92,6 +92,7 @@ def test_the_arrows_point_one_way():
     assert "kl_kernels.rows" in GRAPH["kl_kernels.api"] and "kl_kernels.rows" in GRAPH["kl_kernels.linear"]
 
 
+@pytest.mark.slow  # a minute of fresh interpreters; the static graph above runs always
 @pytest.mark.parametrize("group", [0, 1])
 def test_each_module_imports_first_in_a_fresh_interpreter(group):
     """Imported first, each module must load on its own (a cycle that only an import order hides fails here)."""

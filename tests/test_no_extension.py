@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HIDE_EXTENSION = """
@@ -46,6 +48,7 @@ print("ok", torch.isfinite(out.kl).all().item())
     assert done.stdout.strip() == "ok True"
 
 
+@pytest.mark.slow  # a minute: the whole replay suite in a fresh interpreter (the quick check above stays)
 def test_the_replay_suite_runs_without_the_extension():
     done = _run("""
 import pytest
