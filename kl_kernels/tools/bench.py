@@ -33,11 +33,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
-# a run with no other argument finishes in about a minute on 2 cores; from hidden states the matmuls
-# dominate, so its case is narrower (H 256) and its rows fewer, with N past one logits tile (512 rows)
-# so that the head's memory (its point) shows
+# a run with no other argument finishes in about a minute on 2 cores (--linear: 45 s measured); from
+# hidden states the matmuls dominate, so that case is narrow (H 128), with N past one logits tile (512
+# rows) so that the head's memory, its point, shows
 DEFAULTS = dict(tokens=2048, vocab=[32000], repeats=5)
-LINEAR_DEFAULTS = dict(tokens=2048, vocab=[32000], repeats=3, hidden=[256])
+LINEAR_DEFAULTS = dict(tokens=1024, vocab=[32000], repeats=3, hidden=[128])
 
 
 # every name the library takes (aliases and the straight-through "+" forms included)
