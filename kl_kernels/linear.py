@@ -20,6 +20,7 @@ linear_cross_entropy) with linear_token_logprobs.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -155,12 +156,14 @@ class _Projection:
     CPU tile above glibc's 32 MiB mmap ceiling (fp32, V = 32000, 512 rows: 65 MB) is mapped fresh each
     time otherwise, and the first-touch page faults made 8 such matmuls (H = 1024) 5% slower."""
 
-    def __init__(self, hidden, weight, bias, tile_rows, columns, logit_scale, softcap):
+    def __init__(self, hidden, weight, bias, tile_rows, columns, transform):
         self.hidden, self.weight, self.bias = hidden, weight, bias
-        self.logit_scale, self.softcap = logit_scale, softcap
+        self.logit_scale, self.softcap = transform.logit_scale, transform.softcap
+        # the logits' dtype: the inputs' (as F.linear), or float32 from bf16/fp16 inputs (logits_dtype)
+        self.dtype = transform.logits_dtype or hidden.dtype
         rows = _padded(tile_rows, hidden.device)
         self.inputs = hidden.new_empty((rows, hidden.shape[1]))
-        self.out = hidden.new_empty((rows, columns))
+        self.out = hidden.new_empty((rows, columns), dtype=self.dtype)
         self.zero = hidden.new_zeros(())
 
     def finite_rows(self, n0, n1):
@@ -177,8 +180,7 @@ class _Projection:
         inputs = self.inputs[:padded]
         torch.where(feed[:, None], self.hidden[n0:n1], self.zero, out=inputs[:rows])
         inputs[rows:].zero_()
-        z = _matmul(inputs, self.weight[v0:v1].t(), _columns(self.out, padded, v1 - v0),
-                    None if self.bias is None else self.bias[v0:v1])
+        z = self._project(inputs, _columns(self.out, padded, v1 - v0), v0, v1)
         if self.softcap is None and self.logit_scale == 1.0:
             return z, None, inputs  # the identity keeps the matmul's dtype: no float copy of the tile
         z = z.to(compute_dtype(z.dtype))
@@ -188,6 +190,27 @@ class _Projection:
             return z, None, inputs
         tanh = torch.tanh(z.div_(self.softcap))
         return tanh * self.softcap, tanh, inputs
+
+    def _project(self, inputs, out, v0, v1):
+        """out = inputs @ weight[v0:v1]^T + bias[v0:v1], in the logits' dtype. Wider than the inputs (fp32
+        logits from bf16/fp16, issue 37): every product of two bf16 (fp16) values is exact in fp32, so a
+        float32 matmul of the upcast operands gives an fp32 LM head's logits; the weight is upcast one
+        chunk of its rows at a time (PARTIAL_BYTES of float32, a whole multiple of 4 rows), never whole,
+        the tile's rows once."""
+        bias = None if self.bias is None else self.bias[v0:v1]
+        if self.dtype == self.hidden.dtype:
+            return _matmul(inputs, self.weight[v0:v1].t(), out, bias)
+        wide = inputs.to(self.dtype)
+        step = max(CPU_SIZE_QUANTUM, PARTIAL_BYTES // (4 * self.weight.shape[1]) // CPU_SIZE_QUANTUM * CPU_SIZE_QUANTUM)
+        for c0 in range(v0, v1, step):
+            c1 = min(c0 + step, v1)
+            part = out if (c0, c1) == (v0, v1) else torch.empty((out.shape[0], c1 - c0), dtype=self.dtype,
+                                                                 device=out.device)
+            _matmul(wide, self.weight[c0:c1].to(self.dtype).t(), part,
+                    None if bias is None else bias[c0 - v0:c1 - v0].to(self.dtype))
+            if part is not out:
+                out[:, c0 - v0:c1 - v0] = part
+        return out
 
 
 class LinearKLFunction(torch.autograd.Function):
@@ -201,15 +224,15 @@ class LinearKLFunction(torch.autograd.Function):
     gradients too where a gradient flows from it (the weight's and bias' then NaN as a whole)."""
 
     @staticmethod
-    def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, args, logit_scale, softcap,
+    def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, args, transform,
                 need_entropy, need_full, rows, kept=None):
-        """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard); kept:
-        a replay.KeptSet (sampling replay), whose K logits per row are gathered from each tile."""
+        """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard); transform:
+        the logits' Transform; kept: a replay.KeptSet (sampling replay), whose K logits per row are gathered
+        from each tile."""
         n_tokens, has_ref, vocab = hidden.shape[0], ref_hidden is not None, weight.shape[0]
         tile_rows = min(rows, n_tokens)
-        policy = _Projection(hidden, weight, bias, tile_rows, vocab, logit_scale, softcap)
-        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, logit_scale, softcap) \
-            if has_ref else None
+        policy = _Projection(hidden, weight, bias, tile_rows, vocab, transform)
+        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, transform) if has_ref else None
         stats, poisoned, kept_z, ref_kept_z = _forward_tiles(impl, args, policy, reference, kept, rows, need_entropy,
                                                              need_full)
         # the kept rows' numbers over their sets (a poisoned row's bad label: NaN), then the ranks' merge
@@ -218,7 +241,7 @@ class LinearKLFunction(torch.autograd.Function):
         empty = hidden.new_empty((0,), dtype=compute_dtype(hidden.dtype))
         logp, ref_logp, entropy, full_kl, lse, ref_lse = (empty if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
-        ctx.impl, ctx.logit_scale, ctx.softcap, ctx.rows = impl, logit_scale, softcap, rows
+        ctx.impl, ctx.transform, ctx.rows = impl, transform, rows
         tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
         ctx.args = args._replace(labels=None, temperature=None if tensor_temperature is not None else args.temperature)
         # the reference model is saved only for `full`, whose gradient reads its logits
@@ -236,7 +259,7 @@ class LinearKLFunction(torch.autograd.Function):
         (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, poisoned, lse, ref_lse, entropy, full_kl,
          tensor_temperature, *kept, kept_z, ref_kept_z) = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None and grad_full is None:
-            return (None,) * 14
+            return (None,) * 13
         temperature = tensor_temperature if tensor_temperature is not None else ctx.args.temperature
         args = ctx.args._replace(labels=labels, temperature=temperature)
         use_ref = grad_full is not None and ref_hidden is not None
@@ -256,9 +279,9 @@ class LinearKLFunction(torch.autograd.Function):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         sums = _GradientSums(hidden, weight, bias, ctx.needs_input_grad[1:4], min(ctx.rows, n_tokens))
         tile_rows = min(ctx.rows, n_tokens)
-        policy = _Projection(hidden, weight, bias, tile_rows, sums.chunk, ctx.logit_scale, ctx.softcap)
-        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, sums.chunk, ctx.logit_scale,
-                                ctx.softcap) if use_ref else None
+        policy = _Projection(hidden, weight, bias, tile_rows, sums.chunk, ctx.transform)
+        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, sums.chunk, ctx.transform) \
+            if use_ref else None
         for v0 in range(0, vocab, sums.chunk):  # fixed orders, chunks then tiles: deterministic
             v1 = min(v0 + sums.chunk, vocab)
             chunk_args = args._replace(shard=args.shard._replace(start=args.shard.start + v0))
@@ -276,12 +299,13 @@ class LinearKLFunction(torch.autograd.Function):
                     columns = kept.columns[n0:n1] - v0
                     here = (columns >= 0) & (columns < v1 - v0)
                     replay.put(z[:n1 - n0], torch.where(here, columns, 0), here, on_kept[n0:n1])
-                sums.add(_through_transform(z, tanh, ctx.logit_scale).to(weight.dtype), inputs, n0, n1, v0, v1)
+                sums.add(_through_transform(z, tanh, ctx.transform.logit_scale).to(weight.dtype), inputs, n0, n1, v0,
+                         v1)
                 del z, tanh, ref_z, inputs  # before the next tile is made
             sums.end_chunk(v0, v1)
         # a poisoned row from which a gradient flows: NaN in its hidden gradient, and in the sums over rows
         flows = torch.stack([g != 0 for g in all_grads if g is not None]).any(0)
-        return (None, *sums.result(poisoned & flows)) + (None,) * 10
+        return (None, *sums.result(poisoned & flows)) + (None,) * 9
 
 
 def _forward_tiles(impl, args, policy, reference, kept, rows, need_entropy, need_full):
@@ -463,32 +487,50 @@ def _check_transform(logit_scale, softcap):
     return float(logit_scale), None if softcap is None else float(softcap)
 
 
-def _check_common(labels, logit_scale, softcap, tile_bytes):
+class Transform(NamedTuple):
+    """What makes a row's logits from its hidden state besides the weights (docs/contract.md 9 and 14)."""
+    logit_scale: float
+    softcap: float | None
+    logits_dtype: torch.dtype | None  # None: the inputs' dtype (as F.linear)
+
+
+def _check_common(labels, hidden, logit_scale, softcap, logits_dtype, tile_bytes) -> dict:
+    """The checked Transform's fields (a dict, as the header exchange compares them)."""
     check.integer(labels, "labels")
     if isinstance(tile_bytes, bool) or not isinstance(tile_bytes, numbers.Integral) or tile_bytes <= 0:
         raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
-    return _check_transform(logit_scale, softcap)
+    logit_scale, softcap = _check_transform(logit_scale, softcap)
+    if logits_dtype is not None:
+        allowed = {hidden.dtype} | ({torch.float32} if hidden.dtype in (torch.bfloat16, torch.float16) else set())
+        if logits_dtype not in allowed:
+            raise ValueError(f"logits_dtype must be None, the hidden states' dtype or (with bfloat16 / float16 "
+                             f"hidden states) torch.float32; got {logits_dtype} with {hidden.dtype} hidden states")
+        logits_dtype = None if logits_dtype == hidden.dtype else logits_dtype
+    return dict(logit_scale=logit_scale, softcap=softcap, logits_dtype=logits_dtype)
 
 
-def _tile_dtype(dtype, logit_scale, softcap):
-    # the logits tile keeps the matmul's dtype under the identity transform, else it is the compute
-    # dtype (float32; float64 stays float64)
+def _tile_dtype(dtype, logit_scale, softcap, logits_dtype=None):
+    # the logits tile keeps the matmul's dtype (logits_dtype when wider) under the identity transform,
+    # else it is the compute dtype (float32; float64 stays float64)
+    dtype = logits_dtype or dtype
     return dtype if softcap is None and logit_scale == 1.0 else compute_dtype(dtype)
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                           ignore_index=-100, return_entropy=False, validate=True, process_group=None, backend=None,
-                          tile_bytes=TILE_BYTES, kept_ids=None):
+                          tile_bytes=TILE_BYTES, kept_ids=None, logits_dtype=None):
     """token_logprobs of z = g(hidden @ weight^T + bias) without materialising z (docs/contract.md section 9).
 
     hidden [..., H] (leading dims as labels), weight [V, H], bias [V]; returns float32 [...] log-probs
     (and entropy with return_entropy). Gradients reach hidden, weight and bias in their dtypes.
-    tile_bytes bounds the logits tiles (about rows x V x 4 bytes each, one more with a reference)."""
+    tile_bytes bounds the logits tiles (about rows x V x 4 bytes each, one more with a reference).
+    logits_dtype: torch.float32 with bf16/fp16 inputs makes the logits as an fp32 LM head does (section 14)."""
     transform = {}
 
     def check_inputs():
-        transform.update(zip(("logit_scale", "softcap"), _check_common(labels, logit_scale, softcap, tile_bytes)))
+        check.integer(labels, "labels")
         _check_linear(hidden, weight, bias, labels)
+        transform.update(_check_common(labels, hidden, logit_scale, softcap, logits_dtype, tile_bytes))
         return (_tile_dtype(hidden.dtype, **transform),), hidden, weight.shape[0]
 
     plan = make_plan("linear_token_logprobs", process_group=process_group, device=device_of(hidden), labels=labels,
@@ -497,7 +539,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0,
     rows = _rows_per_tile(labels.numel(), weight.shape[0], hidden.element_size(), tile_bytes, False, hidden.device)
     logp, _, entropy, _ = LinearKLFunction.apply(
         plan.backend.impl, hidden.reshape(-1, hidden.shape[-1]), weight, bias, None, None, None, plan.args,
-        transform["logit_scale"], transform["softcap"], bool(return_entropy), False, rows, plan.kept)
+        Transform(**transform), bool(return_entropy), False, rows, plan.kept)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -520,7 +562,7 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
                       ref_logprobs=None, mask=None, cu_seqlens=None, kl_coef=0.1, estimator="k1", temperature=1.0,
                       logit_scale=1.0, softcap=None, log_ratio_clamp=None, kl_clamp=None, ignore_index=-100,
                       return_entropy=False, validate=True, process_group=None, backend=None, tile_bytes=TILE_BYTES,
-                      kept_ids=None):
+                      kept_ids=None, logits_dtype=None):
     """kl_penalty of z = g(hidden @ weight^T + bias) against z' = g(ref_hidden @ ref_weight^T + ref_bias)
     (or given ref_logprobs), never materialising either (docs/contract.md section 9). Same KLPenaltyOutput.
 
@@ -529,8 +571,9 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
     transform = {}
 
     def check_inputs():
-        transform.update(zip(("logit_scale", "softcap"), _check_common(labels, logit_scale, softcap, tile_bytes)))
+        check.integer(labels, "labels")
         _check_linear(hidden, weight, bias, labels)
+        transform.update(_check_common(labels, hidden, logit_scale, softcap, logits_dtype, tile_bytes))
         _check_reference_model(ref_hidden, ref_weight, ref_bias, weight, labels)
         dtypes = [_tile_dtype(t.dtype, **transform) for t in (hidden, ref_hidden) if t is not None]
         return tuple(dtypes), hidden, weight.shape[0]
@@ -549,7 +592,7 @@ def linear_kl_penalty(hidden, weight, labels, *, bias=None, ref_hidden=None, ref
     detached = lambda t: None if t is None else t.detach()  # noqa: E731
     logp, ref_logp, entropy, full_kl = LinearKLFunction.apply(
         plan.backend.impl, flat(hidden), weight, bias, flat(detached(ref_hidden)), detached(ref_weight),
-        detached(ref_bias), plan.args, transform["logit_scale"], transform["softcap"], bool(return_entropy),
+        detached(ref_bias), plan.args, Transform(**transform), bool(return_entropy),
         plan.penalty.estimator.name == "full", rows, plan.kept)
     return penalty_outputs(plan.penalty, labels, plan.args.labels, logp, ref_logp,
                            entropy if return_entropy else None, full_kl, ref_logprobs, mask, kl_coef)

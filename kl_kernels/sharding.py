@@ -55,8 +55,8 @@ def _all_gather(group, tensor: torch.Tensor) -> torch.Tensor:
 # cu_seqlens, a tensor temperature) cost a host sync: taken with validate=True only, compared among
 # the ranks that took them.
 HEADER = ("function", "rows", "estimator", "ref_logits", "return_entropy", "ignore_index", "temperature",
-          "logit_scale", "softcap", "kept_ids width", "labels", "mask", "cu_seqlens", "temperature values",
-          "kept_ids")
+          "logit_scale", "softcap", "logits_dtype", "kept_ids width", "labels", "mask", "cu_seqlens",
+          "temperature values", "kept_ids")
 FINGERPRINTS = ("labels", "mask", "cu_seqlens", "temperature values", "kept_ids")
 
 
@@ -65,8 +65,8 @@ def _bits(value: float) -> int:
 
 
 def header(function: str, labels: torch.Tensor, validate: bool, *, estimator=None, has_ref=False,
-           return_entropy=False, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None, mask=None,
-           cu_seqlens=None, kept_ids=None) -> dict:
+           return_entropy=False, ignore_index=-100, temperature=1.0, logit_scale=1.0, softcap=None, logits_dtype=None,
+           mask=None, cu_seqlens=None, kept_ids=None) -> dict:
     """The header of one call. Codes are stable across processes (crc32, not Python's salted hash)."""
     def code(value) -> int:
         return zlib.crc32(repr(value).encode())
@@ -76,6 +76,7 @@ def header(function: str, labels: torch.Tensor, validate: bool, *, estimator=Non
                   return_entropy=int(return_entropy), ignore_index=ignore_index,
                   temperature=-1 if tensor_t else _bits(temperature), logit_scale=_bits(logit_scale),
                   softcap=-1 if softcap is None else _bits(softcap),
+                  logits_dtype=0 if logits_dtype is None else code(str(logits_dtype)),
                   **{"kept_ids width": -1 if kept_ids is None else kept_ids.shape[-1]})
     fingerprints = (labels, mask, cu_seqlens, temperature if tensor_t else None, kept_ids)
     for name, value in zip(FINGERPRINTS, fingerprints):

@@ -425,3 +425,68 @@ def test_fuzz_the_hidden_state_head(backend):
         eager_error = worst(torch.where(live_rows, eager_hidden.grad.double(), 0.0), torch.where(live_rows, h64.grad, 0.0))
         assert ours_error <= max(tol * scale, 2 * eager_error), what
         assert torch.isfinite(w.grad).all(), what
+
+
+@pytest.mark.parametrize("transform", [(1.0, None), (0.5, 30.0)])
+def test_float32_logits_from_a_bfloat16_head(backend, transform):
+    """Issue 37 (docs/contract.md section 14): logits_dtype=torch.float32 with bf16 hidden states and
+    weights gives an fp32 LM head's logits (bf16 x bf16 products are exact in fp32): log-probs, entropy
+    and the exact KL at float32 rounding of the float64 truth on the same bf16 values, where the default
+    bf16 head rounds every logit to bf16; gradients reach the bf16 inputs; a token has the same bits
+    alone and in a batch; kept_ids and a reference model work with it."""
+    logit_scale, softcap = transform
+    n, hidden_size, vocab = 37, 64, 301
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(n, hidden_size, generator=g).bfloat16()
+    weight = (torch.randn(vocab, hidden_size, generator=g) * 0.4).bfloat16()
+    bias = torch.randn(vocab, generator=g).bfloat16()
+    ref_hidden = (hidden.float() + 0.1 * torch.randn(n, hidden_size, generator=g)).bfloat16()
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    common = dict(bias=bias, ref_hidden=ref_hidden, ref_weight=weight, ref_bias=bias, estimator="full",
+                  return_entropy=True, logit_scale=logit_scale, softcap=softcap, backend=backend, tile_bytes=1)
+
+    def logits64(h):
+        z = torch.nn.functional.linear(h.double(), weight.double(), bias.double()) * logit_scale
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    truth = kl_kernels.kl_penalty(logits64(hidden), labels, ref_logits=logits64(ref_hidden), estimator="full",
+                                  return_entropy=True, backend="reference")
+    h = hidden.clone().requires_grad_()
+    wide = kl_kernels.linear_kl_penalty(h, weight, labels, logits_dtype=torch.float32, **common)
+    narrow = kl_kernels.linear_kl_penalty(hidden, weight, labels, **common)
+    for name in ("logprobs", "ref_logprobs", "entropy", "kl"):
+        want = getattr(truth, name)
+        error = (getattr(wide, name).double() - want).abs().max().item()
+        assert error <= 2e-5 * max(1.0, want.abs().max().item()), (name, error)
+        if name != "kl" or softcap is None:  # the default head rounds its logits to bf16: far coarser
+            assert (getattr(narrow, name).double() - want).abs().max().item() > 10 * error, name
+    (wide.logprobs.sum() + wide.entropy.sum()).backward()
+    h64 = hidden.double().requires_grad_()
+    z = torch.nn.functional.linear(h64, weight.double(), bias.double()) * logit_scale
+    z = z if softcap is None else softcap * torch.tanh(z / softcap)
+    log_p = torch.log_softmax(z, -1)
+    (log_p.gather(-1, labels[:, None]).sum() - (log_p.exp() * log_p).sum()).backward()
+    assert h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=2e-2, atol=2e-2)
+    # a token alone and inside the batch: the same bits
+    alone = kl_kernels.linear_kl_penalty(hidden[5:6], weight, labels[5:6], logits_dtype=torch.float32,
+                                         **{**common, "ref_hidden": ref_hidden[5:6]})
+    for name in ("logprobs", "entropy", "kl"):
+        assert torch.equal(getattr(alone, name)[0], getattr(wide, name)[5]), name
+    kept = torch.stack([labels, (labels + 1) % vocab, (labels + 7) % vocab], -1)
+    replayed = kl_kernels.linear_token_logprobs(hidden, weight, labels, bias=bias, logits_dtype=torch.float32,
+                                                logit_scale=logit_scale, softcap=softcap, kept_ids=kept,
+                                                backend=backend)
+    z32 = logits64(hidden)
+    want = torch.log_softmax(z32.gather(-1, kept), -1)[:, 0]
+    torch.testing.assert_close(replayed.double(), want, rtol=2e-5, atol=2e-5)
+
+
+def test_logits_dtype_is_checked():
+    hidden, weight, labels = torch.randn(3, 8), torch.randn(20, 8), torch.tensor([1, 2, 3])
+    for bad in (torch.float16, torch.float64, "float32"):
+        with pytest.raises(ValueError, match="logits_dtype"):
+            kl_kernels.linear_token_logprobs(hidden, weight, labels, logits_dtype=bad)
+    # the inputs' own dtype is the default, spelled out
+    assert torch.equal(kl_kernels.linear_token_logprobs(hidden, weight, labels, logits_dtype=torch.float32),
+                       kl_kernels.linear_token_logprobs(hidden, weight, labels))

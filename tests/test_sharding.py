@@ -273,6 +273,9 @@ def _options_compared_across_ranks(rank, world_size, group):
         hidden, weight[start:end], labels, logit_scale=1.0 + rank, process_group=group))
     raises("same softcap", lambda: kl_kernels.linear_token_logprobs(
         hidden, weight[start:end], labels, softcap=30.0 if rank else None, process_group=group))
+    raises("same logits_dtype", lambda: kl_kernels.linear_token_logprobs(
+        hidden.bfloat16(), weight[start:end].bfloat16(), labels, logits_dtype=torch.float32 if rank else None,
+        process_group=group))
     logits = torch.randn(12, vocab)[:, start:end]
     mask = torch.ones(12)
     mask[rank] = 0
