@@ -225,3 +225,15 @@ def test_every_estimator_of_the_library_is_accepted():
     from kl_kernels.tools import bench
 
     assert set(bench.ESTIMATORS) == set(ESTIMATOR_NAMES) and "k3+" in bench.ESTIMATORS
+
+
+def test_help_texts_say_no_default_of_none(capsys):
+    """Issue 38: an option without a default says itself what happens without it; argparse's
+    '(default: None)' after that read as a contradiction (kl-lab --backend)."""
+    from kl_kernels.tools import lab
+
+    for main in (bench.main, lab.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        assert "(default: None)" not in text and "(default:" in text
