@@ -129,14 +129,18 @@ def test_compare_verdicts_respect_the_spread():
 
 def test_cli_tensor_parallel_mode(tmp_path):
     """--tp 2: two gloo processes; what a rank receives per token is the per-row statistics (k = 5 float64
-    here: log-prob, lse, reference log-prob and lse, entropy) plus a 144-byte header per call, whatever V."""
+    here: log-prob, lse, reference log-prob and lse, entropy) plus the header per call (shard size, failure
+    and validate flags, and sharding.HEADER's fields: int64 each), whatever V."""
+    from kl_kernels.sharding import HEADER
+
+    header_bytes = 8 * (3 + len(HEADER))
     out = tmp_path / "tp.json"
     assert bench.main(["--tp", "2", "--tokens", "96", "--vocab", "64", "640", "--modes", "fwd+bwd", "--repeats", "1",
                        "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [row["vocab"] for row in rows] == [64, 640]
     for row in rows:
-        assert row["received_bytes_per_token"] == pytest.approx(5 * 8 + 144 / 96)
+        assert row["received_bytes_per_token"] == pytest.approx(5 * 8 + header_bytes / 96)
         assert row["max_abs_diff_vs_single"] < 1e-4 and row["sharded_ms"] > 0
 
 
