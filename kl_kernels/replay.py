@@ -27,7 +27,8 @@ class KeptSet(NamedTuple):
     columns: torch.Tensor  # int64 columns of the logits; 0 where the entry does not count
     counts: torch.Tensor  # bool: the entry counts (an id >= 0 of these columns, not a repeat of an earlier one)
     rows: torch.Tensor  # [N] bool: the row has a kept set (else its whole vocabulary)
-    inside: torch.Tensor  # [N] bool: the label is in its row's set (or the row has none, or is ignored)
+    inside: torch.Tensor  # [N] bool: the label is in its row's set (or the row has none, or is ignored); a
+    # label outside it is made a bad label where the kernels' labels are made (sharding.vocab_shard)
 
 
 def check_kept_ids(kept_ids, labels, device) -> None:
@@ -45,26 +46,37 @@ def kept_set(kept_ids, labels, vocab, ignore_index: int, validate: bool, offset=
     """The kept set of a call (kept_ids checked by check_kept_ids): ids of a vocabulary of `vocab` ids (an
     int, or a [] tensor: a tensor-parallel call's whole vocabulary, read only with validate), as columns
     of logits holding ids [offset, offset + columns) (a tensor-parallel rank's shard; default: all).
-    The ids another rank holds count there: the merge adds the ranks' parts (sharding.py)."""
+    The ids another rank holds count there: the merge adds the ranks' parts (sharding.py). An id out of
+    range does not count; validate=True raises for it, and for a label outside its set (check_values)."""
     n_rows, width = labels.numel(), kept_ids.shape[-1]
     ids = kept_ids.reshape(n_rows, width).to(torch.int64)
-    if validate and ids.numel():
-        bad = (ids < -1) | (ids >= vocab)
-        if bool(bad.any()):
-            raise ValueError(f"kept_ids must be token ids in [0, {int(vocab)}) or -1 (padding), found "
-                             f"{int(ids[bad][0])} (row {int(bad.any(-1).nonzero()[0])})")
-    present = (ids >= 0) & (ids < vocab)  # validate=False: an id out of range does not count
+    present = (ids >= 0) & (ids < vocab)
     rows = present.any(-1)
     flat = labels.reshape(-1).to(torch.int64)
     inside = ~rows | (flat == ignore_index) | ((ids == flat[:, None]) & present).any(-1)
-    if validate and ids.numel() and not bool(inside.all()):
-        raise ValueError("kept_ids: every label must be in its row's kept set (a sampled token survived its "
-                         "sampler's truncation); a row without a kept set is all -1")
     columns = int(vocab) if columns is None else columns
     local = ids - offset
     local = torch.where(present & (local >= 0) & (local < columns), local, -1)
     counts = _first_occurrences(local, columns)
-    return KeptSet(torch.where(counts, local, 0), counts, rows, inside)
+    kept = KeptSet(torch.where(counts, local, 0), counts, rows, inside)
+    if validate:
+        check_values(kept_ids, kept, vocab)
+    return kept
+
+
+def check_values(kept_ids, kept: KeptSet, vocab) -> None:
+    """ValueError naming kept_ids for an id outside [0, vocab) (other than -1) or a label outside its row's
+    set (a host sync: validate=True only)."""
+    ids = kept_ids.reshape(kept.rows.numel(), -1).to(torch.int64)
+    if not ids.numel():
+        return
+    bad = (ids < -1) | (ids >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"kept_ids must be token ids in [0, {int(vocab)}) or -1 (padding), found "
+                         f"{int(ids[bad][0])} (row {int(bad.any(-1).nonzero()[0])})")
+    if not bool(kept.inside.all()):
+        raise ValueError("kept_ids: every label must be in its row's kept set (a sampled token survived its "
+                         "sampler's truncation); a row without a kept set is all -1")
 
 
 def _first_occurrences(ids, columns: int):

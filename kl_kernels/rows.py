@@ -68,13 +68,13 @@ def skipping(args: PassArgs, kept: KeptRows | None) -> PassArgs:
 def over_kept(args: PassArgs, kept: KeptRows) -> PassArgs:
     """The arguments of the call over the kept columns. args.labels are the main call's (under tensor
     parallelism a label another rank holds is V: no column here, so the merge takes the owner's)."""
-    columns, counts, rows, inside = kept.set
+    columns, counts, rows, _ = kept.set
     width = columns.shape[-1]
     labels = args.labels
     at = (columns == labels[:, None]) & counts
     position = torch.where(at.any(-1), at.to(torch.int8).argmax(-1), width)  # width: another rank's
-    # a label outside its set, or a bad one: a NaN row, on every rank alike
-    position = torch.where(inside & (labels >= 0), position, KEPT_BAD)
+    # a bad label (one outside its set is made one, sharding.vocab_shard): a NaN row, on every rank alike
+    position = torch.where(labels >= 0, position, KEPT_BAD)
     position = torch.where(rows & (labels != args.ignore_index), position, KEPT_IGNORE)
     masked = lambda z: None if z is None else torch.where(counts.view(z.shape), z, float("-inf"))  # noqa: E731
     return args._replace(logits=masked(kept.logits), labels=position, ref_logits=masked(kept.ref_logits),
@@ -99,8 +99,6 @@ def finish(impl, args: PassArgs, stats: RowStats, kept: KeptRows | None, need_en
         over = impl.fused_kl_fwd(over_kept(args, kept), need_entropy, need_full)
         stats = _select(kept, over, stats)
     if args.shard.group is not None:
-        if kept is not None:  # a label outside its set makes a NaN row through the merge too
-            args = args._replace(labels=torch.where(kept.set.inside, args.labels, bad_label(args.ignore_index)))
         stats = merge(args, stats)
     return stats
 

@@ -166,7 +166,7 @@ def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, 
         if validate:
             check.label_values(labels, local_vocab, ignore_index)
         kept = None if kept_ids is None else replay.kept_set(kept_ids, labels, local_vocab, ignore_index, validate)
-        return whole(local_vocab), flat, kept
+        return whole(local_vocab), _outside_is_bad(flat, kept, ignore_index), kept
     sizes, rank = agree(group, device, local_vocab, header(function, labels, validate, **options), validate)
     ends = sizes.cumsum(0)
     start = ends[rank] - local_vocab
@@ -178,12 +178,12 @@ def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, 
             error = failed
     kept = None
     if kept_ids is not None:
-        try:
-            kept = replay.kept_set(kept_ids, labels, ends[-1], ignore_index, validate and error is None, start,
-                                   local_vocab)
-        except ValueError as failed:
-            error = failed
-            kept = replay.kept_set(kept_ids, labels, ends[-1], ignore_index, False, start, local_vocab)
+        kept = replay.kept_set(kept_ids, labels, ends[-1], ignore_index, False, start, local_vocab)
+        if validate and error is None:
+            try:
+                replay.check_values(kept_ids, kept, ends[-1])
+            except ValueError as failed:
+                error = failed
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= ends[-1]))
     column = flat - start
@@ -191,7 +191,14 @@ def vocab_shard(group, device, local_vocab: int, validate: bool, function: str, 
     local = torch.where(owned, column, torch.where(bad, bad_label(ignore_index), local_vocab))
     local = torch.where(valid, local, ignore_index)
     owner = torch.bucketize(flat, ends, right=True).clamp_(max=ends.numel() - 1)
-    return VocabShard(0, local_vocab + 1, group, owner, start, ends[-1], error), local, kept
+    return (VocabShard(0, local_vocab + 1, group, owner, start, ends[-1], error),
+            _outside_is_bad(local, kept, ignore_index), kept)
+
+
+def _outside_is_bad(labels, kept, ignore_index: int):
+    """The kernels' labels with a label outside its kept set made a bad one: a NaN row in every kernel
+    call and through the merge (validate=False; with validate=True it raised)."""
+    return labels if kept is None else torch.where(kept.inside, labels, bad_label(ignore_index))
 
 
 @contextlib.contextmanager
