@@ -50,6 +50,7 @@ install_trainers() {
   DS_BUILD_OPS=0 pip install $quiet --no-deps --no-build-isolation -r tests/trainers/requirements-nodeps.txt
   echo "run.sh: [3/3] the engines' wheels, downloaded into $venv/engines (tests/engines/requirements.txt)" >&2
   pip download $quiet --no-deps -d "$venv/engines" -r tests/engines/requirements.txt
+  pip install $quiet -c "$constraints" -r tests/engines/requirements-imports.txt
 }
 
 sources=(pyproject.toml setup.py run.sh $(find csrc -type f | sort))
@@ -59,7 +60,7 @@ case "${1:-}" in
   test)
     shift
     install_once trainers tests/trainers/requirements.txt tests/trainers/requirements-nodeps.txt \
-      tests/engines/requirements.txt -- install_trainers
+      tests/engines/requirements.txt tests/engines/requirements-imports.txt -- install_trainers
     exec python -m pytest "$@" ;;
   *) echo "usage: ./run.sh bench|test [options]" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ none of their logits; those rows take their numbers from a second call of the sa
 logits of S, gathered (O(N K) reads, never a pass over [N, V], never an [N, V] mask), and their
 gradient, nonzero on S only, is written at the K columns (put): rows.py. Rows without a set (all -1)
 are the fused pass's, bit for bit. This module holds the kept-set plumbing only: the set as columns,
-the gather, the put, and kept_ids_from_sampler.
+the gather, the put, the engines' kept sets (kept_ids_from_sampler) and their mask formats.
 """
 from __future__ import annotations
 
@@ -116,59 +116,172 @@ def rows_of(kept: KeptSet, n0: int, n1: int) -> KeptSet:
     return KeptSet(*(field[n0:n1] for field in kept))
 
 
-def kept_ids_from_sampler(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, max_kept=None):
-    """The kept set a vLLM-style sampler leaves at each position, as `kept_ids` [..., K] (-1 padding).
+# Rows of logits the sampler replay holds at once (its sort and masks are O(block x V), never O(N x V)).
+SAMPLER_BLOCK_ELEMENTS = 1 << 22
+ENGINES = ("vllm", "sglang")
+SGLANG_TOP_K_ALL = 1 << 30  # sglang.srt.sampling.sampling_params.TOP_K_ALL: its top_k "off"
 
-    For engines that do not return their sampling mask. The steps follow vLLM's sampler, in its order:
-    the temperature, then min_p (tokens whose probability is below min_p times the row's largest go),
-    then top_k (the k largest stay, ties at the k-th included), then top_p (the most probable tokens
-    whose probabilities, renormalised after top_k, reach p; at least one). A replay, not the engine's
-    own mask: where tokens tie at a boundary, or the engine computed its logits in another precision,
-    a set can differ. K is the largest set of the call (a host sync), or max_kept (larger sets are cut
-    to their most probable max_kept). Rows are processed in blocks: memory O(block x V), not O(N x V)."""
+
+def kept_ids_from_sampler(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, engine="vllm",
+                          width=None):
+    """The kept set the engine's sampler leaves at each position, bit for bit, as `kept_ids` [..., K].
+
+    For engines asked for no sampling mask. `engine` is "vllm" (0.33.0, the Model Runner V2 sampler's steps
+    with its PyTorch top-k/top-p path) or "sglang" (0.5.23, its PyTorch sampler); docs/replay.md says what
+    each does and which of the engines' paths the tests run. Parameters are numbers or tensors broadcast to
+    the logits' leading shape (an engine batch mixes requests); None is the engine's "off". The batch's
+    rows share the engine's batch-level switches (vLLM copies the logits to float32 and runs top-p only if
+    some row asks for it), so pass the rows the engine sampled together. Values the engine rejects raise
+    ValueError naming them. Ids come in the engine's mask order (vLLM ascending, SGLang most probable
+    first), -1 after a row's set; a row that keeps the whole vocabulary is all -1. K is the widest row
+    (a host sync), or `width` (a wider row is a ValueError)."""
     check.floating(logits, "logits")
-    vocab = logits.shape[-1]
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    vocab, shape = logits.shape[-1], logits.shape[:-1]
     rows = logits.reshape(-1, vocab)
-    temperatures = None
-    if isinstance(temperature, torch.Tensor):
-        temperatures = temperature.to(torch.float32).expand(logits.shape[:-1]).reshape(-1)
-    elif not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and not 1 <= top_k:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if min_p is not None and not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1] or None, got {min_p!r}")
-    block = max(1, (1 << 22) // max(vocab, 1))
-    keeps = []
+    params = dict(temperature=_row_values(temperature, "temperature", shape, rows.device, integer=False),
+                  top_k=_row_values(-1 if top_k is None else top_k, "top_k", shape, rows.device, integer=True),
+                  top_p=_row_values(1.0 if top_p is None else top_p, "top_p", shape, rows.device, integer=False),
+                  min_p=_row_values(0.0 if min_p is None else min_p, "min_p", shape, rows.device, integer=False))
+    keep_rows = _vllm_kept if engine == "vllm" else _sglang_kept
+    block = max(1, SAMPLER_BLOCK_ELEMENTS // max(vocab, 1))
+    ids, counts = [], []
+    for keep in keep_rows(rows, block, **params):
+        count = keep.ids.sum(-1)
+        # row-major: each row's ids ascending, or in the engine's order
+        token = keep.ids.nonzero(as_tuple=True)[1] if keep.order is None else keep.order[keep.ids]
+        whole = count == vocab  # the whole vocabulary: no set
+        ids.append(token[~torch.repeat_interleave(whole, count)])
+        counts.append(torch.where(whole, 0, count))
+    flat = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64, device=rows.device)
+    counts = torch.cat(counts) if counts else torch.empty(0, dtype=torch.int64, device=rows.device)
+    kept = kept_ids_from_csr(flat, counts=counts, width=width)
+    return kept.reshape(*shape, kept.shape[-1])
+
+
+class _Keep(NamedTuple):
+    ids: torch.Tensor  # [b, V] bool: kept (of the vocabulary, or of `order`'s columns)
+    order: torch.Tensor | None  # [b, V] int64 token ids in the engine's mask order, or None: ascending ids
+
+
+def _row_values(value, name, shape, device, integer: bool) -> torch.Tensor:
+    """A sampling parameter as one value per row ([rows] int64 or float64, exact for the engines' float32
+    and int32 values): a number, or a tensor broadcast to the logits' leading shape."""
+    if isinstance(value, torch.Tensor):
+        if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise ValueError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+        try:
+            value = value.to(device).expand(shape)
+        except RuntimeError:
+            raise ValueError(f"{name} must be a number or a tensor broadcastable to the logits' leading shape "
+                             f"{tuple(shape)}, got shape {tuple(value.shape)}") from None
+        return value.reshape(-1).to(torch.int64 if integer else torch.float64)
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not integer and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return torch.full((shape.numel(),), value, dtype=torch.int64 if integer else torch.float64, device=device)
+
+
+def _reject(bad, values, name, rule):
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be {rule}, got {values[bad][0].item()!r}")
+
+
+def _vllm_kept(rows, block, temperature, top_k, top_p, min_p):
+    """vLLM 0.33.0: SamplingParams (validation; 0 < T < 0.01 raised to 0.01; T < 1e-5 greedy with top-k,
+    top-p and min-p off), SamplingStates.add_request (top_k <= 0 or > V off), then Sampler.sample: unless
+    no row needs processing, a float32 copy of the logits, the temperature (rows at T 0 or 1 skipped), min_p
+    in logit space (logit < row max + log(min_p) dropped), then apply_top_k_top_p's PyTorch path (ascending
+    sort; top-k drops values below the k-th largest, so ties at it stay; top-p drops the ascending prefix
+    whose float32 cumulative probability is <= 1 - p, never the last). The kept set is the finite logits."""
+    _reject(~torch.isfinite(temperature) | (temperature < 0) | (temperature > 2), temperature, "temperature",
+            "a finite number in [0, 2] (vLLM)")
+    _reject(~((top_p > 0) & (top_p <= 1)), top_p, "top_p", "in (0, 1]")
+    _reject(top_k < -1, top_k, "top_k", "0 or -1 (off), or at least 1")
+    _reject(~((min_p >= 0) & (min_p <= 1)), min_p, "min_p", "in [0, 1]")
+    vocab = rows.shape[-1]
+    temperature = torch.where((temperature > 0) & (temperature < 1e-2), 1e-2, temperature)
+    greedy = temperature < 1e-5
+    top_p, min_p = torch.where(greedy, 1.0, top_p), torch.where(greedy, 0.0, min_p)
+    top_k = torch.where(greedy | (top_k <= 0) | (top_k > vocab), vocab, top_k)
+    needs = ~greedy & ((temperature != 1) | (min_p != 0) | (top_k != vocab) | (top_p != 1))
+    # the engine's per-request state is float32 / int32; its batch-level switches read that state
+    temperature, top_p, min_p = temperature.float(), top_p.float(), min_p.float()
+    process = bool(needs.any())
+    scale = not bool(((temperature == 0) | (temperature == 1)).all())
+    truncate_min_p = bool((min_p != 0).any())
+    do_top_k, do_top_p = bool((top_k != vocab).any()), bool((top_p != 1).any())
+    # the engine's threshold is max + log(min_p) in float32; the log here is rounded once from float64
+    log_min_p = min_p.double().log().float()
     for r0 in range(0, rows.shape[0], block):
-        x = rows[r0:r0 + block].float()
-        x = x / (temperatures[r0:r0 + block, None] if temperatures is not None else float(temperature))
-        keep = torch.ones_like(x, dtype=torch.bool)
-        if min_p is not None:
-            probs = torch.softmax(x, -1)
-            keep &= probs >= min_p * probs.amax(-1, keepdim=True)
-        if top_k is not None and top_k < vocab:
-            kth = x.masked_fill(~keep, float("-inf")).topk(int(top_k), dim=-1).values[:, -1:]
-            keep &= x >= kth
-        if top_p is not None and top_p < 1:
-            probs = torch.softmax(x.masked_fill(~keep, float("-inf")), -1)
-            ascending, order = probs.sort(dim=-1)
-            drop = ascending.cumsum(-1) <= 1 - top_p
-            drop[:, -1] = False  # at least the most probable token
-            keep &= ~torch.zeros_like(drop).scatter_(-1, order, drop)
-        keeps.append((keep, x))
-    counts = torch.cat([keep.sum(-1) for keep, _ in keeps]) if keeps else torch.zeros(0, dtype=torch.long)
-    width = int(counts.max()) if counts.numel() else 1
-    width = max(1, min(width, max_kept) if max_kept is not None else width)
-    out = []
-    for keep, x in keeps:
-        # the kept ids, most probable first; -1 after a row's set
-        ranked = x.masked_fill(~keep, float("-inf")).topk(width, dim=-1)
-        out.append(torch.where(ranked.values > float("-inf"), ranked.indices, -1))
-    ids = torch.cat(out) if out else torch.empty(0, width, dtype=torch.long)
-    return ids.reshape(*logits.shape[:-1], width)
+        x, r1 = rows[r0:r0 + block], min(r0 + block, rows.shape[0])
+        if process:
+            x = x.float().clone()
+            if scale:
+                t = temperature[r0:r1]
+                x = x / torch.where((t == 0) | (t == 1), 1.0, t)[:, None]  # x / 1 is x: the skipped rows
+            if truncate_min_p:
+                threshold = x.amax(-1) + log_min_p[r0:r1]
+                x = x.masked_fill(x < threshold[:, None], float("-inf"))
+            if do_top_k or do_top_p:
+                x = _vllm_top_k_top_p(x, top_k[r0:r1] if do_top_k else None, top_p[r0:r1] if do_top_p else None)
+        yield _Keep(torch.isfinite(x), None)
+
+
+def _vllm_top_k_top_p(x, k, p):
+    """vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p_pytorch, step for step, on a copy."""
+    x_sort, order = x.sort(dim=-1, descending=False)
+    if k is not None:
+        kth = x_sort.gather(1, (x_sort.shape[1] - k).unsqueeze(1))
+        x_sort.masked_fill_(x_sort < kth, float("-inf"))
+    if p is not None:
+        cumulative = torch.cumsum(x_sort.softmax(dim=-1), dim=-1)
+        drop = cumulative <= 1 - p.unsqueeze(1)
+        drop[:, -1] = False  # at least one
+        x_sort.masked_fill_(drop, float("-inf"))
+    return x.scatter(-1, order, x_sort)
+
+
+def _sglang_kept(rows, block, temperature, top_k, top_p, min_p):
+    """SGLang 0.5.23: SamplingParams (0 <= T < 1e-6 greedy: T 1, top_k 1; top_k -1 off) and verify, then
+    Sampler.forward with the pytorch backend: all rows greedy, the argmax alone; else the logits divided by
+    T in their dtype, softmax, and (if some row truncates) top_k_top_p_min_p_sampling_from_probs_torch:
+    descending sort, ranks >= top_k zeroed, then tokens whose preceding cumulative probability (before
+    that zeroing) exceeds top_p, then (if some row has min_p) those below min_p times the largest. The
+    kept set is the positive probabilities, most probable first."""
+    _reject(~torch.isfinite(temperature) | (temperature < 0), temperature, "temperature",
+            "a non-negative finite number (SGLang)")
+    _reject(~((top_p > 0) & (top_p <= 1)), top_p, "top_p", "in (0, 1]")
+    _reject(~((min_p >= 0) & (min_p <= 1)), min_p, "min_p", "in [0, 1]")
+    _reject((top_k < 1) & (top_k != -1), top_k, "top_k", "-1 (off) or at least 1 (SGLang)")
+    greedy = temperature < 1e-6
+    temperature = torch.where(greedy, 1.0, temperature).float()
+    top_k = torch.where(greedy, 1, torch.where(top_k == -1, SGLANG_TOP_K_ALL, top_k))
+    need_top_p, need_top_k, need_min_p = bool((top_p != 1).any()), bool((top_k != SGLANG_TOP_K_ALL).any()), \
+        bool((min_p > 0).any())
+    all_greedy = bool((top_k <= 1).all())
+    top_k, top_p, min_p = top_k.to(torch.int32), top_p.float(), min_p.float()
+    for r0 in range(0, rows.shape[0], block):
+        x, r1 = rows[r0:r0 + block], min(r0 + block, rows.shape[0])
+        if all_greedy:
+            yield _Keep(torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device), torch.argmax(x, -1)[:, None])
+            continue
+        x = x.clone()
+        x.div_(temperature[r0:r1, None])
+        probs = torch.softmax(x, dim=-1)
+        if not (need_top_p or need_top_k or need_min_p):
+            probs, order = probs.sort(dim=-1, descending=True)
+            yield _Keep(probs > 0, order)
+            continue
+        probs_sort, order = probs.sort(dim=-1, descending=True)
+        probs_sum = torch.cumsum(probs_sort, dim=-1)
+        probs_sort[torch.arange(probs_sort.shape[-1], device=x.device).view(1, -1) >= top_k[r0:r1].view(-1, 1)] = 0.0
+        probs_sort[(probs_sum - probs_sort) > top_p[r0:r1].view(-1, 1)] = 0.0
+        if need_min_p:
+            probs_sort[probs_sort < (probs_sort[:, 0] * min_p[r0:r1]).view(-1, 1)] = 0.0
+        yield _Keep(probs_sort > 0, order)
 
 
 def kept_ids_from_csr(ids, offsets=None, *, counts=None, width=None):

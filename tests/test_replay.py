@@ -221,11 +221,20 @@ def test_kept_ids_from_sampler(settings):
 
 
 def test_kept_ids_from_sampler_bad_settings():
+    """The values each engine rejects (tests/test_engine_samplers.py checks them against the engines' own
+    SamplingParams); top_k 0 is vLLM's "off" and SGLang's error; width is the result's K."""
     with pytest.raises(ValueError, match="top_p"):
         kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_p=0.0)
     with pytest.raises(ValueError, match="top_k"):
-        kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=0)
-    assert kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=3, max_kept=2).shape == (2, 2)
+        kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=-2)
+    with pytest.raises(ValueError, match="top_k"):
+        kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=0, engine="sglang")
+    with pytest.raises(ValueError, match="engine"):
+        kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), engine="trt")
+    assert kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=0).tolist() == [[-1], [-1]]
+    assert kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=3, width=5).shape == (2, 5)
+    with pytest.raises(ValueError, match="width"):
+        kl_kernels.kept_ids_from_sampler(torch.randn(2, 9), top_k=3, width=2)
 
 
 def test_the_cpu_kernel_marks_the_same_entries_as_the_sort(monkeypatch):
