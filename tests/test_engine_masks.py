@@ -6,56 +6,22 @@ The round trips run vLLM 0.33.0's own code: its Triton kernel that captures each
 processed logits (`_compact_sampling_mask_kernel`, run by `SamplingMaskTensors.from_logits` in Triton's
 interpreter) and its conversion to the scheduler's CSR (`SamplingMaskTensors.tolists`, which falls back to
 the bitmask for rows wider than the compact width). The module is read from the pinned wheel that
-`./run.sh test` downloads (tests/engines/requirements.txt); the two vLLM modules it imports are stubbed
-with what it uses of them (triton itself; the SamplingMaskLists record)."""
-import glob
-import os
-import sys
-import types
-import zipfile
-from typing import NamedTuple
-
+`./run.sh test` downloads (tests/engines/requirements.txt), with vLLM's own SamplingMaskLists record
+(tests/engine_code.py)."""
 import numpy as np
 import pytest
 import torch
 
+import engine_code
 import kl_kernels
-
-ENGINES = os.path.join(sys.prefix, "engines")
 
 
 def _vllm_output_module():
-    wheels = sorted(glob.glob(os.path.join(ENGINES, "vllm-0.33.0-*.whl")))
-    if not wheels:
-        pytest.skip(f"vLLM 0.33.0's wheel is not in {ENGINES} (./run.sh test downloads it)")
     import triton
     import triton.language as tl
 
-    class SamplingMaskLists(NamedTuple):  # vllm/v1/outputs.py's record, as the module builds it
-        token_ids: np.ndarray
-        offsets: np.ndarray | None = None
-        cu_num_generated_tokens: list | None = None
-
-    stubs = {"vllm": types.ModuleType("vllm"), "vllm.triton_utils": types.ModuleType("vllm.triton_utils"),
-             "vllm.v1": types.ModuleType("vllm.v1"), "vllm.v1.outputs": types.ModuleType("vllm.v1.outputs")}
-    stubs["vllm.triton_utils"].triton, stubs["vllm.triton_utils"].tl = triton, tl
-    stubs["vllm.v1.outputs"].SamplingMaskLists = SamplingMaskLists
-    stubs["vllm.v1.outputs"].LogprobsTensors = object
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        source = zipfile.ZipFile(wheels[-1]).read("vllm/v1/worker/gpu/sample/output.py").decode()
-        module = types.ModuleType("vllm_sample_output")
-        module.__file__ = f"{wheels[-1]}/vllm/v1/worker/gpu/sample/output.py"
-        sys.modules[module.__name__] = module  # the dataclass and triton.jit look their module up
-        exec(compile(source, module.__file__, "exec"), module.__dict__)
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-    return module
+    names = ["vllm.v1.outputs", "vllm.v1.worker.gpu.sample.output"]
+    return engine_code.Engine("vllm", names, {"vllm.triton_utils": dict(triton=triton, tl=tl)})[names[-1]]
 
 
 def _processed_logits(rows, vocab, generator):

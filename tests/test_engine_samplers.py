@@ -114,7 +114,12 @@ def sglang_kept(sglang, logits, params):
         sampler.forward(output, info, False, [], [], torch.zeros(rows, dtype=torch.int64))
     mask = output.sampling_mask_output
     assert (mask.statuses == sglang.logits_processor.SamplingMaskStatus.OK).all()
-    return [ids[:length].tolist() for ids, length in zip(mask.token_ids, mask.lengths)]
+    kept = [ids[:length].tolist() for ids, length in zip(mask.token_ids, mask.lengths)]
+    # its padded ids + lengths are CSR with counts (the reading docs/contract.md section 13 gives)
+    read = kl_kernels.kept_ids_from_csr(mask.token_ids[torch.arange(mask.token_ids.shape[1]) < mask.lengths[:, None]],
+                                        counts=mask.lengths)
+    assert [row[row >= 0].tolist() for row in read] == kept
+    return kept
 
 
 def ours(logits, params, engine, block_rows=None, monkeypatch=None):
