@@ -103,11 +103,15 @@ def _matmul(a, b, out, bias=None):
             return out
     else:
         step = GPU_MATMUL_ROWS
+    # on a GPU, fp32 logits from bf16/fp16 operands (issue 37) are one GEMM that accumulates and writes
+    # fp32 (cuBLAS's out_dtype), with the bias in fp32; on a CPU the operands arrive upcast (_project)
+    wide = {} if out.dtype == a.dtype else {"out_dtype": out.dtype}
+    bias = bias if bias is None or not wide else bias.to(out.dtype)
     for r in range(0, a.shape[0], step):
         if bias is None:
-            torch.mm(a[r:r + step], b, out=out[r:r + step])
+            torch.mm(a[r:r + step], b, out=out[r:r + step], **wide)
         else:
-            torch.addmm(bias, a[r:r + step], b, out=out[r:r + step])
+            torch.addmm(bias, a[r:r + step], b, out=out[r:r + step], **wide)
     return out
 
 
@@ -194,11 +198,12 @@ class _Projection:
     def _project(self, inputs, out, v0, v1):
         """out = inputs @ weight[v0:v1]^T + bias[v0:v1], in the logits' dtype. Wider than the inputs (fp32
         logits from bf16/fp16, issue 37): every product of two bf16 (fp16) values is exact in fp32, so a
-        float32 matmul of the upcast operands gives an fp32 LM head's logits; the weight is upcast one
+        GPU GEMM accumulating in fp32 and writing fp32 (_matmul), or on a CPU (which has no such GEMM in
+        ATen) a float32 matmul of the upcast operands, gives an fp32 LM head's logits; the weight is upcast one
         chunk of its rows at a time (PARTIAL_BYTES of float32, a whole multiple of 4 rows), never whole,
         the tile's rows once."""
         bias = None if self.bias is None else self.bias[v0:v1]
-        if self.dtype == self.hidden.dtype:
+        if self.dtype == self.hidden.dtype or self.hidden.device.type != "cpu":  # a GPU writes fp32 from bf16
             return _matmul(inputs, self.weight[v0:v1].t(), out, bias)
         wide = inputs.to(self.dtype)
         step = max(CPU_SIZE_QUANTUM, PARTIAL_BYTES // (4 * self.weight.shape[1]) // CPU_SIZE_QUANTUM * CPU_SIZE_QUANTUM)
