@@ -12,6 +12,7 @@ Left to TRL: the losses, GRPO's inline k3 (O(N) work on log-probs), masks and me
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -74,8 +75,9 @@ def _selective_log_softmax_and_entropy(a, original):
     return logp.to(logits.dtype), entropy.to(logits.dtype)
 
 
-def _chunked_logprob(a, original):
-    """TRL's ChunkedLogProbFunction.apply: (log_probs, entropy or None, None, None, None)."""
+def _chunked_logprob(a, original, logits_dtype=None):
+    """TRL's ChunkedLogProbFunction.apply: (log_probs, entropy or None, None, None, None). logits_dtype:
+    patch()'s, for bf16/fp16 tiles."""
     outputs = tuple(a.get("outputs") or ())
     if not set(outputs) <= {"log_probs", "entropy"}:
         raise Fallback(f"outputs {outputs} beyond log_probs and entropy")
@@ -90,19 +92,20 @@ def _chunked_logprob(a, original):
         raise Fallback("hidden, weight and bias dtypes differ")
     fused_backend(hidden, compute)
     logit_scale = a.get("logit_scale", 1.0)
+    wide = logits_dtype if compute in (torch.bfloat16, torch.float16) else None
     try:
         # autocast off inside: the forward and the backward's recomputed tiles must be the same numbers
         with torch.autocast(device, enabled=False):
             logp, entropy = linear_token_logprobs(
                 hidden.to(compute), weight.to(compute), a["targets"], bias=None if bias is None else bias.to(compute),
                 temperature=real_temperature(a["temperature"]), logit_scale=1.0 if logit_scale is None else logit_scale,
-                softcap=a.get("final_logit_softcapping"), return_entropy=True, validate=False)
+                softcap=a.get("final_logit_softcapping"), return_entropy=True, validate=False, logits_dtype=wide)
     except (TypeError, ValueError) as error:  # a shape or type TRL's own function handles its own way
         raise Fallback(str(error)) from None
     return logp, entropy if "entropy" in outputs else None, None, None, None
 
 
-def _replacements():
+def _replacements(logits_dtype=None):
     utils = "trl.trainer.utils"
     return [
         Replacement(utils, "selective_log_softmax", _selective_log_softmax,
@@ -110,7 +113,7 @@ def _replacements():
         Replacement(utils, "entropy_from_logits", _entropy_from_logits, ("logits", "chunk_size")),
         Replacement(utils, "selective_log_softmax_and_entropy", _selective_log_softmax_and_entropy,
                     ("logits", "index", "entropy_requires_grad", "temperature", "row_mask")),
-        Replacement(utils, "_ChunkedLogProbFunction", _chunked_logprob,
+        Replacement(utils, "_ChunkedLogProbFunction", functools.partial(_chunked_logprob, logits_dtype=logits_dtype),
                     ("hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
                      "logit_scale", "outputs")),
     ]
@@ -122,7 +125,14 @@ LEFT_ALONE = {
 }
 
 
-def patch(quiet: bool = False) -> Patch:
+def patch(quiet: bool = False, logits_dtype: torch.dtype | None = None) -> Patch:
     """Wrap TRL's O(N x V) functions (see the module docstring); restores on exit. ImportError
-    without trl; a warning outside the tested versions."""
-    return Patch("trl", TESTED, _replacements(), LEFT_ALONE, quiet=quiet)
+    without trl; a warning outside the tested versions.
+
+    logits_dtype=torch.float32: the hidden-state head's bf16/fp16 tiles (bf16 weights, or bf16 autocast)
+    keep float32 logits (docs/contract.md section 14): an fp32 LM head's numbers from the weights as they
+    are, without TRL's `cast_lm_head_to_fp32` (which makes the head's parameters float32 for good and
+    upcasts the hidden states each call; that option is served as it is, an fp32 head)."""
+    if logits_dtype not in (None, torch.float32):
+        raise ValueError(f"logits_dtype must be None or torch.float32, got {logits_dtype!r}")
+    return Patch("trl", TESTED, _replacements(logits_dtype), LEFT_ALONE, quiet=quiet)

@@ -260,3 +260,66 @@ def test_chunked_logprob_under_autocast():
     torch.testing.assert_close(ours[1], theirs[1], atol=1e-4, rtol=1e-4)
     for a, b in zip(ours[2], theirs[2]):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)  # bf16 tiles on both sides
+
+
+def test_fp32_logits_from_the_bf16_head():
+    """patch(logits_dtype=torch.float32) (issue 37): TRL's head on bf16 weights and hidden states keeps
+    float32 logits, the numbers TRL's own cast_lm_head_to_fp32 computes at the same weights (its float32
+    head on the upcast values: bf16 products are exact in float32) to float32 rounding, without a
+    float32 copy of the head; unpatched, TRL's bf16 tiles are far coarser. Gradients stay bf16."""
+    n, h, v = 53, 64, 1031
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(n, h, generator=g).bfloat16()
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).bfloat16()
+    targets = torch.randint(0, v, (n,), generator=g)
+
+    def run(h_in, w_in):
+        h_in = h_in.clone().requires_grad_()
+        logp, entropy, *_ = utils._ChunkedLogProbFunction.apply(h_in, w_in, None, targets, 0.9, 256, None, 1.0,
+                                                               ("log_probs", "entropy"))
+        (logp.sum() + entropy.sum()).backward()
+        return logp.detach().double(), entropy.detach().double(), h_in.grad
+
+    fp32_head = run(hidden.float(), weight.float())  # what cast_lm_head_to_fp32 computes
+    bf16_head = run(hidden, weight)
+    with kl_trl.patch(quiet=True, logits_dtype=torch.float32) as handle:
+        ours = run(hidden, weight)
+    assert handle.counts()["trl.trainer.utils._ChunkedLogProbFunction"] == (1, 0)
+    for k in (0, 1):
+        ours_error = (ours[k] - fp32_head[k]).abs().max().item()
+        assert ours_error < 2e-5, ours_error
+        assert (bf16_head[k] - fp32_head[k]).abs().max().item() > 20 * ours_error
+    assert ours[2].dtype == torch.bfloat16
+    torch.testing.assert_close(ours[2].float(), fp32_head[2], atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="logits_dtype"):
+        kl_trl.patch(quiet=True, logits_dtype=torch.bfloat16)
+
+
+def test_grpo_with_trls_fp32_lm_head(tmp_path):
+    """GRPOConfig(cast_lm_head_to_fp32=True, bf16=True): TRL makes the head float32 and upcasts the hidden
+    states; the fused head serves every pass as that float32 head, and the first step's metrics agree with
+    the unpatched run."""
+    model_dir, tokenizer, prompts = _tiny_llama(tmp_path)
+
+    def train(patched):
+        torch.manual_seed(0)
+        args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
+                              max_completion_length=6, max_steps=2, beta=0.1, report_to="none", use_cpu=True,
+                              logging_steps=1, seed=0, save_strategy="no", learning_rate=1e-3, bf16=True,
+                              cast_lm_head_to_fp32=True)
+        trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+                                  args=args, train_dataset=prompts, processing_class=tokenizer)
+        assert trainer.model.lm_head.weight.dtype == torch.float32
+        if not patched:
+            trainer.train()
+            return trainer.state.log_history, None
+        with kl_trl.patch(quiet=True) as handle:
+            trainer.train()
+        return trainer.state.log_history, (handle.counts(), handle.fallback_reasons())
+
+    plain, _ = train(False)
+    fused, (counts, reasons) = train(True)
+    assert counts["trl.trainer.utils._ChunkedLogProbFunction"] == (4, 0), reasons
+    first = [(a, b) for a, b in zip(plain, fused) if "loss" in a][0]
+    for key in ("loss", "kl", "entropy", "grad_norm"):
+        assert first[1][key] == pytest.approx(first[0][key], rel=1e-3, abs=1e-6), key
