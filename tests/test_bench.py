@@ -91,6 +91,18 @@ def test_linear_providers_agree(estimator):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_fp32_logits_providers():
+    """eager+fp32logits and <backend>+fp32logits (issue 37): bf16 inputs, float32 logits: the float64
+    penalty of the same bf16 values to float32 rounding, where the bf16 head's rounded logits are far off."""
+    torch.manual_seed(0)
+    inputs = bench_linear.make_inputs(64, 32, 300, torch.bfloat16, torch.device("cpu"))
+    want = bench_linear.eager_linear(*(t.double() if i < 4 else t for i, t in enumerate(inputs)), dtype=torch.float64)
+    error = {name: (bench_linear.make_provider(name, "k1")(*inputs).double() - want).abs().max().item()
+             for name in ("eager", "cpu", "eager+fp32logits", "cpu+fp32logits", "reference+fp32logits")}
+    for name in ("eager+fp32logits", "cpu+fp32logits", "reference+fp32logits"):
+        assert error[name] < 1e-4 and error[name] * 100 < error[name.split("+")[0] if "eager" in name else "cpu"], error
+
+
 def test_cli_linear_mode(tmp_path):
     out = tmp_path / "rows.json"
     args = ["--linear", "--tokens", "64", "--hidden", "16", "24", "--vocab", "50", "--providers", "eager",
@@ -198,6 +210,8 @@ def test_kept_provider_matches_the_eager_truth_over_the_kept_sets():
     (["--device", "nonsense"], "--device"),
     (["--providers", "foo"], "--providers foo"),
     (["--providers", "logits+cpu"], "--providers logits+cpu"),
+    (["--providers", "cpu+fp32logits"], "--providers cpu+fp32logits"),
+    (["--linear", "--providers", "nope+fp32logits"], "--providers nope"),
     (["--linear", "--providers", "liger"], "--providers liger"),
     (["--repeats", "0"], "--repeats"),
     (["--tokens", "0"], "--tokens"),

@@ -105,6 +105,12 @@ def provider_problem(name, linear, device, dtypes):
     from ..dispatch import select_backend
     from .providers import KEPT, PEERS
 
+    from .bench_linear import FP32_LOGITS
+
+    if name.endswith(FP32_LOGITS):
+        if not linear:
+            return f"<provider>{FP32_LOGITS} is a provider of --linear"
+        name = name[:-len(FP32_LOGITS)]
     if name in ("eager", "compile") or name in PEERS and PEERS[name] == "always":
         return None
     if name in PEERS:
@@ -127,7 +133,8 @@ def provider_problem(name, linear, device, dtypes):
             select_backend(backend, device, (dtype,))
     except (RuntimeError, ValueError) as error:
         known = "eager, compile, trl" + (", logits+<backend>" if linear else ", liger, flash_attn")
-        return f"{error} (providers: {known}, a kl_kernels backend, <backend>+kept<K>)"
+        more = ", eager+fp32logits, <backend>+fp32logits" if linear else ""
+        return f"{error} (providers: {known}, a kl_kernels backend, <backend>+kept<K>{more})"
     return None
 
 
@@ -197,7 +204,8 @@ def main(argv=None):
         from . import bench_linear as suite
         providers = args.providers or suite.default_providers(device)
         hidden_sizes = args.hidden
-        print(f"{'provider':<12} {'dtype':<9} {'hidden':>6} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>17} "
+        name_width = max([12] + [len(provider) for provider in providers])
+        print(f"{'provider':<{name_width}} {'dtype':<9} {'hidden':>6} {'vocab':>7} {'mode':<8} {'median ms':>10} {'p20-p80':>17} "
               f"{'peak MB':>8} {'err vs f64':>10} {'speed-up':>8}")
     else:
         suite = None
@@ -232,7 +240,7 @@ def main(argv=None):
         if suite:
             row["peak_extra_mb"] = suite.peak_extra_bytes(fns[row["provider"]], args.tokens, row["hidden"],
                                                           row["vocab"], DTYPES[row["dtype"]], row["mode"], device) / 2**20
-            print(f"{row['provider']:<12} {row['dtype']:<9} {row['hidden']:>6} {row['vocab']:>7} {row['mode']:<8} "
+            print(f"{row['provider']:<{name_width}} {row['dtype']:<9} {row['hidden']:>6} {row['vocab']:>7} {row['mode']:<8} "
                   f"{row['median_ms']:>10.2f} {row['p20_ms']:>8.2f}-{row['p80_ms']:<8.2f} {row['peak_extra_mb']:>8.1f} "
                   f"{row['max_abs_error']:>10.2e} {speedup:>8}", flush=True)
             continue

@@ -5,7 +5,10 @@ kl-bench: what a trainer without a fused head runs), `compile` (torch.compile of
 ChunkedLogProbFunction for both models, then the estimator and masked sum; when TRL is installed),
 `logits+<backend>` (F.linear to logits, then kl_penalty on that backend: the matmul plus our fused
 kernel on materialised logits) and each backend's `linear_kl_penalty` (tiles of rows, logits never
-whole). Peak memory is the headline: the logits and their gradient are what the fused head saves.
+whole). `<provider>+fp32logits` (eager or a backend; issue 37): float32 logits from bf16/fp16 inputs,
+eager by F.linear of float32 copies of the hidden states and the weight (TRL's cast_lm_head_to_fp32),
+a backend by logits_dtype=torch.float32. Peak memory is the headline: the logits and their gradient
+are what the fused head saves.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .providers import KEPT, eager_penalty, kept_ids_for, kept_ids_once, kept_wi
 from .timing import make_step
 
 TRL_CHUNK_SIZE = 32768  # the vocabulary tile TRL's trainers pass (trl.trainer.utils, TRL 1.16)
+FP32_LOGITS = "+fp32logits"
 
 
 def make_inputs(tokens, hidden_size, vocab, dtype, device):
@@ -39,10 +43,15 @@ def make_inputs(tokens, hidden_size, vocab, dtype, device):
 
 
 def eager_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", dtype=torch.float32,
-                 kept_ids=None):
-    logits = torch.nn.functional.linear(hidden, weight)
+                 kept_ids=None, logits_dtype=None):
+    """logits_dtype: float32 logits from copies of the operands in it (as TRL's fp32 head), or None."""
+    def linear(h, w):
+        return torch.nn.functional.linear(h, w) if logits_dtype is None else \
+            torch.nn.functional.linear(h.to(logits_dtype), w.to(logits_dtype))
+
+    logits = linear(hidden, weight)
     with torch.no_grad():
-        ref_logits = torch.nn.functional.linear(ref_hidden, ref_weight)
+        ref_logits = linear(ref_hidden, ref_weight)
     return eager_penalty(logits, ref_logits, labels, mask, estimator=estimator, dtype=dtype, kept_ids=kept_ids)
 
 
@@ -67,11 +76,13 @@ def logits_then_kernel(hidden, weight, ref_hidden, ref_weight, labels, mask, est
                                  validate=False, backend=backend).kl_sum
 
 
-def fused_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", backend=None, kept_ids=None):
+def fused_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", backend=None, kept_ids=None,
+                 logits_dtype=None):
     """kept_ids: None, or providers.kept_ids_once(K) (a "<backend>+kept<K>" provider: sampling replay)."""
     return kl_kernels.linear_kl_penalty(
         hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, mask=mask, estimator=estimator,
-        validate=False, backend=backend, kept_ids=None if kept_ids is None else kept_ids(labels, weight.shape[0])).kl_sum
+        validate=False, backend=backend, kept_ids=None if kept_ids is None else kept_ids(labels, weight.shape[0]),
+        logits_dtype=logits_dtype).kl_sum
 
 
 def default_providers(device):
@@ -86,6 +97,10 @@ def default_providers(device):
 
 
 def make_provider(name, estimator):
+    if name.endswith(FP32_LOGITS):
+        base = name[:-len(FP32_LOGITS)]
+        return functools.partial(eager_linear if base == "eager" else fused_linear, estimator=estimator,
+                                 logits_dtype=torch.float32, **({} if base == "eager" else dict(backend=base)))
     if name == "eager":
         return functools.partial(eager_linear, estimator=estimator)
     if name == "compile":
