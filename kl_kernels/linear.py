@@ -31,8 +31,8 @@ from .penalty import outputs as penalty_outputs
 from .plan import device_of
 from .plan import make as make_plan
 from .rows import first_order_only
-from .contract import PassArgs, RowGrads, RowStats, compute_dtype
-from .dispatch import select_backend
+from .contract import RowGrads, RowStats, compute_dtype
+from .projection import GradientSums, Projection, row_quantum, through_transform
 
 # What the logits tiles may hold at a time (the caller's tile_bytes; TRL's own head holds a
 # 4096 x 32768 fp32 buffer, 512 MiB).
@@ -42,43 +42,6 @@ TILE_BYTES = 512 << 20
 # has at most max(512, N / 8) rows: well below the whole logits tensor even when the budget is not
 # (N = 4096, V = 32000: 2097 rows fit 512 MiB, which would have held half the logits).
 EFFICIENT_TILE_ROWS = 512
-# The backward's vocabulary chunks: this many bytes of float32 weight-gradient rows (2048 rows at
-# H = 4096), summed over the token tiles before they are written in the weight's dtype.
-PARTIAL_BYTES = 32 << 20
-# On a CPU, float32 logits from bf16/fp16 weights (issue 37) upcast this many bytes of weight rows at a
-# time: 8 MiB kept kl-bench --linear's peak within 10% of the bf16 head's (N 1024, H 1024, V 32000)
-UPCAST_BYTES = 8 << 20
-
-
-# Row quanta of the projection's matmuls, for batch invariance (docs/contract.md section 11). A BLAS
-# picks its kernels and blocking from the matrix shape, and rows at a block's edge can take another
-# micro-kernel: on this CPU (MKL) rows 4-6 of a 7-row fp32 matmul got other bits than the same rows
-# inside 2048 (fp64: every row past the last multiple of 4). MKL (fp32, fp64) and oneDNN (bf16, fp16),
-# with 1 and 2 threads and H from 100 to 4096, gave every row the same bits for every row count that
-# is a multiple of 16 (tests/test_batch_invariance.py holds it), so a CPU tile's matmul is padded to a
-# multiple of 16 rows: a 7-token call pays a 16-row matmul, not a 512-row one. cuBLAS chooses its
-# kernel (tile shape, split-K) from all three sizes, so on a GPU every matmul has exactly 256 rows.
-CPU_ROW_QUANTUM = 16
-GPU_MATMUL_ROWS = 256
-# The other two sizes matter too (issue 35): with 16 rows, MKL gave a row other bits at another
-# position in fp64 whenever the inner or the output size was not a multiple of 4 (H = 17, 65, 4097;
-# V = 31, 2265), and in fp32 for small ones (H = 17 with V = 5); a row-strided left operand against a
-# transposed right one (the forward's W^T) did it at multiples of 4 too. In random shapes of
-# M x K x N with M a multiple of 16, K and N multiples of 4 and a contiguous left operand, every row had
-# its bits at every position and every M in fp32, with 1 and 2 threads; in fp64, with 2 threads, only
-# at one M (512 rows moved a row's bits against 16). So on a CPU a matmul whose K or N is not a whole
-# multiple of 4 is split (_split_matmul), and fp64 matmuls run 16 rows at a time (fp64 is the
-# verification dtype: the weight is read once per 16 rows there).
-CPU_SIZE_QUANTUM = 4
-
-
-def _quantum(device: torch.device) -> int:
-    return CPU_ROW_QUANTUM if device.type == "cpu" else GPU_MATMUL_ROWS
-
-
-def _padded(rows: int, device: torch.device) -> int:
-    quantum = _quantum(device)
-    return -(-rows // quantum) * quantum
 
 
 def _rows_per_tile(n_tokens: int, vocab: int, element_bytes: int, tile_bytes: int, has_ref: bool,
@@ -89,136 +52,8 @@ def _rows_per_tile(n_tokens: int, vocab: int, element_bytes: int, tile_bytes: in
     buffers = 2 if has_ref else 1
     by_budget = tile_bytes // max(1, buffers * vocab * max(element_bytes, 4))
     rows = min(by_budget, max(EFFICIENT_TILE_ROWS, -(-n_tokens // 8)))
-    quantum = _quantum(device)
+    quantum = row_quantum(device)
     return max(quantum, rows // quantum * quantum)
-
-
-def _matmul(a, b, out, bias=None):
-    """out = a @ b (+ bias) with a (contiguous) of a row count that is a whole number of the device's
-    quanta: on a CPU one matmul (the ops F.linear runs: addmm with a bias, mm without; 16 rows at a time
-    in fp64) when b's sizes are whole multiples of CPU_SIZE_QUANTUM, else _split_matmul; on a GPU
-    matmuls of exactly GPU_MATMUL_ROWS rows."""
-    if a.device.type == "cpu":
-        step = CPU_ROW_QUANTUM if a.dtype == torch.float64 else a.shape[0]
-        if b.shape[0] % CPU_SIZE_QUANTUM or b.shape[1] % CPU_SIZE_QUANTUM:
-            for r in range(0, a.shape[0], step):
-                _split_matmul(a[r:r + step], b, out[r:r + step], bias)
-            return out
-    else:
-        step = GPU_MATMUL_ROWS
-    # on a GPU, fp32 logits from bf16/fp16 operands (issue 37) are one GEMM that accumulates and writes
-    # fp32 (cuBLAS's out_dtype), with the bias in fp32; on a CPU the operands arrive upcast (_project)
-    wide = {} if out.dtype == a.dtype else {"out_dtype": out.dtype}
-    bias = bias if bias is None or not wide else bias.to(out.dtype)
-    for r in range(0, a.shape[0], step):
-        if bias is None:
-            torch.mm(a[r:r + step], b, out=out[r:r + step], **wide)
-        else:
-            torch.addmm(bias, a[r:r + step], b, out=out[r:r + step], **wide)
-    return out
-
-
-def _zero_padded(t, dim: int):
-    """t with its size along dim zero-padded to CPU_SIZE_QUANTUM (t holds 1-3 of them): a small copy."""
-    shape = list(t.shape)
-    shape[dim] = CPU_SIZE_QUANTUM
-    padded = t.new_zeros(shape)
-    padded.narrow(dim, 0, t.shape[dim]).copy_(t)
-    return padded
-
-
-def _split_matmul(a, b, out, bias):
-    """out = a @ b (+ bias) on a CPU from matmuls whose sizes are all whole multiples of CPU_SIZE_QUANTUM:
-    the inner size K split into its whole multiple and the 1-3 left over (zero-padded to 4; their
-    product added after), the output columns likewise. Each output row's bits depend on its own row only."""
-    k, n = b.shape
-    k_whole, n_whole = k - k % CPU_SIZE_QUANTUM, n - n % CPU_SIZE_QUANTUM
-    for n0, n1 in ((0, n_whole), (n_whole, n)):
-        if n1 == n0:
-            continue
-        columns = b[:, n0:n1] if n0 == 0 else _zero_padded(b[:, n0:n1], 1)
-        # the left operand's whole part contiguous: row-strided, against a transposed right operand, its
-        # rows' bits moved with their position
-        part = torch.mm(a[:, :k_whole].contiguous(), columns[:k_whole]) if k_whole else None
-        if k_whole < k:
-            tail = torch.mm(_zero_padded(a[:, k_whole:], 1), _zero_padded(columns[k_whole:], 0))
-            part = tail if part is None else part.add_(tail)
-        if bias is not None:
-            part = part[:, :n1 - n0].add_(bias[n0:n1])
-        out[:, n0:n1] = part[:, :n1 - n0]
-    return out
-
-
-def _columns(buffer, rows, columns):
-    """A contiguous [rows, columns] tensor on the start of buffer: the tile of a narrower vocabulary chunk."""
-    return buffer.view(-1)[:rows * columns].view(rows, columns)
-
-
-class _Projection:
-    """The logits tiles g(hidden @ weight^T + bias) of one model (the policy, or the frozen reference),
-    each row's bits its own. A tile's matmul reads its rows from a padded buffer: the rows to feed as
-    they are, every other row (dead: ignored; poisoned: a non-finite hidden state) and the padding as
-    zeros, since a NaN row need not stay in its row inside a BLAS kernel (issue 28's fuzz saw a bf16
-    matmul here spread one into live rows; not reproduced since, the zero rows make it impossible). Both buffers are reused from tile to tile: a
-    CPU tile above glibc's 32 MiB mmap ceiling (fp32, V = 32000, 512 rows: 65 MB) is mapped fresh each
-    time otherwise, and the first-touch page faults made 8 such matmuls (H = 1024) 5% slower."""
-
-    def __init__(self, hidden, weight, bias, tile_rows, columns, transform):
-        self.hidden, self.weight, self.bias = hidden, weight, bias
-        self.logit_scale, self.softcap = transform.logit_scale, transform.softcap
-        # the logits' dtype: the inputs' (as F.linear), or float32 from bf16/fp16 inputs (logits_dtype)
-        self.dtype = transform.logits_dtype or hidden.dtype
-        rows = _padded(tile_rows, hidden.device)
-        self.inputs = hidden.new_empty((rows, hidden.shape[1]))
-        self.out = hidden.new_empty((rows, columns), dtype=self.dtype)
-        self.zero = hidden.new_zeros(())
-
-    def finite_rows(self, n0, n1):
-        """[n1 - n0] bool: the rows whose hidden state is finite."""
-        return torch.isfinite(self.hidden[n0:n1]).all(-1)
-
-    def tile(self, n0, n1, feed, v0=0, v1=None):
-        """(z, tanh, inputs) of rows [n0, n1) and vocabulary rows [v0, v1), padded to the matmul's rows:
-        z = g(logits), tanh of the scaled logits under a softcap (g' = 1 - tanh^2), else None, and the
-        matmul's padded input rows (the weight gradient reads them). feed: [n1 - n0] bool."""
-        v1 = self.weight.shape[0] if v1 is None else v1
-        rows = n1 - n0
-        padded = _padded(rows, self.hidden.device)
-        inputs = self.inputs[:padded]
-        torch.where(feed[:, None], self.hidden[n0:n1], self.zero, out=inputs[:rows])
-        inputs[rows:].zero_()
-        z = self._project(inputs, _columns(self.out, padded, v1 - v0), v0, v1)
-        if self.softcap is None and self.logit_scale == 1.0:
-            return z, None, inputs  # the identity keeps the matmul's dtype: no float copy of the tile
-        z = z.to(compute_dtype(z.dtype))
-        if self.logit_scale != 1.0:
-            z.mul_(self.logit_scale)
-        if self.softcap is None:
-            return z, None, inputs
-        tanh = torch.tanh(z.div_(self.softcap))
-        return tanh * self.softcap, tanh, inputs
-
-    def _project(self, inputs, out, v0, v1):
-        """out = inputs @ weight[v0:v1]^T + bias[v0:v1], in the logits' dtype. Wider than the inputs (fp32
-        logits from bf16/fp16, issue 37): every product of two bf16 (fp16) values is exact in fp32, so a
-        GPU GEMM accumulating in fp32 and writing fp32 (_matmul), or on a CPU (which has no such GEMM in
-        ATen) a float32 matmul of the upcast operands, gives an fp32 LM head's logits; the weight is upcast one
-        chunk of its rows at a time (UPCAST_BYTES of float32, a whole multiple of 4 rows), never whole,
-        the tile's rows once."""
-        bias = None if self.bias is None else self.bias[v0:v1]
-        if self.dtype == self.hidden.dtype or self.hidden.device.type != "cpu":  # a GPU writes fp32 from bf16
-            return _matmul(inputs, self.weight[v0:v1].t(), out, bias)
-        wide = inputs.to(self.dtype)
-        step = max(CPU_SIZE_QUANTUM, UPCAST_BYTES // (4 * self.weight.shape[1]) // CPU_SIZE_QUANTUM * CPU_SIZE_QUANTUM)
-        for c0 in range(v0, v1, step):
-            c1 = min(c0 + step, v1)
-            part = out if (c0, c1) == (v0, v1) else torch.empty((out.shape[0], c1 - c0), dtype=self.dtype,
-                                                                 device=out.device)
-            _matmul(wide, self.weight[c0:c1].to(self.dtype).t(), part,
-                    None if bias is None else bias[c0 - v0:c1 - v0].to(self.dtype))
-            if part is not out:
-                out[:, c0 - v0:c1 - v0] = part
-        return out
 
 
 class LinearKLFunction(torch.autograd.Function):
@@ -239,8 +74,8 @@ class LinearKLFunction(torch.autograd.Function):
         from each tile."""
         n_tokens, has_ref, vocab = hidden.shape[0], ref_hidden is not None, weight.shape[0]
         tile_rows = min(rows, n_tokens)
-        policy = _Projection(hidden, weight, bias, tile_rows, vocab, transform)
-        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, transform) if has_ref else None
+        policy = Projection(hidden, weight, bias, tile_rows, vocab, transform)
+        reference = Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, transform) if has_ref else None
         stats, poisoned, kept_z, ref_kept_z = _forward_tiles(impl, args, policy, reference, kept, rows, need_entropy,
                                                              need_full)
         # the kept rows' numbers over their sets (a poisoned row's bad label: NaN), then the ranks' merge
@@ -285,10 +120,10 @@ class LinearKLFunction(torch.autograd.Function):
             ignored = poisoned | kept.rows
         args = args._replace(labels=torch.where(ignored, args.ignore_index, labels))
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        sums = _GradientSums(hidden, weight, bias, ctx.needs_input_grad[1:4], min(ctx.rows, n_tokens))
+        sums = GradientSums(hidden, weight, bias, ctx.needs_input_grad[1:4], min(ctx.rows, n_tokens))
         tile_rows = min(ctx.rows, n_tokens)
-        policy = _Projection(hidden, weight, bias, tile_rows, sums.chunk, ctx.transform)
-        reference = _Projection(ref_hidden, ref_weight, ref_bias, tile_rows, sums.chunk, ctx.transform) \
+        policy = Projection(hidden, weight, bias, tile_rows, sums.chunk, ctx.transform)
+        reference = Projection(ref_hidden, ref_weight, ref_bias, tile_rows, sums.chunk, ctx.transform) \
             if use_ref else None
         for v0 in range(0, vocab, sums.chunk):  # fixed orders, chunks then tiles: deterministic
             v1 = min(v0 + sums.chunk, vocab)
@@ -307,7 +142,7 @@ class LinearKLFunction(torch.autograd.Function):
                     columns = kept.columns[n0:n1] - v0
                     here = (columns >= 0) & (columns < v1 - v0)
                     replay.put(z[:n1 - n0], torch.where(here, columns, 0), here, on_kept[n0:n1])
-                sums.add(_through_transform(z, tanh, ctx.transform.logit_scale).to(weight.dtype), inputs, n0, n1, v0,
+                sums.add(through_transform(z, tanh, ctx.transform.logit_scale).to(weight.dtype), inputs, n0, n1, v0,
                          v1)
                 del z, tanh, ref_z, inputs  # before the next tile is made
             sums.end_chunk(v0, v1)
@@ -363,87 +198,6 @@ def _poisoned_args(args, poisoned, n0=0, n1=None):
     return args._replace(labels=torch.where(poisoned, sharding.bad_label(args.ignore_index), labels))
 
 
-def _through_transform(dz, tanh, logit_scale):
-    """dlogits through the logit transform g: softcap's 1 - tanh^2, then logit_scale."""
-    if tanh is not None:
-        dz = dz * (1.0 - tanh * tanh)  # dead and poisoned rows were fed zeros: tanh is finite
-    if logit_scale != 1.0:
-        dz = dz * logit_scale
-    return dz
-
-
-class _GradientSums:
-    """The backward's gradients of hidden, weight and bias, summed tile by tile over vocabulary chunks.
-
-    Vocabulary chunks outer, token tiles inner, when the weight needs a gradient: each chunk's weight
-    gradient is summed over the tiles in a chunk-sized float32 buffer and written once in the weight's
-    dtype, so no [V, H] float32 sum is ever held (524 MB at V = 32000, H = 4096). A chunk is a slice of
-    the vocabulary to the row kernels (a VocabShard at its offset): p comes from the saved
-    whole-vocabulary lse, the label term only in the chunk that holds the label. Without a weight
-    gradient: one chunk, the whole vocabulary."""
-
-    def __init__(self, hidden, weight, bias, needs, tile_rows):
-        need_hidden, need_weight, need_bias = needs
-        (vocab, hidden_size), self.weight, self.hidden, self.bias = weight.shape, weight, hidden, bias
-        self.chunk = min(vocab, max(1, PARTIAL_BYTES // (4 * hidden_size))) if need_weight else vocab
-        self.single = self.chunk == vocab
-        self.wide = compute_dtype(weight.dtype)  # the sums' dtype: float32, float64 for float64
-        self.summed_in_place = weight.dtype == self.wide
-        # the hidden gradient: written tile by tile (one chunk), else summed over chunks; each tile's rows
-        # come from a padded matmul (batch invariance) into hidden_rows
-        self.grad_hidden = self.hidden_rows = None
-        if need_hidden:
-            self.grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if self.single
-                                else torch.zeros(hidden.shape, dtype=self.wide, device=hidden.device))
-            self.hidden_rows = torch.empty((_padded(tile_rows, hidden.device), hidden_size), dtype=weight.dtype,
-                                           device=hidden.device)
-        self.grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
-        # a float32 (float64) weight's gradient is its own sum; a lower dtype's chunk sums in this buffer
-        self.chunk_sum = torch.empty((self.chunk, hidden_size), dtype=self.wide, device=weight.device) \
-            if need_weight and not self.summed_in_place else None
-        self.grad_bias = torch.zeros(bias.shape, dtype=self.wide, device=bias.device) if need_bias else None
-        self.weight_sum = None
-
-    def start_chunk(self, v0, v1):
-        if self.grad_weight is not None:
-            self.weight_sum = self.grad_weight[v0:v1] if self.summed_in_place else self.chunk_sum[:v1 - v0]
-            self.weight_sum.zero_()
-
-    def add(self, dz, inputs, n0, n1, v0, v1):
-        """One tile's dlogits dz [padded rows, v1 - v0] (in the weight's dtype) and its padded input rows."""
-        rows = n1 - n0
-        if self.grad_hidden is not None:
-            # the matmul in the weight's dtype (as F.linear's backward), summed in float32 over chunks
-            _matmul(dz, self.weight[v0:v1], self.hidden_rows[:dz.shape[0]])
-            if self.single:
-                self.grad_hidden[n0:n1] = self.hidden_rows[:rows]
-            else:
-                self.grad_hidden[n0:n1] += self.hidden_rows[:rows]
-        if self.weight_sum is not None:
-            # the padded input rows: dead and poisoned rows are zeros there (0 * NaN would be NaN)
-            if self.summed_in_place:
-                self.weight_sum.addmm_(dz.t(), inputs)
-            else:
-                self.weight_sum += dz.t() @ inputs
-        if self.grad_bias is not None:
-            self.grad_bias[v0:v1] += dz.to(self.wide).sum(0)
-
-    def end_chunk(self, v0, v1):
-        if self.grad_weight is not None and not self.summed_in_place:
-            self.grad_weight[v0:v1] = self.weight_sum
-
-    def result(self, nan_rows):
-        """(hidden, weight, bias gradients) in their dtypes, NaN where nan_rows (a poisoned row a gradient
-        flows from) reach: its hidden gradient row, and the sums over rows as a whole."""
-        if self.grad_hidden is not None:
-            self.grad_hidden.masked_fill_(nan_rows[:, None], float("nan"))
-        any_nan = nan_rows.any()
-        for grad in (self.grad_weight, self.grad_bias):
-            if grad is not None:
-                grad.masked_fill_(any_nan, float("nan"))
-        return _cast(self.grad_hidden, self.hidden), self.grad_weight, _cast(self.grad_bias, self.bias)
-
-
 def _tile_args(args, z, ref_z, n0, n1, labels=None):
     """The PassArgs of one tile of rows [n0, n1): its logits as [1, rows, V] (z's first n1 - n0 rows)."""
     rows = n1 - n0
@@ -454,10 +208,6 @@ def _tile_args(args, z, ref_z, n0, n1, labels=None):
 
 def _rows(value, n0, n1):
     return value[n0:n1] if isinstance(value, torch.Tensor) and value.dim() else value
-
-
-def _cast(grad, like):
-    return None if grad is None else grad.to(like.dtype)
 
 
 def _check_linear(hidden, weight, bias, labels, arg_prefix=""):

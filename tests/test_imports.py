@@ -90,6 +90,9 @@ def test_the_arrows_point_one_way():
     # the row pass serves both public sides (logits and hidden states) from below them
     assert not _reaches("kl_kernels.rows") & {"kl_kernels.api", "kl_kernels.linear", "kl_kernels.dispatch"}
     assert "kl_kernels.rows" in GRAPH["kl_kernels.api"] and "kl_kernels.rows" in GRAPH["kl_kernels.linear"]
+    # the head's matmuls sit below the head's tiling: they know nothing of the row pass or the public side
+    assert not _reaches("kl_kernels.projection") & {"kl_kernels.linear", "kl_kernels.rows", "kl_kernels.api",
+                                                     "kl_kernels.dispatch"}
 
 
 @pytest.mark.slow  # a minute of fresh interpreters; the static graph above runs always

@@ -26,7 +26,7 @@ def test_against_float64(backend, dtype, transform, tensor_temperature, monkeypa
     logit_scale, softcap = transform
     batch, length, hidden_size, vocab = 3, 17, 24, 1271
     # a bf16 weight gradient made 100 vocabulary rows at a time: 13 chunks, the last one ragged
-    monkeypatch.setattr(kl_kernels.linear, "PARTIAL_BYTES", 100 * hidden_size * 2)
+    monkeypatch.setattr(kl_kernels.projection, "PARTIAL_BYTES", 100 * hidden_size * 2)
     hidden = torch.randn(batch, length + 1, hidden_size).to(dtype)[:, :-1]  # a strided view, as models give
     weight = (torch.randn(vocab, hidden_size) / hidden_size ** 0.5).to(dtype)
     bias = (torch.randn(vocab) * 0.1).to(dtype)

@@ -148,7 +148,7 @@ def test_hidden_states_against_float64(backend, dtype, transform, monkeypatch):
     vocabulary chunks of 100 rows in the backward), a logit transform, a reference model; values and
     the gradients of hidden, weight and bias against float64."""
     logit_scale, softcap = transform
-    monkeypatch.setattr(kl_kernels.linear, "PARTIAL_BYTES", 100 * 24 * 4)
+    monkeypatch.setattr(kl_kernels.projection, "PARTIAL_BYTES", 100 * 24 * 4)
     n, hidden_size = 37, 24
     hidden = torch.randn(n, hidden_size).to(dtype)
     weight = (torch.randn(V, hidden_size) / 3).to(dtype)
