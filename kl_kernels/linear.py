@@ -70,21 +70,22 @@ class LinearKLFunction(torch.autograd.Function):
     def forward(ctx, impl, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, args, transform,
                 need_entropy, need_full, rows, kept=None):
         """args: the PassArgs of all rows without logits (labels, temperature, ignore_index, shard); transform:
-        the logits' Transform; kept: a replay.KeptSet (sampling replay), whose K logits per row are gathered
-        from each tile."""
+        the logits' Transform; kept: a replay.KeptSet (sampling replay): the rows with a set are projected
+        onto their K kept columns only, the tiles hold the other rows."""
         n_tokens, has_ref, vocab = hidden.shape[0], ref_hidden is not None, weight.shape[0]
-        tile_rows = min(rows, n_tokens)
+        layout = _Layout.of(kept, n_tokens)
+        tile_rows = min(rows, max(layout.dense_rows, 1))
         policy = Projection(hidden, weight, bias, tile_rows, vocab, transform)
         reference = Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, transform) if has_ref else None
-        stats, poisoned, kept_z, ref_kept_z = _forward_tiles(impl, args, policy, reference, kept, rows, need_entropy,
-                                                             need_full)
+        stats, poisoned, kept_z, ref_kept_z = _forward_tiles(impl, args, policy, reference, kept, layout, rows,
+                                                             need_entropy, need_full)
         # the kept rows' numbers over their sets (a poisoned row's bad label: NaN), then the ranks' merge
         kept_rows = None if kept is None else rows_module.from_values(kept, kept_z, ref_kept_z)
         stats = rows_module.finish(impl, _poisoned_args(args, poisoned), stats, kept_rows, need_entropy, need_full)
         empty = hidden.new_empty((0,), dtype=compute_dtype(hidden.dtype))
         logp, ref_logp, entropy, full_kl, lse, ref_lse = (empty if t is None else t for t in stats)
         ctx.set_materialize_grads(False)
-        ctx.impl, ctx.transform, ctx.rows = impl, transform, rows
+        ctx.impl, ctx.transform, ctx.rows, ctx.layout = impl, transform, rows, layout
         tensor_temperature = args.temperature if isinstance(args.temperature, torch.Tensor) else None
         ctx.args = args._replace(labels=None, temperature=None if tensor_temperature is not None else args.temperature)
         # the reference model is saved only for `full`, whose gradient reads its logits
@@ -110,18 +111,13 @@ class LinearKLFunction(torch.autograd.Function):
                              lse, ref_lse if use_ref else None)
         all_grads = RowGrads(grad_logp, grad_entropy, grad_full)
         feed = (labels != args.ignore_index) & ~poisoned
-        # the kernels see a poisoned row as ignored (an exact 0 gradient row; its NaN is set below), and a
-        # kept row too: its gradient on its set is computed once here, each chunk adding its columns' share
-        ignored, on_kept = poisoned, None
-        kept = replay.KeptSet(*kept) if kept[0] is not None else None
-        if kept is not None:
-            on_kept = rows_module.kept_gradient(ctx.impl, _poisoned_args(args, poisoned),
-                                                rows_module.from_values(kept, kept_z, ref_kept_z), all_stats, all_grads)
-            ignored = poisoned | kept.rows
-        args = args._replace(labels=torch.where(ignored, args.ignore_index, labels))
-        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        args = args._replace(labels=torch.where(poisoned, args.ignore_index, labels))  # its NaN is set below
+        layout, n_tokens, vocab = ctx.layout, hidden.shape[0], weight.shape[0]
         sums = GradientSums(hidden, weight, bias, ctx.needs_input_grad[1:4], min(ctx.rows, n_tokens))
-        tile_rows = min(ctx.rows, n_tokens)
+        kept = replay.KeptSet(*kept) if kept[0] is not None else None
+        on_kept = None if kept is None else _kept_backward(ctx, args, poisoned, feed, hidden, kept, kept_z, ref_kept_z,
+                                                           all_stats, all_grads, sums)
+        tile_rows = min(ctx.rows, max(layout.dense_rows, 1))
         policy = Projection(hidden, weight, bias, tile_rows, sums.chunk, ctx.transform)
         reference = Projection(ref_hidden, ref_weight, ref_bias, tile_rows, sums.chunk, ctx.transform) \
             if use_ref else None
@@ -129,31 +125,53 @@ class LinearKLFunction(torch.autograd.Function):
             v1 = min(v0 + sums.chunk, vocab)
             chunk_args = args._replace(shard=args.shard._replace(start=args.shard.start + v0))
             sums.start_chunk(v0, v1)
-            for n0 in range(0, n_tokens, ctx.rows):
-                n1 = min(n0 + ctx.rows, n_tokens)
-                z, tanh, inputs = policy.tile(n0, n1, feed[n0:n1], v0, v1)
-                ref_z = reference.tile(n0, n1, feed[n0:n1], v0, v1)[0] if use_ref else None
-                stats = RowStats(*(None if t is None else t[n0:n1] for t in all_stats))
-                grads = RowGrads(*(_rows(g, n0, n1) for g in all_grads))
+            for at, count in layout.tiles(ctx.rows):
+                z, tanh, inputs = policy.tile(at, count, feed[at], v0, v1)
+                ref_z = reference.tile(at, count, feed[at], v0, v1)[0] if use_ref else None
+                stats = RowStats(*(None if t is None else t[at] for t in all_stats))
+                grads = RowGrads(*(_rows(g, at) for g in all_grads))
                 # in place: z's rows now hold dlogits; the padding's are made 0
-                ctx.impl.fused_kl_bwd(_tile_args(chunk_args, z, ref_z, n0, n1), stats, grads, True)
-                z[n1 - n0:].zero_()
-                if kept is not None:  # this chunk's kept columns, over the kernel's zeros (replay.put)
-                    columns = kept.columns[n0:n1] - v0
-                    here = (columns >= 0) & (columns < v1 - v0)
-                    replay.put(z[:n1 - n0], torch.where(here, columns, 0), here, on_kept[n0:n1])
-                sums.add(through_transform(z, tanh, ctx.transform.logit_scale).to(weight.dtype), inputs, n0, n1, v0,
-                         v1)
+                ctx.impl.fused_kl_bwd(_tile_args(chunk_args, z, ref_z, at, count), stats, grads, True)
+                z[count:].zero_()
+                sums.add(through_transform(z, tanh, ctx.transform.logit_scale).to(weight.dtype), inputs, at, count,
+                         v0, v1)
                 del z, tanh, ref_z, inputs  # before the next tile is made
+            if on_kept is not None:
+                sums.add_kept_chunk(*on_kept, v0, v1)
             sums.end_chunk(v0, v1)
         # a poisoned row from which a gradient flows: NaN in its hidden gradient, and in the sums over rows
         flows = torch.stack([g != 0 for g in all_grads if g is not None]).any(0)
         return (None, *sums.result(poisoned & flows)) + (None,) * 9
 
 
-def _forward_tiles(impl, args, policy, reference, kept, rows, need_entropy, need_full):
-    """The backend's forward on each tile of rows: (the RowStats of all rows, which rows are poisoned, the
-    kept columns' logits gathered from the tiles and the reference's, or None)."""
+class _Layout(NamedTuple):
+    """Which rows the tiles hold: all (dense None: contiguous slices) or, under sampling replay, the rows
+    without a kept set (dense: their index); kept: the index of the rows with one (projected alone)."""
+    n_tokens: int
+    dense: torch.Tensor | None
+    kept: torch.Tensor | None
+
+    @staticmethod
+    def of(kept, n_tokens):
+        if kept is None:
+            return _Layout(n_tokens, None, None)
+        return _Layout(n_tokens, torch.nonzero(~kept.rows).squeeze(1), torch.nonzero(kept.rows).squeeze(1))
+
+    @property
+    def dense_rows(self) -> int:
+        return self.n_tokens if self.dense is None else self.dense.numel()
+
+    def tiles(self, rows):
+        """(at, count) of each tile of `rows` rows: a slice of all rows, or an index of dense rows."""
+        for t0 in range(0, self.dense_rows, rows):
+            t1 = min(t0 + rows, self.dense_rows)
+            yield (slice(t0, t1) if self.dense is None else self.dense[t0:t1]), t1 - t0
+
+
+def _forward_tiles(impl, args, policy, reference, kept, layout, rows, need_entropy, need_full):
+    """The backend's forward on each tile of rows, and the kept rows' K logits each (projected onto their
+    columns only): (the RowStats of all rows, which rows are poisoned, the kept columns' logits and the
+    reference's, or None). A kept row's statistics are finish()'s, over its set."""
     hidden = policy.hidden
     n_tokens, has_ref = hidden.shape[0], reference is not None
     dtype = compute_dtype(hidden.dtype)
@@ -162,52 +180,70 @@ def _forward_tiles(impl, args, policy, reference, kept, rows, need_entropy, need
                new(has_ref, torch.float64))  # lse in float64, as every backend's
     labelled = args.labels != args.ignore_index
     poisoned = torch.empty_like(labelled)
-    kept_z = ref_kept_z = None
-    if kept is not None:  # the kept columns' logits, gathered from each tile as it passes
-        kept_z = hidden.new_empty(kept.columns.shape, dtype=dtype)
-        ref_kept_z = torch.empty_like(kept_z) if has_ref else None
-    for n0 in range(0, n_tokens, rows):
-        n1 = min(n0 + rows, n_tokens)
-        finite = policy.finite_rows(n0, n1)
+
+    def fed(at):
+        finite = policy.finite_rows(at)
         if has_ref:
-            finite &= reference.finite_rows(n0, n1)
-        feed = labelled[n0:n1] & finite
-        poisoned[n0:n1] = labelled[n0:n1] & ~finite
-        z = policy.tile(n0, n1, feed)[0]
-        ref_z = reference.tile(n0, n1, feed)[0] if has_ref else None
-        labels = _poisoned_args(args, poisoned[n0:n1], n0, n1).labels
-        if kept is not None:  # the kernel skips the kept rows (as ignored): they take their set's numbers
-            labels = replay.kernel_labels(labels, replay.rows_of(kept, n0, n1), args.ignore_index)
-            kept_z[n0:n1] = z[:n1 - n0].gather(1, kept.columns[n0:n1])
-            if has_ref:
-                ref_kept_z[n0:n1] = ref_z[:n1 - n0].gather(1, kept.columns[n0:n1])
-        tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, n0, n1, labels), need_entropy, need_full)
+            finite &= reference.finite_rows(at)
+        poisoned[at] = labelled[at] & ~finite
+        return labelled[at] & finite
+
+    for at, count in layout.tiles(rows):
+        feed = fed(at)
+        z = policy.tile(at, count, feed)[0]
+        ref_z = reference.tile(at, count, feed)[0] if has_ref else None
+        labels = _poisoned_args(args, poisoned[at], at).labels
+        tile = impl.fused_kl_fwd(_tile_args(args, z, ref_z, at, count, labels), need_entropy, need_full)
         for out, value in zip(outputs, tile):
             if value is not None and out.numel():
-                out[n0:n1] = value
+                out[at] = value
         del z, ref_z  # the budget holds one tile of each at a time
+    kept_z = ref_kept_z = None
+    if kept is not None:  # rows without a set leave theirs at 0: no entry of theirs counts
+        kept_z = hidden.new_zeros(kept.columns.shape, dtype=dtype)
+        ref_kept_z = torch.zeros_like(kept_z) if has_ref else None
+        at = layout.kept
+        feed = fed(at)
+        kept_z[at] = policy.kept(at, kept.columns[at], feed)[0]
+        if has_ref:
+            ref_kept_z[at] = reference.kept(at, kept.columns[at], feed)[0]
     logp, ref_logp, entropy, full_kl, lse, ref_lse = outputs
     stats = RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
                      full_kl if need_full else None, lse, ref_lse if has_ref else None)
     return stats, poisoned, kept_z, ref_kept_z
 
 
-def _poisoned_args(args, poisoned, n0=0, n1=None):
-    """args with the labels of rows [n0, n1) that are poisoned made bad ones (NaN rows in the kernels)."""
-    labels = args.labels[n0:n1]
-    return args._replace(labels=torch.where(poisoned, sharding.bad_label(args.ignore_index), labels))
+def _kept_backward(ctx, args, poisoned, feed, hidden, kept, kept_z, ref_kept_z, all_stats, all_grads, sums):
+    """The kept rows' gradient over their sets (the kernels' own, from the merged statistics), through the
+    transform, into the hidden and bias sums; returns (dz, inputs, columns) for each chunk's weight share."""
+    on_kept = rows_module.kept_gradient(ctx.impl, _poisoned_args(args, poisoned),
+                                        rows_module.from_values(kept, kept_z, ref_kept_z), all_stats, all_grads)
+    if on_kept is None:
+        return None
+    at, softcap = ctx.layout.kept, ctx.transform.softcap
+    columns, counts = kept.columns[at], kept.counts[at]
+    tanh = None if softcap is None else kept_z[at] / softcap
+    dz = through_transform(on_kept[at].to(sums.wide), tanh, ctx.transform.logit_scale)
+    dz = torch.where(counts, dz, 0.0)  # an entry that does not count holds a placeholder column
+    inputs = torch.where(feed[at, None], hidden[at], 0.0).to(sums.wide)  # 0, not a dead row's NaN
+    sums.add_kept_rows(dz, inputs, at, columns)
+    return dz, inputs, columns
 
 
-def _tile_args(args, z, ref_z, n0, n1, labels=None):
-    """The PassArgs of one tile of rows [n0, n1): its logits as [1, rows, V] (z's first n1 - n0 rows)."""
-    rows = n1 - n0
-    return args._replace(logits=z[:rows].unsqueeze(0), labels=args.labels[n0:n1] if labels is None else labels,
+def _poisoned_args(args, poisoned, at=slice(None)):
+    """args with the labels of rows `at` that are poisoned made bad ones (NaN rows in the kernels)."""
+    return args._replace(labels=torch.where(poisoned, sharding.bad_label(args.ignore_index), args.labels[at]))
+
+
+def _tile_args(args, z, ref_z, at, rows, labels=None):
+    """The PassArgs of one tile, the `rows` rows `at`: its logits as [1, rows, V] (z's first rows)."""
+    return args._replace(logits=z[:rows].unsqueeze(0), labels=args.labels[at] if labels is None else labels,
                          ref_logits=None if ref_z is None else ref_z[:rows].unsqueeze(0),
-                         temperature=_rows(args.temperature, n0, n1))
+                         temperature=_rows(args.temperature, at))
 
 
-def _rows(value, n0, n1):
-    return value[n0:n1] if isinstance(value, torch.Tensor) and value.dim() else value
+def _rows(value, at):
+    return value[at] if isinstance(value, torch.Tensor) and value.dim() else value
 
 
 def _check_linear(hidden, weight, bias, labels, arg_prefix=""):

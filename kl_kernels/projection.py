@@ -126,30 +126,52 @@ class Projection:
         self.out = hidden.new_empty((rows, columns), dtype=self.dtype)
         self.zero = hidden.new_zeros(())
 
-    def finite_rows(self, n0, n1):
-        """[n1 - n0] bool: the rows whose hidden state is finite."""
-        return torch.isfinite(self.hidden[n0:n1]).all(-1)
+    def finite_rows(self, at):
+        """bool per row of `at` (a slice or an index of rows): the rows whose hidden state is finite."""
+        return torch.isfinite(self.hidden[at]).all(-1)
 
-    def tile(self, n0, n1, feed, v0=0, v1=None):
-        """(z, tanh, inputs) of rows [n0, n1) and vocabulary rows [v0, v1), padded to the matmul's rows:
-        z = g(logits), tanh of the scaled logits under a softcap (g' = 1 - tanh^2), else None, and the
-        matmul's padded input rows (the weight gradient reads them). feed: [n1 - n0] bool."""
+    def tile(self, at, rows, feed, v0=0, v1=None):
+        """(z, tanh, inputs) of the `rows` rows `at` (a slice or an index) and vocabulary rows [v0, v1),
+        padded to the matmul's rows: z = g(logits), tanh of the scaled logits under a softcap
+        (g' = 1 - tanh^2), else None, and the matmul's padded input rows (the weight gradient reads
+        them). feed: [rows] bool."""
         v1 = self.weight.shape[0] if v1 is None else v1
-        rows = n1 - n0
         padded = padded_rows(rows, self.hidden.device)
         inputs = self.inputs[:padded]
-        torch.where(feed[:, None], self.hidden[n0:n1], self.zero, out=inputs[:rows])
+        torch.where(feed[:, None], self.hidden[at], self.zero, out=inputs[:rows])
         inputs[rows:].zero_()
         z = self._project(inputs, _columns(self.out, padded, v1 - v0), v0, v1)
+        return (*self._transform(z), inputs)
+
+    def _transform(self, z):
+        """(g(z), tanh or None) of raw logits z."""
         if self.softcap is None and self.logit_scale == 1.0:
-            return z, None, inputs  # the identity keeps the matmul's dtype: no float copy of the tile
+            return z, None  # the identity keeps the matmul's dtype: no float copy of the tile
         z = z.to(compute_dtype(z.dtype))
         if self.logit_scale != 1.0:
             z.mul_(self.logit_scale)
         if self.softcap is None:
-            return z, None, inputs
+            return z, None
         tanh = torch.tanh(z.div_(self.softcap))
-        return tanh * self.softcap, tanh, inputs
+        return tanh * self.softcap, tanh
+
+    def kept(self, at, columns, feed):
+        """g(logits) [rows, K] of rows `at` (an index) at their kept columns only (sampling replay, issue 36):
+        O(K H) per row, not O(V H). Each logit is the dot product of the row and the column's weight row
+        (+ bias) from exact products in float32 (float64 for float64), summed over H in the order ATen
+        reduces a contiguous last dimension, which depends on H only: each row's bits are its own. In the
+        logits' dtype (bf16 rounds as F.linear's output does), then the transform, in the compute dtype.
+        A row not fed reads zeros; columns: local ids (an entry that does not count may hold any)."""
+        wide = compute_dtype(self.dtype)
+        hidden_size = self.hidden.shape[1]
+        z = torch.empty(columns.shape, dtype=wide, device=self.hidden.device)
+        for r0, r1 in kept_blocks(columns.shape[0], columns.shape[1] * hidden_size * 3 * _bytes(wide)):
+            h = torch.where(feed[r0:r1, None], self.hidden[at[r0:r1]], self.zero).to(wide)
+            part = (self.weight[columns[r0:r1]].to(wide) * h[:, None, :]).sum(-1)
+            if self.bias is not None:
+                part += self.bias[columns[r0:r1]].to(wide)
+            z[r0:r1] = part
+        return self._transform(z.to(self.dtype).to(wide))
 
     def _project(self, inputs, out, v0, v1):
         """out = inputs @ weight[v0:v1]^T + bias[v0:v1], in the logits' dtype. Wider than the inputs (fp32
@@ -222,16 +244,16 @@ class GradientSums:
             self.weight_sum = self.grad_weight[v0:v1] if self.summed_in_place else self.chunk_sum[:v1 - v0]
             self.weight_sum.zero_()
 
-    def add(self, dz, inputs, n0, n1, v0, v1):
-        """One tile's dlogits dz [padded rows, v1 - v0] (in the weight's dtype) and its padded input rows."""
-        rows = n1 - n0
+    def add(self, dz, inputs, at, rows, v0, v1):
+        """One tile's dlogits dz [padded rows, v1 - v0] (in the weight's dtype) and its padded input rows:
+        the `rows` rows `at` (a slice or an index)."""
         if self.grad_hidden is not None:
             # the matmul in the weight's dtype (as F.linear's backward), summed in float32 over chunks
             _matmul(dz, self.weight[v0:v1], self.hidden_rows[:dz.shape[0]])
             if self.single:
-                self.grad_hidden[n0:n1] = self.hidden_rows[:rows]
+                self.grad_hidden[at] = self.hidden_rows[:rows]
             else:
-                self.grad_hidden[n0:n1] += self.hidden_rows[:rows]
+                self.grad_hidden[at] += self.hidden_rows[:rows]
         if self.weight_sum is not None:
             # the padded input rows: dead and poisoned rows are zeros there (0 * NaN would be NaN)
             if self.summed_in_place:
@@ -240,6 +262,32 @@ class GradientSums:
                 self.weight_sum += dz.t() @ inputs
         if self.grad_bias is not None:
             self.grad_bias[v0:v1] += dz.to(self.wide).sum(0)
+
+    def add_kept_rows(self, dz, inputs, at, columns):
+        """The kept rows' hidden and bias gradients (sampling replay, issue 36): dz [rows, K] their dlogits at
+        their columns (through the transform, 0 where an entry does not count), in the sums' dtype; at the
+        rows' index; inputs [rows, H] their fed rows. O(K H) per row; each hidden row sums its K terms in
+        order (a reduction over K for each of its H outputs): its bits are its own."""
+        if self.grad_hidden is not None:
+            for r0, r1 in kept_blocks(columns.shape[0], columns.shape[1] * inputs.shape[1] * 3 * _bytes(self.wide)):
+                rows = (dz[r0:r1, :, None] * self.weight[columns[r0:r1]].to(self.wide)).sum(1)
+                if self.single:
+                    self.grad_hidden[at[r0:r1]] = rows.to(self.grad_hidden.dtype)
+                else:
+                    self.grad_hidden[at[r0:r1]] += rows
+        if self.grad_bias is not None:
+            self.grad_bias.index_add_(0, columns.reshape(-1), dz.reshape(-1))
+
+    def add_kept_chunk(self, dz, inputs, columns, v0, v1):
+        """The kept rows' share of the weight gradient of vocabulary rows [v0, v1): for each entry whose
+        column is there, dz * its row, added at the column in a fixed order (index_add_)."""
+        if self.weight_sum is None:
+            return
+        row, entry = ((columns >= v0) & (columns < v1) & (dz != 0)).nonzero(as_tuple=True)
+        step = max(1, PARTIAL_BYTES // (inputs.shape[1] * _bytes(self.wide)))
+        for p0 in range(0, row.numel(), step):
+            r, e = row[p0:p0 + step], entry[p0:p0 + step]
+            self.weight_sum.index_add_(0, columns[r, e] - v0, dz[r, e, None] * inputs[r])
 
     def end_chunk(self, v0, v1):
         if self.grad_weight is not None and not self.summed_in_place:
@@ -259,3 +307,13 @@ class GradientSums:
 
 def cast_like(grad, like):
     return None if grad is None else grad.to(like.dtype)
+
+
+def _bytes(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kept_blocks(rows: int, bytes_per_row: int):
+    """[r0, r1) blocks of the kept rows whose [rows, K, H] products fit PARTIAL_BYTES (one row at least)."""
+    step = max(1, PARTIAL_BYTES // max(1, bytes_per_row))
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]

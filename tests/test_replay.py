@@ -144,9 +144,9 @@ def test_bad_kept_sets(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transform", [(1.0, None), (0.5, 3.0)])
 def test_hidden_states_against_float64(backend, dtype, transform, monkeypatch):
-    """kept_ids on linear_kl_penalty: the kept columns gathered from each logits tile (row tiles of 16,
-    vocabulary chunks of 100 rows in the backward), a logit transform, a reference model; values and
-    the gradients of hidden, weight and bias against float64."""
+    """kept_ids on linear_kl_penalty: the rows with a set projected onto their kept columns, the others in
+    logits tiles (row tiles of 16, vocabulary chunks of 100 rows in the backward), a logit transform, a
+    reference model; values and the gradients of hidden, weight and bias against float64."""
     logit_scale, softcap = transform
     monkeypatch.setattr(kl_kernels.projection, "PARTIAL_BYTES", 100 * 24 * 4)
     n, hidden_size = 37, 24
@@ -180,6 +180,62 @@ def test_hidden_states_against_float64(backend, dtype, transform, monkeypatch):
     for got, want in zip((h.grad, w.grad, b.grad), (h64.grad, w64.grad, b64.grad)):
         scale = want.abs().max().item()
         assert (got.double() - want).abs().max().item() <= tol["rtol"] * scale + tol["atol"]
+
+
+def test_hidden_state_kept_rows_skip_the_vocabulary(monkeypatch):
+    """From hidden states a row with a kept set costs O(K H) (docs/contract.md section 13): with every row
+    kept, no projection onto the whole vocabulary runs, forward or backward; values and gradients are
+    those of the logits path on the same F.linear logits."""
+    from kl_kernels import projection
+
+    calls = []
+    original = projection.Projection._project
+    monkeypatch.setattr(projection.Projection, "_project", lambda self, *a: calls.append(1) or original(self, *a))
+    n, hidden_size = 21, 32
+    hidden = torch.randn(n, hidden_size, requires_grad=True)
+    weight = (torch.randn(V, hidden_size) / 4).requires_grad_()
+    labels = torch.randint(0, V, (n,))
+    kept = _kept(labels, 11, torch.Generator().manual_seed(4))
+    logp, entropy = kl_kernels.linear_token_logprobs(hidden, weight, labels, kept_ids=kept, return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    assert calls == []
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    want_logp, want_entropy = kl_kernels.token_logprobs(torch.nn.functional.linear(h, w), labels, kept_ids=kept,
+                                                        return_entropy=True)
+    (want_logp.sum() + want_entropy.sum()).backward()
+    for got, want in ((logp, want_logp), (entropy, want_entropy), (hidden.grad, h.grad), (weight.grad, w.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    kept[3] = -1  # one row without a set: the tiles hold it alone
+    kl_kernels.linear_token_logprobs(hidden, weight, labels, kept_ids=kept)
+    assert calls
+
+
+@pytest.mark.parametrize("dtype, logits_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("hidden_size, width", [(24, 1), (100, 7), (1030, 50)])
+def test_hidden_state_kept_row_alone_and_in_a_batch(dtype, logits_dtype, hidden_size, width):
+    """A kept row's log-prob, entropy and hidden-gradient row have the same bits alone and in any batch of
+    kept and plain rows (section 11 with section 13's projection onto the kept ids)."""
+    n = 40
+    g = torch.Generator().manual_seed(hidden_size + width)
+    hidden = torch.randn(n, hidden_size, generator=g).to(dtype)
+    weight = (torch.randn(V, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype)
+    labels = torch.randint(0, V, (n,), generator=g)
+    kept = _kept(labels, width, g, pad_middle=False)
+    kept[::3] = -1  # a third of the rows without a set
+
+    def run(index):
+        h = hidden[index].clone().requires_grad_()
+        logp, entropy = kl_kernels.linear_token_logprobs(h, weight, labels[index], kept_ids=kept[index],
+                                                         return_entropy=True, logits_dtype=logits_dtype)
+        (logp * 0.7 + entropy).sum().backward()
+        return logp.detach(), entropy.detach(), h.grad
+
+    order = torch.randperm(n, generator=g)
+    batch = run(order)
+    for at in (0, 1, 2, n - 1):
+        for got, want in zip(run(order[at:at + 1]), batch):
+            assert torch.equal(got[0], want[at]), (at, int(order[at]))
 
 
 def _brute_force_kept(row, temperature, top_k, top_p, min_p):
