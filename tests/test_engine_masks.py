@@ -7,12 +7,12 @@ processed logits (`_compact_sampling_mask_kernel`, run by `SamplingMaskTensors.f
 interpreter) and its conversion to the scheduler's CSR (`SamplingMaskTensors.tolists`, which falls back to
 the bitmask for rows wider than the compact width). The module is read from the pinned wheel that
 `./run.sh test` downloads (tests/engines/requirements.txt), with vLLM's own SamplingMaskLists record
-(tests/engine_code.py)."""
+(kl_kernels/tools/wheel_code.py)."""
 import numpy as np
 import pytest
 import torch
 
-import engine_code
+from wheels import engine_or_skip
 import kl_kernels
 
 
@@ -21,7 +21,7 @@ def _vllm_output_module():
     import triton.language as tl
 
     names = ["vllm.v1.outputs", "vllm.v1.worker.gpu.sample.output"]
-    return engine_code.Engine("vllm", names, {"vllm.triton_utils": dict(triton=triton, tl=tl)})[names[-1]]
+    return engine_or_skip("vllm", names, {"vllm.triton_utils": dict(triton=triton, tl=tl)})[names[-1]]
 
 
 def _processed_logits(rows, vocab, generator):

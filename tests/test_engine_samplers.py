@@ -1,5 +1,5 @@
 """kept_ids_from_sampler against the engines' own samplers (docs/contract.md section 13), run from their pinned
-wheels on this CPU (tests/engine_code.py): 0 rows may differ.
+wheels on this CPU (kl_kernels/tools/wheel_code.py): 0 rows may differ.
 
 vLLM 0.33.0: its SamplingParams (validation and clamps), SamplingStates.add_request, and Sampler.sample, the
 Model Runner V2 path that returns the sampling mask: the float32 copy, its Triton temperature and min_p
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-import engine_code
+from wheels import engine_or_skip
 import kl_kernels
 from kl_kernels import replay
 
@@ -48,7 +48,7 @@ def vllm():
     names = ["vllm.exceptions", "vllm.v1.outputs", "vllm.sampling_params", "vllm.v1.sample.ops.topk_topp_sampler",
              "vllm.v1.worker.gpu.sample.gumbel", "vllm.v1.worker.gpu.sample.min_p", "vllm.v1.worker.gpu.sample.states",
              "vllm.v1.worker.gpu.sample.output", "vllm.v1.worker.gpu.sample.sampler"]
-    engine = engine_code.Engine("vllm", names, values)
+    engine = engine_or_skip("vllm", names, values)
     return types.SimpleNamespace(active=engine.active, **{name.rsplit(".", 1)[-1]: engine[name] for name in names})
 
 
@@ -57,7 +57,7 @@ def sglang():
     runtime = types.SimpleNamespace(kernel=types.SimpleNamespace(sampling_backend="pytorch"))
     names = ["sglang.srt.layers.logits_processor", "sglang.kernels.ops.sampling",
              "sglang.srt.sampling.sampling_params", "sglang.srt.layers.sampler"]
-    engine = engine_code.Engine("sglang", names, {"sglang.srt.runtime_context": dict(get_exec=lambda: runtime)})
+    engine = engine_or_skip("sglang", names, {"sglang.srt.runtime_context": dict(get_exec=lambda: runtime)})
     return types.SimpleNamespace(active=engine.active, **{name.rsplit(".", 1)[-1]: engine[name] for name in names})
 
 

@@ -1,7 +1,9 @@
-"""The inference engines' own code, run on this CPU from their pinned wheels (tests/engines/requirements.txt).
+"""A peer's own code run from its pinned wheel without installing its package: the inference engines' samplers
+(vLLM, SGLang: their dependency sets need CUDA builds) and SkyRL's scorer (its package needs Python 3.12; these
+modules run on 3.11) for the tests and kl-bench.
 
-The engines cannot be installed here (their dependency sets need CUDA builds), so `load` reads the modules a
-test names straight from the wheel that `./run.sh test` downloads into <venv>/engines and runs them as they
+`Engine` reads the modules a caller names straight from the wheel (`./run.sh test` downloads the wheels into
+<venv>/engines: tests/engines/requirements*.txt; KL_KERNELS_WHEELS names another folder) and runs them as they
 are. Every other module of the engine's package they import is a stub: an attribute a test does not set is
 a do-nothing class (usable as a base class, a decorator or a value), so an import of something the tested
 code never calls costs nothing. The modules live under their own names only while they load or run (Engine.active)."""
@@ -17,16 +19,23 @@ import sys
 import types
 import zipfile
 
-import pytest
-
-ENGINES = os.path.join(sys.prefix, "engines")
-WHEELS = {"vllm": "vllm-0.33.0-*.whl", "sglang": "sglang-0.5.23-*.whl"}
+WHEELS = {"vllm": "vllm-0.33.0-*.whl", "sglang": "sglang-0.5.23-*.whl", "skyrl": "skyrl-0.4.0-*.whl"}
 
 
-def wheel(engine: str) -> str:
-    found = sorted(glob.glob(os.path.join(ENGINES, WHEELS[engine])))
+class WheelMissing(ImportError):
+    pass
+
+
+def folder() -> str:
+    return os.environ.get("KL_KERNELS_WHEELS", os.path.join(sys.prefix, "engines"))
+
+
+def wheel(package: str) -> str:
+    """The pinned wheel's path, or WheelMissing (a test skips on it)."""
+    found = sorted(glob.glob(os.path.join(folder(), WHEELS[package])))
     if not found:
-        pytest.skip(f"{engine}'s pinned wheel ({WHEELS[engine]}) is not in {ENGINES} (./run.sh test downloads it)")
+        raise WheelMissing(f"{package}'s pinned wheel ({WHEELS[package]}) is not in {folder()} "
+                           "(./run.sh test downloads it)")
     return found[-1]
 
 
@@ -95,6 +104,8 @@ class Engine:
     around a call whose code imports lazily."""
 
     def __init__(self, engine: str, real, values=None):
+        """engine: the package (a key of WHEELS); real: the dotted names to run from the wheel; values:
+        {module: {name: value}} set in a (stubbed or real) module before it runs."""
         self.name, self.finder, self.loaded = engine, _Finder(zipfile.ZipFile(wheel(engine)), engine, real, values or {}), {}
         with self.active():
             for name in real:
