@@ -48,8 +48,10 @@ install_trainers() {
   pip install $quiet -c "$constraints" -r tests/trainers/requirements.txt
   echo "run.sh: [2/3] verl, OpenRLHF, deepspeed without their CUDA dependencies (deepspeed builds from source)" >&2
   DS_BUILD_OPS=0 pip install $quiet --no-deps --no-build-isolation -r tests/trainers/requirements-nodeps.txt
-  echo "run.sh: [3/3] the engines' wheels, downloaded into $venv/engines (tests/engines/requirements.txt)" >&2
+  echo "run.sh: [3/3] the engines' and SkyRL's wheels, downloaded into $venv/engines (tests/engines/)" >&2
   pip download $quiet --no-deps -d "$venv/engines" -r tests/engines/requirements.txt
+  pip download $quiet --no-deps --python-version 3.12 --only-binary=:all: -d "$venv/engines" \
+    -r tests/engines/requirements-py312.txt
   pip install $quiet -c "$constraints" -r tests/engines/requirements-imports.txt
 }
 
@@ -60,7 +62,8 @@ case "${1:-}" in
   test)
     shift
     install_once trainers tests/trainers/requirements.txt tests/trainers/requirements-nodeps.txt \
-      tests/engines/requirements.txt tests/engines/requirements-imports.txt -- install_trainers
+      tests/engines/requirements.txt tests/engines/requirements-py312.txt tests/engines/requirements-imports.txt \
+      -- install_trainers
     exec python -m pytest "$@" ;;
   *) echo "usage: ./run.sh bench|test [options]" >&2; exit 2 ;;
 esac

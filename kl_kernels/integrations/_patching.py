@@ -279,6 +279,18 @@ def fused_rows(logits, labels, *, temperature=1.0, return_entropy=False, inplace
 SKIP = -100  # the ignore_index fused_rows gives to skipped rows
 
 
+def logprobs_verl_style(a, flash: bool):
+    """verl's logprobs_from_logits(logits, labels, inplace_backward) (SkyRL carries a copy): float32 where the
+    trainer would take flash-attn's cross entropy (`flash`), else the logits' dtype, as its own fallback. The
+    gradient is written over the logits only on that path, as flash-attn's does, and only over an
+    intermediate of the graph, never a leaf the caller holds."""
+    logits = a["logits"]
+    inplace = bool(flash and a.get("inplace_backward", True) and isinstance(logits, torch.Tensor)
+                   and logits.grad_fn is not None)
+    logp = fused_rows(logits, a["labels"], inplace_backward=inplace)
+    return logp if flash else logp.to(logits.dtype)
+
+
 def entropy_in_logits_dtype(a, original):
     """A trainer's entropy_from_logits(logits): fused, returned in the logits' dtype."""
     logits = a["logits"]

@@ -25,7 +25,7 @@ import torch
 
 from ..linear import linear_token_logprobs
 from ._patching import (Fallback, Patch, Replacement, entropy_in_logits_dtype, fused_backend, fused_rows,
-                        real_temperature)
+                        logprobs_verl_style, real_temperature)
 
 TESTED = ("0.9.1", "0.10.0")  # >= first, < second
 
@@ -37,14 +37,9 @@ def _verl_takes_flash_path(original) -> bool:
 
 
 def _logprobs_from_logits(a, original):
-    logits = a["logits"]
     if original.__globals__.get("NPU_CROSS_ENTROPY_LOSS_AVAILABLE"):
         raise Fallback("verl's NPU path")
-    flash = _verl_takes_flash_path(original)
-    inplace = bool(flash and a.get("inplace_backward", True) and isinstance(logits, torch.Tensor)
-                   and logits.grad_fn is not None)
-    logp = fused_rows(logits, a["labels"], inplace_backward=inplace)
-    return logp if flash else logp.to(logits.dtype)
+    return logprobs_verl_style(a, _verl_takes_flash_path(original))
 
 
 def _logprobs_in_logits_dtype(a, original):
