@@ -13,6 +13,9 @@ PARTIAL_BYTES = 32 << 20
 # On a CPU, float32 logits from bf16/fp16 weights (issue 37) upcast this many bytes of weight rows at a
 # time: 8 MiB kept kl-bench --linear's peak within 10% of the bf16 head's (N 1024, H 1024, V 32000)
 UPCAST_BYTES = 8 << 20
+# Sampling replay's kept rows (issue 36) are projected onto their K columns a block of rows at a time:
+# this many bytes of [rows, K, H] products (and their gathered weight rows)
+KEPT_BYTES = 16 << 20
 
 
 # Row quanta of the projection's matmuls, for batch invariance (docs/contract.md section 11). A BLAS
@@ -284,7 +287,7 @@ class GradientSums:
         if self.weight_sum is None:
             return
         row, entry = ((columns >= v0) & (columns < v1) & (dz != 0)).nonzero(as_tuple=True)
-        step = max(1, PARTIAL_BYTES // (inputs.shape[1] * _bytes(self.wide)))
+        step = max(1, KEPT_BYTES // (inputs.shape[1] * _bytes(self.wide)))
         for p0 in range(0, row.numel(), step):
             r, e = row[p0:p0 + step], entry[p0:p0 + step]
             self.weight_sum.index_add_(0, columns[r, e] - v0, dz[r, e, None] * inputs[r])
@@ -314,6 +317,6 @@ def _bytes(dtype) -> int:
 
 
 def kept_blocks(rows: int, bytes_per_row: int):
-    """[r0, r1) blocks of the kept rows whose [rows, K, H] products fit PARTIAL_BYTES (one row at least)."""
-    step = max(1, PARTIAL_BYTES // max(1, bytes_per_row))
+    """[r0, r1) blocks of the kept rows whose [rows, K, H] products fit KEPT_BYTES (one row at least)."""
+    step = max(1, KEPT_BYTES // max(1, bytes_per_row))
     return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]

@@ -124,6 +124,13 @@ def provider_problem(name, linear, device, dtypes):
     backend = name
     if KEPT.match(name):
         backend = KEPT.match(name)["backend"]
+        if backend == "skyrl":
+            from .wheel_code import WheelMissing, wheel
+            try:
+                wheel("skyrl")
+            except WheelMissing as missing:
+                return str(missing)
+            return None
     elif name.startswith("logits+"):
         if not linear:
             return "logits+<backend> is a provider of --linear"

@@ -5,7 +5,8 @@ kl-bench: what a trainer without a fused head runs), `compile` (torch.compile of
 ChunkedLogProbFunction for both models, then the estimator and masked sum; when TRL is installed),
 `logits+<backend>` (F.linear to logits, then kl_penalty on that backend: the matmul plus our fused
 kernel on materialised logits) and each backend's `linear_kl_penalty` (tiles of rows, logits never
-whole). `<provider>+fp32logits` (eager or a backend; issue 37): float32 logits from bf16/fp16 inputs,
+whole). `<backend>+kept<K>`: sampling replay with K kept ids per position; `skyrl+kept<K>` is SkyRL
+0.4.0's own scorer of the same sets (run from its wheel). `<provider>+fp32logits` (eager or a backend; issue 37): float32 logits from bf16/fp16 inputs,
 eager by F.linear of float32 copies of the hidden states and the weight (TRL's cast_lm_head_to_fp32),
 a backend by logits_dtype=torch.float32. Peak memory is the headline: the logits and their gradient
 are what the fused head saves.
@@ -21,7 +22,8 @@ import kl_kernels
 from kl_kernels.dispatch import native_backends
 
 from .memory import case_inputs_once, step_peak_bytes
-from .providers import KEPT, eager_penalty, kept_ids_for, kept_ids_once, kept_width, masked_kl_sum
+from .providers import (KEPT, eager_penalty, kept_ids_for, kept_ids_once, kept_width, masked_kl_sum,
+                        skyrl_penalty)
 from .timing import make_step
 
 TRL_CHUNK_SIZE = 32768  # the vocabulary tile TRL's trainers pass (trl.trainer.utils, TRL 1.16)
@@ -68,6 +70,13 @@ def trl_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="
     return masked_kl_sum(logprobs(hidden, weight), ref_logp, mask, estimator)
 
 
+def skyrl_linear(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", kept_ids=None):
+    """SkyRL 0.4.0's scorer from hidden states (its Megatron path: each pair of position and kept id projected
+    in chunks of SKYRL_CHUNK_SIZE pairs), for policy and reference."""
+    return skyrl_penalty(hidden, ref_hidden, labels, mask, estimator=estimator, kept_ids=kept_ids, weight=weight,
+                         ref_weight=ref_weight)
+
+
 def logits_then_kernel(hidden, weight, ref_hidden, ref_weight, labels, mask, estimator="k1", backend=None):
     logits = torch.nn.functional.linear(hidden, weight)
     with torch.no_grad():
@@ -109,6 +118,8 @@ def make_provider(name, estimator):
         return functools.partial(trl_linear, estimator=estimator)
     if name.startswith("logits+"):
         return functools.partial(logits_then_kernel, estimator=estimator, backend=name.split("+", 1)[1])
+    if kept_width(name) and KEPT.match(name)["backend"] == "skyrl":
+        return functools.partial(skyrl_linear, estimator=estimator, kept_ids=kept_ids_once(kept_width(name)))
     if kept_width(name):
         return functools.partial(fused_linear, estimator=estimator, backend=KEPT.match(name)["backend"],
                                  kept_ids=kept_ids_once(kept_width(name)))

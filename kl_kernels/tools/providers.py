@@ -96,11 +96,45 @@ def kept_width(name):
 
 
 def kept_ids_for(labels, vocab, width):
-    """A sampler's kept sets for kl-bench: each position's label and width - 1 other ids (repeats
-    allowed), the same for the same labels shape."""
+    """A sampler's kept sets for kl-bench: each position's label and width - 1 other distinct ids (label +
+    distinct offsets in [1, V), shifted per position), the same for the same labels shape; O(N K)."""
     generator = torch.Generator().manual_seed(width)
-    others = torch.randint(0, vocab, (*labels.shape, width - 1), generator=generator).to(labels.device)
-    return torch.cat([labels.unsqueeze(-1), others], -1)
+    offsets = torch.randperm(vocab - 1, generator=generator)[:width - 1]
+    shifts = torch.randint(0, vocab - 1, (*labels.shape, 1), generator=generator)
+    others = (labels.cpu().unsqueeze(-1) + (offsets + shifts) % (vocab - 1) + 1) % vocab
+    return torch.cat([labels.unsqueeze(-1), others.to(labels.device)], -1)
+
+
+SKYRL_CHUNK_SIZE = 1024  # SkyRL 0.4.0's logprobs_chunk_size default (skyrl/train/config/config.py)
+
+
+@functools.lru_cache(maxsize=1)
+def skyrl_scores():
+    """SkyRL 0.4.0's sample_support_scores, run from its pinned wheel (tools/wheel_code.py: its package
+    needs Python 3.12), or ImportError."""
+    from .wheel_code import Engine
+
+    names = ["skyrl.backends.skyrl_train.utils.packed_tensor",
+             "skyrl.backends.skyrl_train.distributed.megatron.packing_utils",
+             "skyrl.backends.skyrl_train.distributed.megatron.token_metadata",
+             "skyrl.backends.skyrl_train.utils.sample_support", "skyrl.backends.skyrl_train.utils.sample_support_replay"]
+    return Engine("skyrl", names)[names[-1]].sample_support_scores
+
+
+def skyrl_penalty(logits, ref_logits, labels, mask, estimator="k1", kept_ids=None, weight=None, ref_weight=None):
+    """SkyRL's sample-support scorer for policy and reference (logits, or hidden states with the LM head's
+    weight), then the estimator's masked per-sequence sum."""
+    scores = skyrl_scores()
+    vocab = logits.shape[-1] if weight is None else weight.shape[0]
+    support = kept_ids(labels, vocab).to(torch.int32)
+
+    def logprobs(source, head):
+        return scores(source, labels, support, vocab_start_index=0, vocab_end_index=vocab, tp_group=None,
+                      lm_head_weight=head, chunk_size=SKYRL_CHUNK_SIZE).logprobs
+
+    with torch.no_grad():
+        ref_logp = logprobs(ref_logits, ref_weight)
+    return masked_kl_sum(logprobs(logits, weight), ref_logp, mask, estimator)
 
 
 class CaseCache:
@@ -127,6 +161,8 @@ def kept_ids_once(width):
 
 
 def make_provider(name, estimator):
+    if kept_width(name) and KEPT.match(name)["backend"] == "skyrl":
+        return functools.partial(skyrl_penalty, estimator=estimator, kept_ids=kept_ids_once(kept_width(name)))
     if kept_width(name):
         backend, kept_ids = KEPT.match(name)["backend"], kept_ids_once(kept_width(name))
 
