@@ -302,9 +302,12 @@ class GradientSums:
         if self.grad_hidden is not None:
             self.grad_hidden.masked_fill_(nan_rows[:, None], float("nan"))
         any_nan = nan_rows.any()
-        for grad in (self.grad_weight, self.grad_bias):
-            if grad is not None:
-                grad.masked_fill_(any_nan, float("nan"))
+        # a pass over the [V, H] weight gradient only when a row is poisoned; a CPU asks (no sync to speak
+        # of), a GPU fills without asking (no host sync in the backward)
+        if nan_rows.device.type != "cpu" or bool(any_nan):
+            for grad in (self.grad_weight, self.grad_bias):
+                if grad is not None:
+                    grad.masked_fill_(any_nan, float("nan"))
         return cast_like(self.grad_hidden, self.hidden), self.grad_weight, cast_like(self.grad_bias, self.bias)
 
 
