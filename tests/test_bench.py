@@ -182,6 +182,30 @@ def test_cpu_counter_serves_raw_allocations():
     assert peak.extra >= out.nbytes + a.nbytes + b.nbytes
 
 
+def test_kept_ids_for_the_bench_are_distinct():
+    labels = torch.randint(0, 50, (4, 9))
+    kept = providers.kept_ids_for(labels, 50, 7)
+    assert torch.equal(kept[..., 0], labels) and ((kept >= 0) & (kept < 50)).all()
+    assert (kept.sort(-1).values.diff(dim=-1) != 0).all()  # a sampler's set: no repeats
+
+
+def test_skyrl_provider_matches_ours():
+    """skyrl+kept<K>: SkyRL 0.4.0's own scorer (from its wheel) of the same kept sets, from logits and from
+    hidden states, agrees with <backend>+kept<K>."""
+    from kl_kernels.tools import wheel_code
+
+    try:
+        wheel_code.wheel("skyrl")
+    except wheel_code.WheelMissing as missing:
+        pytest.skip(str(missing))
+    inputs = timing.make_inputs(64, 50, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(providers.make_provider("skyrl+kept7", "k3")(*inputs),
+                               providers.make_provider("cpu+kept7", "k3")(*inputs), rtol=1e-4, atol=1e-4)
+    inputs = bench_linear.make_inputs(64, 16, 50, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(bench_linear.make_provider("skyrl+kept7", "k3")(*inputs),
+                               bench_linear.make_provider("cpu+kept7", "k3")(*inputs), rtol=1e-4, atol=1e-4)
+
+
 def test_kept_provider_matches_the_eager_truth_over_the_kept_sets():
     """<backend>+kept<K> (sampling replay's cost rows) computes the penalty over each position's kept set:
     the same as the eager formula with the rest of each row out of the softmax."""
