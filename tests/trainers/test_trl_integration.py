@@ -143,6 +143,25 @@ def _tiny_llama(tmp_path):
     return model_dir, tokenizer, prompts
 
 
+def _train_grpo(tmp_path, model_dir, tokenizer, prompts, patched, check=None, **config):
+    """GRPOTrainer on the tiny Llama (beta 0.1: a reference model too) on CPU, its settings updated by config:
+    (the log history, and when patched (counts, fallback reasons)); check(trainer) before training."""
+    torch.manual_seed(0)
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
+                    max_completion_length=6, max_steps=3, beta=0.1, report_to="none", use_cpu=True, logging_steps=1,
+                    seed=0, save_strategy="no", learning_rate=1e-3) | config
+    trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+                              args=trl.GRPOConfig(**settings), train_dataset=prompts, processing_class=tokenizer)
+    if check is not None:
+        check(trainer)
+    if not patched:
+        trainer.train()
+        return trainer.state.log_history, None
+    with kl_trl.patch(quiet=True) as handle:
+        trainer.train()
+    return trainer.state.log_history, (handle.counts(), handle.fallback_reasons())
+
+
 def test_grpo_end_to_end(tmp_path):
     """GRPOTrainer (beta > 0, so a reference model too) on a tiny random Llama built here, 3 steps
     on CPU: with patch() the fused head serves every policy and reference pass, and the logged
@@ -150,18 +169,7 @@ def test_grpo_end_to_end(tmp_path):
     model_dir, tokenizer, prompts = _tiny_llama(tmp_path)
 
     def train(patched, bf16=False):
-        torch.manual_seed(0)
-        args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
-                              max_completion_length=6, max_steps=3, beta=0.1, report_to="none", use_cpu=True,
-                              logging_steps=1, seed=0, save_strategy="no", learning_rate=1e-3, bf16=bf16)
-        trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
-                                  args=args, train_dataset=prompts, processing_class=tokenizer)
-        if not patched:
-            trainer.train()
-            return trainer.state.log_history, None
-        with kl_trl.patch(quiet=True) as handle:
-            trainer.train()
-        return trainer.state.log_history, (handle.counts(), handle.fallback_reasons())
+        return _train_grpo(tmp_path, model_dir, tokenizer, prompts, patched, bf16=bf16)
 
     plain, _ = train(False)
     fused, (counts, reasons) = train(True)
@@ -302,20 +310,11 @@ def test_grpo_with_trls_fp32_lm_head(tmp_path):
     model_dir, tokenizer, prompts = _tiny_llama(tmp_path)
 
     def train(patched):
-        torch.manual_seed(0)
-        args = trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
-                              max_completion_length=6, max_steps=2, beta=0.1, report_to="none", use_cpu=True,
-                              logging_steps=1, seed=0, save_strategy="no", learning_rate=1e-3, bf16=True,
-                              cast_lm_head_to_fp32=True)
-        trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
-                                  args=args, train_dataset=prompts, processing_class=tokenizer)
-        assert trainer.model.lm_head.weight.dtype == torch.float32
-        if not patched:
-            trainer.train()
-            return trainer.state.log_history, None
-        with kl_trl.patch(quiet=True) as handle:
-            trainer.train()
-        return trainer.state.log_history, (handle.counts(), handle.fallback_reasons())
+        def check(trainer):
+            assert trainer.model.lm_head.weight.dtype == torch.float32
+
+        return _train_grpo(tmp_path, model_dir, tokenizer, prompts, patched, check, max_steps=2, bf16=True,
+                           cast_lm_head_to_fp32=True)
 
     plain, _ = train(False)
     fused, (counts, reasons) = train(True)
