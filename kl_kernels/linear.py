@@ -224,7 +224,9 @@ def _kept_backward(ctx, args, poisoned, feed, hidden, kept, kept_z, ref_kept_z, 
     columns, counts = kept.columns[at], kept.counts[at]
     tanh = None if softcap is None else kept_z[at] / softcap
     dz = through_transform(on_kept[at].to(sums.wide), tanh, ctx.transform.logit_scale)
-    dz = torch.where(counts, dz, 0.0)  # an entry that does not count holds a placeholder column
+    # an entry that does not count holds a placeholder column; a poisoned row's NaN is set where a gradient
+    # flows from it (GradientSums.result), as a tiled row's
+    dz = torch.where(counts & ~poisoned[at, None], dz, 0.0)
     inputs = torch.where(feed[at, None], hidden[at], 0.0).to(sums.wide)  # 0, not a dead row's NaN
     sums.add_kept_rows(dz, inputs, at, columns)
     return dz, inputs, columns

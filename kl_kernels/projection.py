@@ -303,8 +303,8 @@ class GradientSums:
             self.grad_hidden.masked_fill_(nan_rows[:, None], float("nan"))
         any_nan = nan_rows.any()
         # a pass over the [V, H] weight gradient only when a row is poisoned; a CPU asks (no sync to speak
-        # of), a GPU fills without asking (no host sync in the backward)
-        if nan_rows.device.type != "cpu" or bool(any_nan):
+        # of), a GPU and a traced graph fill without asking (no host sync, no data-dependent branch)
+        if nan_rows.device.type != "cpu" or torch.compiler.is_compiling() or bool(any_nan):
             for grad in (self.grad_weight, self.grad_bias):
                 if grad is not None:
                     grad.masked_fill_(any_nan, float("nan"))
