@@ -104,6 +104,48 @@ def test_sample_support_scores(skyrl, form, dtype, entropy):
     assert (ours.logprobs[~ours.valid_mask] == 0).all()
 
 
+@pytest.mark.parametrize("form", ["logits", "hidden"])
+def test_packed_sequences(skyrl, form):
+    """Three sequences packed into one row as SkyRL's packed path scores them (score_aligned_sample_support:
+    each position's support row looked up by id in a PackedTensor of rows; prompt positions without one),
+    patched vs plain: log-probs, entropy, gradients."""
+    engine, kl_skyrl = skyrl
+    replay = engine[REPLAY]
+    packed = engine["skyrl.backends.skyrl_train.utils.packed_tensor"]
+    g = torch.Generator().manual_seed(21)
+    prompts, responses = [2, 3, 1], [3, 4, 3]
+    total = sum(prompts) + sum(responses)
+    sampled = torch.randint(0, V, (1, total), generator=g)
+    row_ids = torch.full((1, total), -1)
+    at, row = 0, 0
+    for prompt, response in zip(prompts, responses):
+        row_ids[0, at + prompt:at + prompt + response] = torch.arange(row, row + response)
+        at, row = at + prompt + response, row + response
+    generated = row_ids[0] >= 0
+    support = _support(sampled[0, generated], 12, g)
+    rows = packed.PackedTensor(support, packed.cu_seqlens_from_lengths(responses))
+    source = [torch.randn(1, total, V, generator=g) * 2] if form == "logits" else \
+        [torch.randn(1, total, H, generator=g), torch.randn(V, H, generator=g) / H ** 0.5]
+
+    def run(patched):
+        leaves = [t.clone().requires_grad_() for t in source]
+        call = lambda: replay.score_aligned_sample_support(  # noqa: E731
+            leaves[0], sampled, row_ids, generated[None], rows, vocab_start_index=0, vocab_end_index=V,
+            tp_group=None, compute_entropy=True, entropy_requires_grad=True,
+            lm_head_weight=leaves[1] if form == "hidden" else None, temperature=0.9)
+        if patched:
+            with kl_skyrl.patch(quiet=True) as handle:
+                out = call()
+            assert handle.counts()[f"{REPLAY}.sample_support_scores"] == (1, 0)
+        else:
+            out = call()
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+        return [out.logprobs, out.entropy, out.valid_mask] + [t.grad for t in leaves]
+
+    for ours, theirs in zip(run(True), run(False)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_calls_handed_back(skyrl):
     """A sampled id outside its own support row (SkyRL scores it; the fused pass would not), a row that
     repeats an id (SkyRL counts it twice, kept_ids once) and SkyRL's own argument errors go to SkyRL."""
