@@ -235,6 +235,50 @@ def test_micro_batches(skyrl, form, capsys):
     assert ours == 0
 
 
+def test_fsdp_model_wrapper_forward():
+    """SkyRL's FSDP model wrapper (HFModelWrapper.forward, from its wheel with its own imports; flash-attn's
+    padding helpers from this suite's stub) with sample-support replay on, on a tiny random Llama built here:
+    log-probs and entropy of the generated tokens over their support rows, and the model's gradients, patched
+    vs plain; the scorer served by the fused path."""
+    pytest.importorskip("loguru")  # model_wrapper imports it (tests/engines/requirements-imports.txt)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    try:
+        engine = wheel_code.Engine("skyrl", MODULES + ["skyrl.backends.skyrl_train.workers.model_wrapper"])
+    except wheel_code.WheelMissing as missing:
+        pytest.skip(str(missing))
+    vocab, B, T, A, K = 64, 2, 10, 4, 8
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    g = torch.Generator().manual_seed(1)
+    sequences = torch.randint(0, vocab, (B, T), generator=g)
+    attention = torch.ones(B, T, dtype=torch.long)
+    attention[0, :2] = 0  # left padding
+    generated = sequences[:, -A:].reshape(-1)
+    others = torch.rand(B * A, vocab, generator=g).scatter_(-1, generated[:, None], -1.0).topk(K - 1).indices
+    support = torch.cat([generated[:, None], others], -1).to(torch.int32)  # the sampled token and 7 others
+    with engine.active():
+        from kl_kernels.integrations import skyrl as kl_skyrl
+        packed = engine["skyrl.backends.skyrl_train.utils.packed_tensor"]
+        wrapper = engine["skyrl.backends.skyrl_train.workers.model_wrapper"].HFModelWrapper(model, bf16=False)
+        rows = packed.PackedTensor(support, packed.cu_seqlens_from_lengths([A] * B))
+
+        def run():
+            model.zero_grad()
+            logp, output = wrapper(sequences, A, attention, temperature=0.8, return_output=True, compute_entropy=True,
+                                   sample_support=rows, loss_mask=torch.ones(B, A), enable_sample_support_replay=True)
+            (logp.sum() + 0.1 * output["entropy"].sum()).backward()
+            return [logp.detach(), output["entropy"].detach()] + [p.grad.clone() for p in model.parameters()]
+
+        theirs = run()
+        with kl_skyrl.patch(quiet=True) as handle:
+            ours = run()
+    assert handle.counts()[f"{REPLAY}.sample_support_scores"] == (1, 0), handle.fallback_reasons()
+    for got, want in zip(ours, theirs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_patch_names_what_it_replaced(skyrl):
     _, kl_skyrl = skyrl
     with kl_skyrl.patch(quiet=True) as handle:
