@@ -126,15 +126,15 @@ def kept_ids_from_sampler(logits, *, temperature=1.0, top_k=None, top_p=None, mi
                           width=None):
     """The kept set the engine's sampler leaves at each position, bit for bit, as `kept_ids` [..., K].
 
-    For engines asked for no sampling mask. `engine` is "vllm" (0.33.0, the Model Runner V2 sampler's steps
-    with its PyTorch top-k/top-p path) or "sglang" (0.5.23, its PyTorch sampler); docs/replay.md says what
-    each does and which of the engines' paths the tests run. Parameters are numbers or tensors broadcast to
-    the logits' leading shape (an engine batch mixes requests); None is the engine's "off". The batch's
-    rows share the engine's batch-level switches (vLLM copies the logits to float32 and runs top-p only if
-    some row asks for it), so pass the rows the engine sampled together. Values the engine rejects raise
-    ValueError naming them. Ids come in the engine's mask order (vLLM ascending, SGLang most probable
-    first), -1 after a row's set; a row that keeps the whole vocabulary is all -1. K is the widest row
-    (a host sync), or `width` (a wider row is a ValueError)."""
+    For engines asked for no sampling mask. `engine` is "vllm" (0.33.0, the Model Runner V2 sampler's
+    steps with its PyTorch top-k/top-p path) or "sglang" (0.5.23, its PyTorch sampler); docs/contract.md
+    section 13 says what each does and which of the engines' paths the tests run. Parameters are numbers
+    or tensors broadcast to the logits' leading shape (an engine batch mixes requests); None is the
+    engine's "off". The batch's rows share the engine's batch-level switches (vLLM copies the logits to
+    float32 and runs top-p only if some row asks for it), so pass the rows the engine sampled together.
+    Values the engine rejects raise ValueError naming them. Ids come in the engine's mask order (vLLM
+    ascending, SGLang most probable first), -1 after a row's set; a row that keeps the whole vocabulary
+    is all -1. K is the widest row (a host sync), or `width` (a wider row is a ValueError)."""
     check.floating(logits, "logits")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
