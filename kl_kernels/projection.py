@@ -161,8 +161,10 @@ class Projection:
     def kept(self, at, columns, feed):
         """g(logits) [rows, K] of rows `at` (an index) at their kept columns only (sampling replay, issue 36):
         O(K H) per row, not O(V H). Each logit is the dot product of the row and the column's weight row
-        (+ bias) from exact products in float32 (float64 for float64), summed over H in the order ATen
-        reduces a contiguous last dimension, which depends on H only: each row's bits are its own. In the
+        (+ bias) from exact products in float32 (float64 for float64), summed over H in the order ATen's
+        CPU reduction takes along a contiguous last dimension, which depends on H only (a reduction with
+        several outputs is split between threads by output; tests/test_replay.py holds it; a GPU's
+        reduction is to be checked by bench/gpu_check.sh): each row's bits are its own. In the
         logits' dtype (bf16 rounds as F.linear's output does), then the transform, in the compute dtype.
         A row not fed reads zeros; columns: local ids (an entry that does not count may hold any)."""
         wide = compute_dtype(self.dtype)
@@ -197,8 +199,6 @@ class Projection:
             if part is not out:
                 out[:, c0 - v0:c1 - v0] = part
         return out
-
-
 
 
 def through_transform(dz, tanh, logit_scale):
