@@ -349,11 +349,19 @@ def test_every_compiled_backend_takes_its_inputs_through_one_adapter():
 
     seen = []
 
-    def record(*args):
-        seen.append(args)
-        return tuple(torch.empty(0) for _ in range(12))
+    def recorder(op):
+        """An op stand-in that records its arguments in the op's schema order (the adapter calls by name)."""
+        names = [argument.name for argument in op.default._schema.arguments]
 
-    fwd, bwd = adapter.penalty_op_backend(record, record, record)
+        def record(**kwargs):
+            assert set(kwargs) == set(names), set(kwargs) ^ set(names)
+            seen.append(tuple(kwargs[name] for name in names))
+            return tuple(torch.empty(0) for _ in range(12))
+        return record
+
+    ops = torch.ops.kl_kernels
+    fwd, bwd = adapter.penalty_op_backend(recorder(ops.kl_penalty_fwd), recorder(ops.kl_penalty_bwd),
+                                          recorder(ops.kl_penalty_bwd_))
     logits = torch.randn(2, 3, 7, dtype=torch.bfloat16)
     temperature = torch.rand(12, dtype=torch.float64)[::2] + 0.5  # strided, float64
     args = PassArgs(logits, torch.zeros(6, dtype=torch.long), None, temperature, -100, whole(7))
@@ -375,3 +383,16 @@ def test_every_compiled_backend_takes_its_inputs_through_one_adapter():
     assert backward[3].dtype == torch.float32 and backward[3].is_contiguous()  # converted from float64
     assert op_mask.tolist() == [1, 0, 2, 0, 7, 7] and cu_seqlens.tolist() == [0, 4, 6]
     torch.testing.assert_close(op_temperature, temperature.float())
+
+
+def test_the_triton_ops_take_the_cpp_schemas_names():
+    """The adapter calls every op by its argument names (issue 34: one named record per op): the Triton ops'
+    signatures carry csrc/registration.cpp's names, in its order."""
+    pytest.importorskip("triton")
+    import kl_kernels.backends.triton.fused_kl  # noqa: F401 - registers the Triton ops
+
+    ops = torch.ops.kl_kernels
+    for name in ("fused_kl_fwd", "fused_kl_bwd", "fused_kl_bwd_", "kl_penalty_fwd", "kl_penalty_bwd",
+                 "kl_penalty_bwd_"):
+        names = lambda op: [argument.name for argument in op.default._schema.arguments]  # noqa: E731
+        assert names(getattr(ops, name)) == names(getattr(ops, f"triton_{name}")), name

@@ -58,48 +58,74 @@ def op_inputs(args: PassArgs, penalty: PenaltyArgs | None = None) -> dict:
     return inputs
 
 
+def _pass_inputs(args: PassArgs, inputs: dict) -> dict:
+    """The row pass's arguments by their schema names (csrc/registration.cpp; the Triton ops' signatures
+    carry the same names, tests/test_fused_kl_ops.py compares them): every op takes them so."""
+    temperature, scalar_temperature = inputs["temperature"]
+    return dict(logits=args.logits, labels=args.labels, ref_logits=args.ref_logits, temperature=temperature,
+                scalar_temperature=scalar_temperature, ignore_index=args.ignore_index)
+
+
+def _shard_inputs(args: PassArgs) -> dict:
+    """The fused pass's shard (the one-pass penalty ops run unsharded and take none)."""
+    return dict(vocab_start=args.shard.start, vocab_size=args.shard.size)
+
+
+# the ops' names of each record's upstream gradients, in the record's order
+_UPSTREAM_NAMES = {RowGrads: ("grad_logp", "grad_entropy", "grad_full"),
+                   PenaltyGrads: ("grad_logp", "grad_kl", "grad_penalty", "grad_kl_sum", "grad_kl_mean", "grad_entropy")}
+
+
+def _upstream_inputs(grads, inputs: dict) -> dict:
+    """Upstream gradients (RowGrads, PenaltyGrads) by the ops' argument names."""
+    return dict(zip(_UPSTREAM_NAMES[type(grads)], map(inputs["upstream"], grads)))
+
+
 def op_backend(fwd_op, bwd_op, bwd_inplace_op):
     """fused_kl_fwd / fused_kl_bwd of contract.FusedPass over a backend's three registered ops (the
-    C++ ops and the Triton ops share one schema). The ops' temperature convention, the same for every
-    backend: T itself, as an [N] tensor (None when scalar) plus a float (1.0 when a tensor); the
-    shard as two ints, vocab_start and vocab_size; [N] inputs as op_inputs makes them."""
-
-    def common(args: PassArgs, inputs: dict):
-        return (args.logits, args.labels, args.ref_logits, *inputs["temperature"], args.ignore_index,
-                args.shard.start, args.shard.size)
+    C++ ops and the Triton ops share one schema), called by the schema's argument names. The ops'
+    temperature convention, the same for every backend: T itself, as an [N] tensor (None when scalar)
+    plus a float (1.0 when a tensor); the shard as two ints, vocab_start and vocab_size; [N] inputs as
+    op_inputs makes them."""
 
     def fused_kl_fwd(args: PassArgs, need_entropy: bool, need_full: bool) -> RowStats:
-        logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(*common(args, op_inputs(args)), need_entropy,
-                                                                need_full)
+        logp, ref_logp, entropy, full_kl, lse, ref_lse = fwd_op(**_pass_inputs(args, op_inputs(args)),
+                                                                **_shard_inputs(args), need_entropy=need_entropy,
+                                                                need_full=need_full)
         has_ref = args.ref_logits is not None
         return RowStats(logp, ref_logp if has_ref else None, entropy if need_entropy else None,
                         full_kl if need_full else None, lse, ref_lse if has_ref else None)
 
     def fused_kl_bwd(args: PassArgs, stats: RowStats, grads: RowGrads, inplace: bool) -> torch.Tensor:
         inputs = op_inputs(args)
-        op_args = (*map(inputs["upstream"], grads), *common(args, inputs), stats.lse, stats.ref_lse, stats.entropy,
-                   stats.full_kl)
+        op_args = dict(**_upstream_inputs(grads, inputs), **_pass_inputs(args, inputs), **_shard_inputs(args),
+                       lse=stats.lse, ref_lse=stats.ref_lse, entropy=stats.entropy, full_kl=stats.full_kl)
         if inplace:
-            bwd_inplace_op(*op_args)
+            bwd_inplace_op(**op_args)
             return args.logits
-        return bwd_op(*op_args)
+        return bwd_op(**op_args)
 
     return fused_kl_fwd, fused_kl_bwd
+
+
+def _penalty_inputs(args: PassArgs, penalty: PenaltyArgs, inputs: dict) -> dict:
+    """kl_penalty's arguments by their schema names (both one-pass ops; the forward adds ref_logprobs,
+    cu_seqlens, padded and need_entropy, the backward its upstream gradients and the saved outputs)."""
+    est = penalty.estimator
+    kl_coef, scalar_kl_coef = inputs["kl_coef"]
+    return dict(_pass_inputs(args, inputs), mask=inputs["mask"], estimator=ESTIMATOR_CODES[est.name],
+                straight_through=est.straight_through, log_ratio_clamp=est.log_ratio_clamp, kl_clamp=est.kl_clamp,
+                kl_coef=kl_coef, scalar_kl_coef=scalar_kl_coef)
 
 
 def penalty_op_backend(fwd_op, bwd_op, bwd_inplace_op):
     """kl_penalty_fwd / kl_penalty_bwd of contract.OnePass over a backend's three one-pass ops (one
     schema for the C++ and Triton ops, csrc/registration.cpp), in op_backend's conventions."""
 
-    def common(args: PassArgs, penalty: PenaltyArgs, inputs: dict):
-        est = penalty.estimator
-        return (*inputs["temperature"], args.ignore_index, ESTIMATOR_CODES[est.name], est.straight_through,
-                est.log_ratio_clamp, est.kl_clamp, *inputs["kl_coef"])
-
     def kl_penalty_fwd(args: PassArgs, penalty: PenaltyArgs, need_entropy: bool) -> PenaltyStats:
         inputs = op_inputs(args, penalty)
-        out = fwd_op(args.logits, args.labels, args.ref_logits, inputs["ref_logprobs"], inputs["mask"],
-                     inputs["cu_seqlens"], *common(args, penalty, inputs), penalty.padded, need_entropy)
+        out = fwd_op(**_penalty_inputs(args, penalty, inputs), ref_logprobs=inputs["ref_logprobs"], cu_seqlens=inputs["cu_seqlens"],
+                     padded=penalty.padded, need_entropy=need_entropy)
         stats = PenaltyStats(*out)
         return stats._replace(entropy=stats.entropy if need_entropy else None,
                               full_kl=stats.full_kl if penalty.estimator.name == "full" else None,
@@ -108,13 +134,13 @@ def penalty_op_backend(fwd_op, bwd_op, bwd_inplace_op):
     def kl_penalty_bwd(args: PassArgs, penalty: PenaltyArgs, stats: PenaltyStats, grads: PenaltyGrads,
                        inplace: bool) -> torch.Tensor:
         inputs = op_inputs(args, penalty)
-        op_args = (*map(inputs["upstream"], grads), args.logits, args.labels, args.ref_logits, inputs["mask"],
-                   *common(args, penalty, inputs), stats.logp, stats.ref_logp, stats.counts, stats.sequence,
-                   stats.lse, stats.ref_lse, stats.entropy, stats.full_kl)
+        op_args = dict(**_upstream_inputs(grads, inputs), **_penalty_inputs(args, penalty, inputs), logp=stats.logp,
+                       ref_logp=stats.ref_logp, counts=stats.counts, sequence=stats.sequence, lse=stats.lse,
+                       ref_lse=stats.ref_lse, entropy=stats.entropy, full_kl=stats.full_kl)
         if inplace:
-            bwd_inplace_op(*op_args)
+            bwd_inplace_op(**op_args)
             return args.logits
-        return bwd_op(*op_args)
+        return bwd_op(**op_args)
 
     return kl_penalty_fwd, kl_penalty_bwd
 
