@@ -74,7 +74,7 @@ class LinearKLFunction(torch.autograd.Function):
         onto their K kept columns only, the tiles hold the other rows."""
         n_tokens, has_ref, vocab = hidden.shape[0], ref_hidden is not None, weight.shape[0]
         layout = _Layout.of(kept, n_tokens)
-        tile_rows = min(rows, max(layout.dense_rows, 1))
+        tile_rows = layout.tile_rows(rows)
         policy = Projection(hidden, weight, bias, tile_rows, vocab, transform)
         reference = Projection(ref_hidden, ref_weight, ref_bias, tile_rows, vocab, transform) if has_ref else None
         stats, poisoned, kept_z, ref_kept_z = _forward_tiles(impl, args, policy, reference, kept, layout, rows,
@@ -117,7 +117,7 @@ class LinearKLFunction(torch.autograd.Function):
         kept = replay.KeptSet(*kept) if kept[0] is not None else None
         on_kept = None if kept is None else _kept_backward(ctx, args, poisoned, feed, hidden, kept, kept_z, ref_kept_z,
                                                            all_stats, all_grads, sums)
-        tile_rows = min(ctx.rows, max(layout.dense_rows, 1))
+        tile_rows = layout.tile_rows(ctx.rows)
         policy = Projection(hidden, weight, bias, tile_rows, sums.chunk, ctx.transform)
         reference = Projection(ref_hidden, ref_weight, ref_bias, tile_rows, sums.chunk, ctx.transform) \
             if use_ref else None
@@ -160,6 +160,10 @@ class _Layout(NamedTuple):
     @property
     def dense_rows(self) -> int:
         return self.n_tokens if self.dense is None else self.dense.numel()
+
+    def tile_rows(self, rows) -> int:
+        """The rows a tile's buffers hold (one at least, when every row is kept)."""
+        return min(rows, max(self.dense_rows, 1))
 
     def tiles(self, rows):
         """(at, count) of each tile of `rows` rows: a slice of all rows, or an index of dense rows."""

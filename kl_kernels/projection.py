@@ -168,11 +168,10 @@ class Projection:
         logits' dtype (bf16 rounds as F.linear's output does), then the transform, in the compute dtype.
         A row not fed reads zeros; columns: local ids (an entry that does not count may hold any)."""
         wide = compute_dtype(self.dtype)
-        hidden_size = self.hidden.shape[1]
         z = torch.empty(columns.shape, dtype=wide, device=self.hidden.device)
-        for r0, r1 in kept_blocks(columns.shape[0], columns.shape[1] * hidden_size * 3 * _bytes(wide)):
+        for r0, r1, weights in kept_weights(self.weight, columns, wide):
             h = torch.where(feed[r0:r1, None], self.hidden[at[r0:r1]], self.zero).to(wide)
-            part = (self.weight[columns[r0:r1]].to(wide) * h[:, None, :]).sum(-1)
+            part = (weights * h[:, None, :]).sum(-1)
             if self.bias is not None:
                 part += self.bias[columns[r0:r1]].to(wide)
             z[r0:r1] = part
@@ -272,8 +271,8 @@ class GradientSums:
         rows' index; inputs [rows, H] their fed rows. O(K H) per row; each hidden row sums its K terms in
         order (a reduction over K for each of its H outputs): its bits are its own."""
         if self.grad_hidden is not None:
-            for r0, r1 in kept_blocks(columns.shape[0], columns.shape[1] * inputs.shape[1] * 3 * _bytes(self.wide)):
-                rows = (dz[r0:r1, :, None] * self.weight[columns[r0:r1]].to(self.wide)).sum(1)
+            for r0, r1, weights in kept_weights(self.weight, columns, self.wide):
+                rows = (dz[r0:r1, :, None] * weights).sum(1)
                 if self.single:
                     self.grad_hidden[at[r0:r1]] = rows.to(self.grad_hidden.dtype)
                 else:
@@ -319,7 +318,10 @@ def _bytes(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def kept_blocks(rows: int, bytes_per_row: int):
-    """[r0, r1) blocks of the kept rows whose [rows, K, H] products fit KEPT_BYTES (one row at least)."""
-    step = max(1, KEPT_BYTES // max(1, bytes_per_row))
-    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+def kept_weights(weight, columns, dtype):
+    """(r0, r1, the weight rows of columns[r0:r1] as [rows, K, H] in dtype) for blocks of kept rows whose
+    gathered rows and their products fit KEPT_BYTES (one row at least)."""
+    rows, width = columns.shape
+    step = max(1, KEPT_BYTES // max(1, width * weight.shape[1] * 3 * _bytes(dtype)))
+    for r0 in range(0, rows, step):
+        yield r0, min(r0 + step, rows), weight[columns[r0:r0 + step]].to(dtype)

@@ -111,11 +111,6 @@ def kernel_labels(labels, kept: KeptSet, ignore_index: int):
     return torch.where(kept.rows, ignore_index, labels)
 
 
-def rows_of(kept: KeptSet, n0: int, n1: int) -> KeptSet:
-    """Rows [n0, n1) of a kept set (a tile of the hidden-state head)."""
-    return KeptSet(*(field[n0:n1] for field in kept))
-
-
 # Rows of logits the sampler replay holds at once (its sort and masks are O(block x V), never O(N x V)).
 SAMPLER_BLOCK_ELEMENTS = 1 << 22
 ENGINES = ("vllm", "sglang")
